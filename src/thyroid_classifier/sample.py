@@ -95,7 +95,8 @@ def _frame(rng: np.random.Generator, label: str, nodule: Nodule | None, size: tu
     for i, text in enumerate(("12L6", f"{rng.integers(7, 13)}.0", "31fps", f"DR{rng.integers(55, 75)}", f"G{rng.integers(40, 90)}")):
         draw.text((panel_x, y0 + 4 + i * 14), text, fill=(255, 255, 255))
     draw.text((x0 + 8, y1 + max(6, height // 30)), view, fill=(235, 235, 235))
-    draw.rectangle((max(1, x0 // 4), height // 2 - 30, max(1, x0 // 4) + 4, height // 2 + 30), fill=(200, 200, 200))
+    bar_x = max(1, x0 // 5)  # a grey-scale bar in the left margin
+    draw.rectangle((bar_x, height // 3, bar_x + max(1, x0 // 6), 2 * height // 3), fill=(200, 200, 200))
     return image
 
 

@@ -1,0 +1,98 @@
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from thyroid_classifier.audit import audit_folder, audited_dataset, main
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """A split folder with every problem the audit must find, each planted once."""
+    root = tmp_path / "data"
+    for split, n in (("train", 6), ("test", 3)):
+        for label in ("benign", "malignant"):
+            for i in range(n):
+                write_image(root / split / label / f"{split[:2]}{label[:3]}{i}_1.png", seed=hash((split, label, i)) % 10_000)
+    # Unreadable: a truncated JPEG, an empty file, text named .jpg, and a non-image file.
+    jpeg = write_image(tmp_path / "full.jpg", seed=1, size=(64, 64), fmt="JPEG")
+    (root / "train" / "benign" / "truncated_1.jpg").write_bytes(jpeg.read_bytes()[:300])
+    (root / "train" / "benign" / "empty_1.png").write_bytes(b"")
+    (root / "train" / "malignant" / "text_1.jpg").write_text("not an image")
+    (root / "train" / "malignant" / "notes.txt").write_text("radiologist notes")
+    # Exact duplicate across splits (leakage).
+    shutil.copy(root / "train" / "benign" / "trben0_1.png", root / "test" / "benign" / "copy_1.png")
+    # Near duplicate across splits: the same picture re-encoded as JPEG at another size.
+    src = Image.open(root / "train" / "malignant" / "trmal1_1.png")
+    src.resize((80, 60)).save(root / "test" / "malignant" / "near_1.jpg", quality=90)
+    # Conflict: the same bytes filed under both labels.
+    shutil.copy(root / "train" / "benign" / "trben2_1.png", root / "train" / "malignant" / "conflict_1.png")
+    return root
+
+
+def test_audit_finds_every_planted_problem(planted):
+    report = audit_folder(planted, progress=False).to_dict()
+    unreadable = {p["path"].rsplit("/", 1)[1]: p["error"] for p in report["unreadable"]}
+    assert set(unreadable) == {"truncated_1.jpg", "empty_1.png", "text_1.jpg", "notes.txt"}
+    assert "0 bytes" in unreadable["empty_1.png"]
+    assert "not an image" in unreadable["notes.txt"]
+    names = lambda group: sorted(p.rsplit("/", 1)[1] for p in group)  # noqa: E731
+    assert sorted(names(g) for g in report["exact_duplicates"]) == [["conflict_1.png", "trben2_1.png"], ["copy_1.png", "trben0_1.png"]]
+    assert [names(g) for g in report["near_duplicates"]] == [["near_1.jpg", "trmal1_1.png"]]
+    kinds = {(names([x["a"], x["b"]])[0], x["kind"]) for x in report["leakage"]}
+    assert kinds == {("copy_1.png", "exact"), ("near_1.jpg", "near")}
+    assert [names(g) for g in report["conflicts"]] == [["conflict_1.png", "trben2_1.png"]]
+    assert report["counts"]["test"] == {"benign": 4, "malignant": 4}
+    assert report["counts"]["train"]["benign"] == 6
+    assert report["modes"] == {"RGB": report["n_readable"]}
+
+
+def test_cli_json_and_strict(planted, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main([str(planted), "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    for key in ("counts", "unreadable", "exact_duplicates", "near_duplicates", "leakage", "conflicts"):
+        assert key in report
+    text = capsys.readouterr().out
+    assert "LEAKAGE across splits: 2" in text and "truncated_1.jpg" in text
+    assert main([str(planted), "--strict", "--quiet"]) == 1
+
+
+def test_strict_passes_on_clean_data(sample_dir):
+    assert main([str(sample_dir), "--strict", "--quiet"]) == 0
+
+
+def test_training_data_skips_unreadable_and_keeps_duplicates_together(planted):
+    dataset, report = audited_dataset(planted, progress=False)
+    loaded = [p for d in dataset.values() for p in d["path"]]
+    assert not any(name in p for p in loaded for name in ("truncated", "empty_1", "text_1", "notes"))
+    # Every image decodes: nothing unreadable is left to fail mid-run.
+    for ds in dataset.values():
+        for row in ds:
+            row["image"].load()
+    split_of = {p: s for s, d in dataset.items() for p in d["path"]}
+    dup_a = next(p for p in loaded if p.endswith("trben2_1.png"))
+    dup_b = next(p for p in loaded if p.endswith("conflict_1.png"))
+    assert split_of[dup_a] == split_of[dup_b]
+    # Given splits are kept, so the planted cross-split copies still show up as leakage.
+    assert len(report.to_dict()["leakage"]) == 2
+
+
+def test_drop_duplicates_option(planted):
+    dataset, report = audited_dataset(planted, drop_duplicates="near", progress=False)
+    loaded = {p.rsplit("/", 1)[1] for d in dataset.values() for p in d["path"]}
+    # One file of each duplicate group is kept (the first by path), the others are dropped.
+    assert len(loaded & {"conflict_1.png", "trben2_1.png"}) == 1
+    assert len(loaded & {"copy_1.png", "trben0_1.png"}) == 1
+    assert len(loaded & {"near_1.jpg", "trmal1_1.png"}) == 1
+    assert report.to_dict()["leakage"] == []
+
+
+def test_ddti_audit(ddti_dir, tmp_path):
+    out = tmp_path / "ddti.json"
+    assert main([str(ddti_dir / "images"), "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["counts"] == {"all": {"benign": 61, "malignant": 288}}
+    assert report["unreadable"] == []

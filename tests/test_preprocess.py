@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from thyroid_classifier.preprocess import UltrasoundPreprocessor, find_ultrasound_box, marks_mask, to_rgb
+
+
+def test_crop_finds_the_synthetic_region(sample_dir):
+    image = Image.open(sample_dir / "malignant" / "3000_1.png")
+    _, box = UltrasoundPreprocessor().apply(image)
+    w, h = image.size
+    expected = (int(w * 0.06), int(h * 0.03), int(w * 0.86), int(h * 0.84))
+    assert np.abs(np.array(box) - expected).max() <= 3, (box, expected)
+
+
+@pytest.mark.parametrize("name", ["benign/127_1.jpg", "malignant/100_1.jpg", "benign/365_1.jpg"])
+def test_crop_removes_text_panels_of_real_frames(ddti_dir, name):
+    image = Image.open(ddti_dir / "images" / name)
+    cropped, box = UltrasoundPreprocessor().apply(image)
+    left, top, right, bottom = box
+    # DDTI frames (560x360): settings panel at x >= 528, grey scale bar at x < 20, view label and
+    # annotations below y = 312. None may survive the crop; the tissue must.
+    assert right <= 528 and left >= 20 and bottom <= 312
+    assert (right - left) * (bottom - top) > 0.35 * 560 * 360
+    assert cropped.size == (right - left, bottom - top)
+    # The panel's white text is gone: no column of the crop's right edge is mostly black with white.
+    gray = np.asarray(cropped.convert("L"))
+    assert (gray > 15).mean() > 0.7
+
+
+def test_crop_falls_back_to_whole_image_without_borders():
+    flat = np.full((60, 80), 128, np.uint8)
+    assert find_ultrasound_box(flat) == (0, 0, 80, 60)
+    black = np.zeros((60, 80), np.uint8)
+    assert find_ultrasound_box(black) == (0, 0, 80, 60)
+
+
+def test_mask_text_removes_coloured_and_white_marks():
+    rng = np.random.default_rng(0)
+    rgb = np.repeat(rng.integers(40, 140, (120, 160, 1), dtype=np.uint8), 3, axis=2)
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    draw.line((30, 60, 50, 60), fill=(255, 255, 0), width=1)  # a yellow caliper
+    draw.text((90, 50), "12L6", fill=(255, 255, 255))
+    assert marks_mask(np.asarray(image)).sum() > 20
+    out = np.asarray(UltrasoundPreprocessor(crop=False, mask_text=True)(image))
+    assert out[60, 40].max() - out[60, 40].min() < 40  # no longer yellow
+    assert (out.min(axis=2) >= 250).sum() == 0  # no pure-white text left
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA", "1"])
+def test_to_rgb_handles_every_mode(mode):
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 200)
+        assert image.mode == "I;16"
+    else:
+        image = base.convert(mode)
+    out = to_rgb(image)
+    assert out.mode == "RGB" and out.size == (30, 20)
+    if mode == "I;16":
+        assert np.asarray(out).max() > 200  # 16-bit range stretched, not clipped to the low byte
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    image.save(tmp_path / "r.jpg", exif=exif)
+    assert to_rgb(Image.open(tmp_path / "r.jpg")).size == (20, 40)
+
+
+def test_settings_round_trip(tmp_path):
+    p = UltrasoundPreprocessor(crop=True, mask_text=True, threshold=9)
+    p.save_pretrained(tmp_path)
+    assert UltrasoundPreprocessor.from_pretrained(tmp_path) == p
+    assert UltrasoundPreprocessor.from_pretrained(tmp_path / "nothing") == UltrasoundPreprocessor(crop=False)
