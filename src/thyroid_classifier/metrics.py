@@ -1,0 +1,191 @@
+"""Every number the project reports, computed offline with scikit-learn.
+
+* :func:`classification_metrics` — accuracy, balanced accuracy, macro one-vs-rest ROC AUC, macro
+  F1, per-class precision / recall / F1 / AUC, confusion matrix, expected calibration error.
+* :func:`bootstrap_intervals` — 95% percentile intervals; resamples *groups* (patients) when given,
+  since frames of one patient are not independent.
+* :func:`fit_temperature` — temperature scaling on validation logits.
+* :class:`ThyroidMetrics` — the same numbers behind the ``evaluate.Metric`` interface (no
+  ``evaluate.load``, which needs the Hub).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "ece")
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def per_class_auc(y_true: np.ndarray, probs: np.ndarray) -> list[float]:
+    """One-vs-rest AUC of each class (NaN where the class is absent or is everything)."""
+    out = []
+    for k in range(probs.shape[1]):
+        positive = y_true == k
+        out.append(float(roc_auc_score(positive, probs[:, k])) if 0 < positive.sum() < len(y_true) else math.nan)
+    return out
+
+
+def macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC over the classes present; for two classes, the plain AUC."""
+    if probs.shape[1] == 2:
+        return per_class_auc(y_true, probs)[1]
+    aucs = [a for a in per_class_auc(y_true, probs) if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
+def classification_metrics(y_true: Sequence[int], probs: np.ndarray, label_names: Sequence[str]) -> dict:
+    """All point estimates for one set of predictions (``probs``: n x classes, rows sum to 1)."""
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    pred = p.argmax(axis=1)
+    classes = list(range(len(label_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
+    aucs = per_class_auc(y, p)
+    return {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(set(y)) > 1 else math.nan,
+        "roc_auc": macro_auc(y, p),
+        "f1_macro": float(f1_score(y, pred, labels=classes, average="macro", zero_division=0)),
+        "ece": expected_calibration_error(y, p),
+        "per_class": {
+            name: {
+                "precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                "support": int(support[k]), "roc_auc": aucs[k],
+            }
+            for k, name in enumerate(label_names)
+        },
+        "confusion_matrix": confusion_matrix(y, pred, labels=classes).tolist(),
+    }
+
+
+def bootstrap_intervals(
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    label_names: Sequence[str],
+    groups: Sequence[str] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, list[float]]:
+    """95% percentile bootstrap intervals of the headline metrics.
+
+    With ``groups`` the resampling draws whole groups (patients) with replacement, so correlated
+    frames of one patient do not make the interval look tighter than the data allow.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+    if groups is None:
+        members = [np.array([i]) for i in range(len(y))]
+    else:
+        by_group: dict[str, list[int]] = {}
+        for i, g in enumerate(groups):
+            by_group.setdefault(g, []).append(i)
+        members = [np.array(v) for v in by_group.values()]
+    samples: dict[str, list[float]] = {k: [] for k in HEADLINE}
+    for _ in range(n_resamples):
+        pick = rng.integers(0, len(members), len(members))
+        idx = np.concatenate([members[j] for j in pick])
+        yb, pb = y[idx], p[idx]
+        predb = pb.argmax(axis=1)
+        samples["accuracy"].append(float((predb == yb).mean()))
+        samples["ece"].append(expected_calibration_error(yb, pb))
+        if len(set(yb)) < 2:
+            continue  # the class-balanced numbers are undefined on a one-class resample
+        samples["balanced_accuracy"].append(float(balanced_accuracy_score(yb, predb)))
+        samples["roc_auc"].append(macro_auc(yb, pb))
+        samples["f1_macro"].append(float(f1_score(yb, predb, labels=list(range(len(label_names))), average="macro", zero_division=0)))
+    out = {}
+    for key, values in samples.items():
+        values = [v for v in values if not math.isnan(v)]
+        out[key] = [float(np.quantile(values, alpha / 2)), float(np.quantile(values, 1 - alpha / 2))] if values else [math.nan, math.nan]
+    return out
+
+
+def with_intervals(metrics: dict, intervals: dict[str, list[float]]) -> dict:
+    """Headline metrics as ``{"value": x, "ci": [low, high]}``; everything else unchanged."""
+    out = dict(metrics)
+    for key in HEADLINE:
+        out[key] = {"value": metrics[key], "ci": intervals[key]}
+    return out
+
+
+def fit_temperature(logits: np.ndarray, y_true: Sequence[int]) -> float:
+    """The temperature T > 0 minimising the negative log-likelihood of softmax(logits / T)."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.int64)
+
+    def nll(log_t: float) -> float:
+        p = softmax(z, math.exp(log_t))
+        return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+
+    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(result.x))
+
+
+def _evaluate_metric_base():
+    import evaluate
+
+    return evaluate.Metric
+
+
+class ThyroidMetrics(_evaluate_metric_base()):
+    """``evaluate.Metric`` for image classification: ``compute(predictions=probs, references=labels)``."""
+
+    def __init__(self, label_names: Sequence[str], **kwargs) -> None:
+        kwargs.setdefault("keep_in_memory", True)  # no cache files: safe under several processes
+        super().__init__(**kwargs)
+        self.label_names = list(label_names)
+
+    def _info(self):
+        import datasets
+        import evaluate
+
+        return evaluate.MetricInfo(
+            description="Accuracy, balanced accuracy, macro ROC AUC, macro F1, per-class numbers, ECE.",
+            citation="",
+            inputs_description="predictions: class probabilities (n x k); references: class ids (n)",
+            features=datasets.Features({
+                "predictions": datasets.Sequence(datasets.Value("float64")),
+                "references": datasets.Value("int64"),
+            }),
+        )
+
+    def _compute(self, predictions, references):
+        return classification_metrics(references, np.asarray(predictions), self.label_names)

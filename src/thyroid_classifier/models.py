@@ -1,0 +1,238 @@
+"""The model registry: one entry per architecture, holding everything that differs between them.
+
+Adding an architecture is one :class:`ModelSpec` in :data:`REGISTRY`. Any other Hub id or local
+folder of an image-classification checkpoint works too: its spec is derived (Grad-CAM layer found
+from the model itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .hub import check_hub_model, is_local
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INIT_CHOICES = ("pretrained", "random")
+
+
+def _resnet50_config(**label_kwargs):
+    from transformers import ResNetConfig
+
+    return ResNetConfig(**label_kwargs)  # the defaults are ResNet-50's
+
+
+def _timm_config(architecture: str) -> Callable:
+    def make(**label_kwargs):
+        from transformers import TimmWrapperConfig
+
+        return TimmWrapperConfig(architecture=architecture, **label_kwargs)
+
+    return make
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the project needs to know about one architecture."""
+
+    name: str  # short name used for the output folder
+    checkpoint: str  # Hub id or local folder of the pretrained weights
+    target_layer: str | None = None  # dotted path of the Grad-CAM layer; None: found automatically
+    config_factory: Callable | None = None  # builds the architecture offline, for --init random
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    image_size: int = 224
+    model_type: str | None = None  # config.model_type this spec describes
+    architecture_prefix: str = ""  # for TimmWrapper: the timm architecture's name starts with this
+    extra: dict = field(default_factory=dict)
+
+    def describes(self, config) -> bool:
+        if self.model_type != getattr(config, "model_type", None):
+            return False
+        return str(getattr(config, "architecture", "")).startswith(self.architecture_prefix)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "resnet50": ModelSpec(
+        name="resnet50",
+        checkpoint="microsoft/resnet-50",
+        target_layer="resnet.encoder.stages.-1",
+        config_factory=_resnet50_config,
+        model_type="resnet",
+    ),
+    "vgg19": ModelSpec(
+        name="vgg19",
+        checkpoint="timm/vgg19.tv_in1k",
+        target_layer="timm_model.features.-1",  # after the last conv block, as grad-cam's README uses for VGG
+        config_factory=_timm_config("vgg19"),
+        model_type="timm_wrapper",
+        architecture_prefix="vgg",
+    ),
+}
+
+
+def get_spec(name_or_path: str) -> ModelSpec:
+    """The registry entry for a short name, else a spec for any Hub id or local checkpoint folder."""
+    if name_or_path in REGISTRY:
+        return REGISTRY[name_or_path]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(name_or_path.rstrip("/")).name if is_local(name_or_path) else name_or_path).strip("-")
+    return ModelSpec(name=slug or "model", checkpoint=name_or_path)
+
+
+def spec_for_model(model: nn.Module) -> ModelSpec | None:
+    """The registry entry describing a loaded model, if any."""
+    return next((s for s in REGISTRY.values() if s.describes(model.config)), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+def label_kwargs(labels: Sequence[str]) -> dict:
+    return {
+        "num_labels": len(labels),
+        "id2label": {i: name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+def _reset_timm_init(model: nn.Module) -> None:
+    """TimmWrapper re-initialises every weight with N(0, 0.02) when built from a config; for deep
+    plain nets like VGG19 that makes activations vanish and training stall. Put timm's own init back."""
+    import timm
+
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is None:
+        return
+    config = model.config
+    fresh = timm.create_model(config.architecture, pretrained=False, num_classes=config.num_labels, **(config.model_args or {}))
+    timm_model.load_state_dict(fresh.state_dict())
+
+
+def _mean_std(checkpoint: str, spec: ModelSpec, local_only: bool) -> tuple[tuple, tuple]:
+    """Normalisation the pretrained weights expect (from the checkpoint's own processor)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=local_only)
+    except Exception as exc:  # noqa: BLE001 - a checkpoint without a processor keeps the spec's
+        logger.warning("no image processor in %s (%s); using the spec's mean/std", checkpoint, exc)
+        return spec.mean, spec.std
+    mean = getattr(processor, "image_mean", None) or getattr(processor, "data_config", {}).get("mean")
+    std = getattr(processor, "image_std", None) or getattr(processor, "data_config", {}).get("std")
+    return tuple(mean or spec.mean), tuple(std or spec.std)
+
+
+def make_processor(image_size: int, mean: Sequence[float], std: Sequence[float]):
+    """The image processor saved with every model: square resize and normalisation.
+
+    It is what ``pipeline()`` applies; the ultrasound crop is applied before it by the project's
+    own code (see :mod:`thyroid_classifier.preprocess`).
+    """
+    from transformers import ViTImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BILINEAR,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+
+
+HUB_HELP = (
+    "To go on without the Hub: pass --init random to train from scratch, or pass --model "
+    "/path/to/checkpoint (a folder saved with save_pretrained, e.g. ../shared/models/efficientnet_lite0-imagenet)."
+)
+
+
+def build_model(spec: ModelSpec, labels: Sequence[str], init: str = "pretrained", image_size: int | None = None):
+    """A model with a fresh head for ``labels`` and its image processor.
+
+    ``init="pretrained"`` loads the checkpoint's weights (Hub or local folder) and fails at once,
+    with what to do, when the Hub cannot be reached. ``init="random"`` builds the architecture from
+    its config (offline for registry models and local folders) with the library's initialisation.
+    """
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    if init not in INIT_CHOICES:
+        raise ValueError(f"--init must be one of {INIT_CHOICES}, not {init!r}")
+    kwargs = label_kwargs(labels)
+    local = is_local(spec.checkpoint)
+    local_only = False
+    if init == "pretrained":
+        if not local:
+            local_only = check_hub_model(spec.checkpoint, what_to_do=HUB_HELP)
+        model = AutoModelForImageClassification.from_pretrained(
+            spec.checkpoint, ignore_mismatched_sizes=True, local_files_only=local_only, **kwargs
+        )
+        mean, std = _mean_std(spec.checkpoint, spec, local_only or local)
+    else:
+        if spec.config_factory is not None:
+            config = spec.config_factory(**kwargs)
+        else:
+            if not local:
+                local_only = check_hub_model(spec.checkpoint, what_to_do="--init random still needs the checkpoint's config; pass a registry name or a local folder.")
+            config = AutoConfig.from_pretrained(spec.checkpoint, local_files_only=local_only, **kwargs)
+        model = AutoModelForImageClassification.from_config(config)
+        _reset_timm_init(model)
+        mean, std = spec.mean, spec.std
+        if local:
+            mean, std = _mean_std(spec.checkpoint, spec, True)
+    _set_labels(model.config, labels)
+    return model, make_processor(image_size or spec.image_size, mean, std)
+
+
+def _set_labels(config, labels: Sequence[str]) -> None:
+    """Labels flow from the dataset into the config. TimmWrapperConfig saves ``label_names`` and
+    ``num_classes`` kept from the checkpoint it was loaded from (1000 ImageNet names) in preference
+    to ``id2label``; overwrite them so the saved config carries our labels."""
+    for key, value in label_kwargs(labels).items():
+        setattr(config, key, value)
+    if hasattr(config, "label_names"):
+        config.label_names = list(labels)
+    if hasattr(config, "num_classes"):
+        config.num_classes = len(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Grad-CAM target layer
+
+
+def resolve_layer(model: nn.Module, path: str) -> nn.Module:
+    """``"resnet.encoder.stages.-1"`` → ``model.resnet.encoder.stages[-1]`` (negative indices allowed)."""
+    module = model
+    for part in path.split("."):
+        module = module[int(part)] if re.fullmatch(r"-?\d+", part) else getattr(module, part)
+    return module
+
+
+def target_layer(model: nn.Module, spec: ModelSpec | None = None) -> nn.Module:
+    """The Grad-CAM layer: from the spec; else timm's last feature stage; else the last conv layer."""
+    spec = spec if spec is not None and spec.target_layer else spec_for_model(model)
+    if spec is not None and spec.target_layer:
+        return resolve_layer(model, spec.target_layer)
+    timm_model = getattr(model, "timm_model", None)
+    feature_info = getattr(timm_model, "feature_info", None)
+    if feature_info:
+        return timm_model.get_submodule(feature_info[-1]["module"])
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__}: no convolutional layer found for Grad-CAM")
+    return convs[-1]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

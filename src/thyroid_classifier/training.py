@@ -1,0 +1,489 @@
+"""Fine-tune registry models with ``transformers.Trainer`` and write everything needed to judge them.
+
+``run(data_args, model_args, run_args)`` audits and splits the data once, then for each model:
+trains (class-weighted loss, early stopping on validation macro AUC, bf16/fp16 on GPU), fits a
+temperature on validation, evaluates the best checkpoint on the test split with bootstrap
+intervals, and writes ``OUTPUT_DIR/<model>/`` (safetensors weights, config with labels, image
+processor, preprocessing settings, ``metrics.json``, plots, audit). ``accelerate launch`` runs the
+same code on several GPUs or machines; evaluation gathers each example exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .audit import DEFAULT_NEAR_THRESHOLD, audited_dataset
+from .data import GroupSpec
+from .hub import check_hub_model, is_local
+from .metrics import (
+    HEADLINE,
+    ThyroidMetrics,
+    bootstrap_intervals,
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+    with_intervals,
+)
+from .models import HUB_HELP, INIT_CHOICES, ModelSpec, build_model, count_parameters, get_spec
+from .plots import plot_auc, plot_comparison, plot_confusion, plot_loss, plot_roc
+from .preprocess import UltrasoundPreprocessor
+from .sample import builtin_sample
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings (HfArgumentParser turns these into `train.py --help`)
+
+
+@dataclass
+class DataArguments:
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of class sub-folders, optionally under train/ validation/ test/. "
+                  "Default: the built-in SYNTHETIC sample (demonstrates the pipeline only)."},
+    )
+    validation_size: float = field(default=0.15, metadata={"help": "Share of the data for validation when the folder has no validation/ split."})
+    test_size: float = field(default=0.15, metadata={"help": "Share of the data for testing when the folder has no test/ split."})
+    group_csv: str | None = field(default=None, metadata={"help": "CSV mapping files to patients/cases (columns 'file' and --group_column). Default: a manifest.csv beside or above the data folder, else the <case>_<frame> file-name pattern."})
+    group_column: str = field(default="case", metadata={"help": "Column of the group CSV holding the patient/case id."})
+    group_pattern: str | None = field(default=None, metadata={"help": "Regex on the file stem with a named group 'group', e.g. '^(?P<group>P\\d+)-'."})
+    drop_duplicates: str = field(default="none", metadata={"help": "Drop duplicate images before splitting: none, exact (same bytes) or near (also perceptual-hash near duplicates). Duplicates are always kept on one side of every split.", "choices": ["none", "exact", "near"]})
+    near_threshold: int = field(default=DEFAULT_NEAR_THRESHOLD, metadata={"help": "Hamming distance (of 64 bits) under which two images are near duplicates."})
+    crop: bool = field(default=True, metadata={"help": "Crop each frame to the ultrasound region (drops borders and settings panels)."})
+    mask_text: bool = field(default=False, metadata={"help": "Also mask burned-in text and caliper marks inside the region (inpainting)."})
+
+
+@dataclass
+class ModelArguments:
+    model: list[str] = field(
+        default_factory=lambda: ["resnet50", "vgg19"],
+        metadata={"help": "Models to train: registry names (resnet50, vgg19), any Hub image-classification id, or a local checkpoint folder."},
+    )
+    init: str = field(default="pretrained", metadata={"help": "pretrained: ImageNet weights of the checkpoint (Hub or local folder); random: train from scratch, offline.", "choices": list(INIT_CHOICES)})
+    image_size: int | None = field(default=None, metadata={"help": "Square input size in pixels (default: the model's, 224). Smaller is much cheaper on CPU."})
+
+
+@dataclass
+class RunArguments:
+    output_dir: str = field(default="outputs", metadata={"help": "Where OUTPUT_DIR/<model>/ and the comparison are written."})
+    num_train_epochs: float = field(default=30, metadata={"help": "Maximum epochs (early stopping usually ends sooner)."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate (cosine schedule with warm-up)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the steps used for linear warm-up."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per device."})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy loss."})
+    class_weighting: bool = field(default=True, metadata={"help": "Weight the loss by inverse class frequency (n / (k * n_c)) so minority classes count as much as the majority."})
+    early_stopping_patience: int = field(default=6, metadata={"help": "Stop after this many epochs without a better validation macro AUC (0: never)."})
+    seed: int = field(default=42, metadata={"help": "Seed for the split, initialisation, augmentation and data order."})
+    resume: bool = field(default=False, metadata={"help": "Continue each model from its last checkpoint in OUTPUT_DIR/<model>/checkpoints."})
+    bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals (patients are resampled when groups are known)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0 keeps the decoded-image cache in one process)."})
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms with a per-run cache of decoded, cropped images
+
+
+class ImageTransforms:
+    """Decode → ultrasound crop → square resize once per image (cached), then augment (train) or
+    normalise with the saved image processor (evaluation: exactly what prediction does)."""
+
+    def __init__(self, preprocessor: UltrasoundPreprocessor, processor, image_size: int, train: bool) -> None:
+        from torchvision.transforms import v2
+        from PIL import Image
+
+        self.preprocessor, self.processor, self.size, self.train = preprocessor, processor, image_size, train
+        self._cache: dict[str, object] = {}
+        self._open = Image.open
+        self._resize = Image.Resampling.BILINEAR
+        mean, std = processor.image_mean, processor.image_std
+        # Ultrasound-safe augmentation: small rotation and scale, gain (brightness/contrast), left-
+        # right flip. No hue or saturation jitter (grey images) and no vertical flip (depth axis).
+        self.augment = v2.Compose([
+            v2.ToImage(),
+            v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.8, 1.25), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(10),
+            v2.ColorJitter(brightness=0.25, contrast=0.25),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ])
+
+    def _load(self, path: str):
+        cached = self._cache.get(path)
+        if cached is None:
+            with self._open(path) as image:
+                cropped = self.preprocessor(image)
+            if self.train:
+                cached = cropped.resize((self.size, self.size), self._resize)
+            else:
+                cached = self.processor(cropped, return_tensors="pt")["pixel_values"][0]
+            self._cache[path] = cached
+        return cached
+
+    def __call__(self, batch: dict) -> dict:
+        images = [self._load(p) for p in batch["path"]]
+        pixels = [self.augment(img) for img in images] if self.train else images
+        return {"pixel_values": pixels, "labels": batch["label"]}
+
+
+def collate(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+    }
+
+
+def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
+    """n / (k * n_c): every class contributes equally to the loss; absent classes get weight 0."""
+    counts = Counter(labels)
+    n = len(labels)
+    return torch.tensor([n / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)], dtype=torch.float32)
+
+
+def make_loss(weights: torch.Tensor | None, label_smoothing: float):
+    def loss(outputs, labels, num_items_in_batch=None):  # signature of Trainer's compute_loss_func
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        w = weights.to(device=logits.device, dtype=logits.dtype) if weights is not None else None
+        return F.cross_entropy(logits, labels, weight=w, label_smoothing=label_smoothing)
+
+    return loss
+
+
+def make_compute_metrics(label_names: Sequence[str]):
+    metric = ThyroidMetrics(label_names)
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        result = metric.compute(predictions=softmax(logits), references=labels)
+        # Trainer logs scalars only; the full per-class numbers are computed at the end.
+        return {k: float(result[k]) for k in (*HEADLINE, "n")}
+
+    return compute_metrics
+
+
+# --------------------------------------------------------------------------------------------
+# One model
+
+
+def _training_arguments(run_args: RunArguments, checkpoints: Path, has_validation: bool):
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        num_train_epochs=run_args.num_train_epochs,
+        learning_rate=run_args.learning_rate,
+        weight_decay=run_args.weight_decay,
+        warmup_steps=run_args.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        lr_scheduler_type="cosine",
+        per_device_train_batch_size=run_args.per_device_train_batch_size,
+        per_device_eval_batch_size=run_args.per_device_eval_batch_size,
+        eval_strategy="epoch" if has_validation else "no",
+        save_strategy="epoch",
+        logging_strategy="epoch",  # one training-loss point per epoch, beside the validation loss
+        load_best_model_at_end=has_validation,
+        metric_for_best_model="roc_auc" if has_validation else None,
+        greater_is_better=True,
+        save_total_limit=2,
+        seed=run_args.seed,
+        data_seed=run_args.seed,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        remove_unused_columns=False,
+        dataloader_num_workers=run_args.dataloader_num_workers,
+        dataloader_pin_memory=cuda,
+        report_to="none",
+        disable_tqdm=False,
+        use_cpu=not cuda,  # also makes `accelerate launch --multi_gpu` on CPUs run as MULTI_CPU (gloo)
+    )
+
+
+def _epoch_history(log_history: Sequence[dict]) -> list[dict]:
+    """One row per epoch: mean training loss over the epoch and the validation numbers."""
+    rows: dict[float, dict] = {}
+    losses: dict[int, list[float]] = {}
+    for entry in log_history:
+        if "loss" in entry and "epoch" in entry:
+            losses.setdefault(math.ceil(entry["epoch"] - 1e-9), []).append(entry["loss"])
+        if "eval_loss" in entry:
+            rows[round(entry["epoch"])] = {"epoch": round(entry["epoch"]), **{k: v for k, v in entry.items() if k.startswith("eval_")}}
+    for epoch, values in losses.items():
+        rows.setdefault(epoch, {"epoch": epoch})["loss"] = float(np.mean(values))
+    return [rows[k] for k in sorted(rows)]
+
+
+def _predict(trainer, dataset) -> np.ndarray:
+    output = trainer.predict(dataset)
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    return np.asarray(logits, dtype=np.float64)
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train_one(
+    spec: ModelSpec,
+    dataset,
+    report,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    run_args: RunArguments,
+    callbacks: Sequence = (),
+) -> dict:
+    """Train one model, write its folder, and return its ``metrics.json`` content."""
+    from transformers import EarlyStoppingCallback, Trainer, set_seed
+
+    state = distributed_state()
+    out = Path(run_args.output_dir) / spec.name
+    checkpoints = out / "checkpoints"
+    labels = dataset["train"].features["label"].names
+    set_seed(run_args.seed)
+    model, processor = build_model(spec, labels, model_args.init, model_args.image_size)
+    image_size = processor.size["height"]
+    preprocessor = UltrasoundPreprocessor(crop=data_args.crop, mask_text=data_args.mask_text)
+
+    splits = {name: ds for name, ds in dataset.items()}
+    for name, ds in splits.items():
+        ds.set_transform(ImageTransforms(preprocessor, processor, image_size, train=name == "train"), columns=["path", "label"])
+    has_validation = "validation" in splits
+    eval_name = "test" if "test" in splits else "validation" if has_validation else "train"
+    train_labels = [int(x) for x in splits["train"].with_format(None)["label"]]
+    weights = class_weights(train_labels, len(labels)) if run_args.class_weighting else None
+
+    trainer_callbacks = list(callbacks)
+    if has_validation and run_args.early_stopping_patience > 0:
+        trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=run_args.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(run_args, checkpoints, has_validation),
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("validation"),
+        data_collator=collate,
+        processing_class=processor,
+        compute_metrics=make_compute_metrics(labels),
+        compute_loss_func=make_loss(weights, run_args.label_smoothing),
+        callbacks=trainer_callbacks,
+    )
+    resume_from = _last_checkpoint(checkpoints) if run_args.resume else None
+    if run_args.resume and resume_from is None:
+        logger.info("%s: no checkpoint to resume from in %s; starting fresh", spec.name, checkpoints)
+    logger.info("%s: %.1fM parameters, %s init, %d px, training on %d images", spec.name,
+                count_parameters(model) / 1e6, model_args.init, image_size, len(splits["train"]))
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - started
+
+    # Calibration: a temperature fitted on validation, judged on the evaluation split.
+    temperature = 1.0
+    if has_validation:
+        temperature = fit_temperature(_predict(trainer, splits["validation"]), [int(x) for x in splits["validation"].with_format(None)["label"]])
+    eval_ds = splits[eval_name]
+    logits = _predict(trainer, eval_ds)
+    raw = eval_ds.with_format(None)
+    y_true = [int(x) for x in raw["label"]]
+    if len(y_true) != len(logits):
+        raise RuntimeError(f"evaluation returned {len(logits)} predictions for {len(y_true)} examples")
+    probs = softmax(logits)
+    metrics = classification_metrics(y_true, probs, labels)
+    intervals = bootstrap_intervals(y_true, probs, labels, groups=list(raw["group"]), n_resamples=run_args.bootstrap_resamples, seed=run_args.seed)
+    history = _epoch_history(trainer.state.log_history)
+    result = {
+        "model": spec.name,
+        "checkpoint": spec.checkpoint,
+        "init": model_args.init,
+        "labels": labels,
+        "split": eval_name,
+        "n": len(y_true),
+        eval_name: {**with_intervals(metrics, intervals), "split": eval_name},
+        "calibration": {
+            "temperature": temperature,
+            "fitted_on": "validation" if has_validation else None,
+            "ece_before": metrics["ece"],
+            "ece_after": expected_calibration_error(np.asarray(y_true), softmax(logits, temperature)),
+        },
+        "best_validation": {k.removeprefix("eval_"): v for k, v in (max(
+            (h for h in history if "eval_roc_auc" in h and not math.isnan(h["eval_roc_auc"])),
+            key=lambda h: h["eval_roc_auc"], default={}) or {}).items()},
+        "history": history,
+        "data": {
+            "data_dir": report.root,
+            "counts": {name: dict(Counter(labels[i] for i in ds.with_format(None)["label"])) for name, ds in splits.items()},
+            "groups": len(set(g for ds in splits.values() for g in ds.with_format(None)["group"])),
+        },
+        "training": {
+            "image_size": image_size,
+            "epochs_run": float(trainer.state.epoch or 0),
+            "train_seconds": round(train_seconds, 1),
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "preprocessing": asdict(preprocessor),
+            "class_weights": None if weights is None else [round(float(w), 4) for w in weights],
+            **{k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume")},
+            "init": model_args.init,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "processes": state.num_processes,
+        },
+    }
+    if state.is_main_process:
+        _write_model_folder(trainer, processor, preprocessor, report, result, out, raw, probs, labels, temperature)
+    state.wait_for_everyone()
+    return result
+
+
+def _write_model_folder(trainer, processor, preprocessor, report, result, out: Path, raw, probs, labels, temperature) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model = trainer.model
+    model.config.calibration_temperature = temperature  # read by the project's Predictor
+    trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
+    processor.save_pretrained(str(out))
+    preprocessor.save_pretrained(out)
+    report.save(out / "audit.json")
+    (out / "fingerprints.json").write_text(json.dumps(report.fingerprints()) + "\n")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    split = result["split"]
+    plot_loss(trainer.state.log_history, out / "loss.png", result["model"])
+    plot_auc(trainer.state.log_history, out / "auc.png", result["model"])
+    plot_roc(raw["label"], probs, labels, out / "roc.png", f"{result['model']} ({split})")
+    plot_confusion(result[split]["confusion_matrix"], labels, out / "confusion_matrix.png", f"{result['model']} ({split})")
+    with (out / f"predictions_{split}.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "group", "label", "predicted", *[f"p_{name}" for name in labels]])
+        for path, group, y, p in zip(raw["path"], raw["group"], raw["label"], probs, strict=True):
+            writer.writerow([path, group, labels[y], labels[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
+    logger.info("%s: wrote %s", result["model"], out)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def distributed_state():
+    """This process's place in a (possibly multi-process) run; CPU-only hosts use gloo, so
+    `accelerate launch --multi_gpu --num_processes 2` and `torchrun` also work without GPUs."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def check_models_reachable(specs: Sequence[ModelSpec], init: str) -> None:
+    """Before any data is read or any training time spent: can every checkpoint be had?"""
+    if init != "pretrained":
+        return
+    for spec in specs:
+        if not is_local(spec.checkpoint):
+            check_hub_model(spec.checkpoint, what_to_do=HUB_HELP)
+
+
+def write_comparison(results: dict[str, dict], output_dir: Path) -> None:
+    """``comparison.png`` and ``comparison.md``: the models side by side with their intervals."""
+    if not results:
+        return
+    split = next(iter(results.values()))["split"]
+    table = {name: r[r["split"]] for name, r in results.items()}
+    plot_comparison(table, output_dir / "comparison.png", split)
+    lines = [
+        f"# Model comparison ({split} split)",
+        "",
+        "95% bootstrap intervals (resampling patients/cases). ECE: expected calibration error, lower is better.",
+        "",
+        "| model | init | n | " + " | ".join(HEADLINE) + " |",
+        "|---|---|---|" + "---|" * len(HEADLINE),
+    ]
+    for name, r in results.items():
+        cells = [f"{table[name][m]['value']:.3f} [{table[name][m]['ci'][0]:.3f}, {table[name][m]['ci'][1]:.3f}]" for m in HEADLINE]
+        lines.append(f"| {name} | {r['init']} | {r['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-class recall:", ""]
+    for name, r in results.items():
+        per_class = table[name]["per_class"]
+        lines.append(f"- {name}: " + ", ".join(f"{label} {v['recall']:.3f} (n={v['support']})" for label, v in per_class.items()))
+    (output_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+
+
+def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArguments, callbacks: Sequence = ()) -> dict[str, dict]:
+    """The whole job: audit, split, train and evaluate each model, compare. Returns each model's metrics."""
+    state = distributed_state()
+    specs = [get_spec(name) for name in model_args.model]
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError(f"two models share an output folder name: {[s.name for s in specs]}")
+    check_models_reachable(specs, model_args.init)
+    data_dir = data_args.data_dir
+    if data_dir is None:
+        data_dir = str(builtin_sample())
+        logger.warning("no --data_dir given: using the built-in SYNTHETIC sample at %s (it demonstrates the pipeline only)", data_dir)
+    groups = GroupSpec(csv_path=Path(data_args.group_csv) if data_args.group_csv else None, column=data_args.group_column, pattern=data_args.group_pattern)
+    with state.main_process_first():
+        dataset, report = audited_dataset(
+            data_dir,
+            drop_duplicates=data_args.drop_duplicates,
+            near_threshold=data_args.near_threshold,
+            progress=state.is_main_process,
+            validation_size=data_args.validation_size,
+            test_size=data_args.test_size,
+            seed=run_args.seed,
+            groups=groups,
+        )
+    if state.is_main_process:
+        print(report.summary())
+    output_dir = Path(run_args.output_dir)
+    results = {}
+    for spec in specs:
+        results[spec.name] = train_one(spec, dataset, report, data_args, model_args, run_args, callbacks)
+    if state.is_main_process:
+        write_comparison(results, output_dir)
+        for name, r in results.items():
+            m = r[r["split"]]
+            print(f"{name}: {r['split']} macro ROC AUC {m['roc_auc']['value']:.3f} [{m['roc_auc']['ci'][0]:.3f}, {m['roc_auc']['ci'][1]:.3f}], "
+                  f"balanced accuracy {m['balanced_accuracy']['value']:.3f}, n={r['n']} -> {output_dir / name}")
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelArguments, RunArguments]:
+    """Command-line flags, or a single JSON file holding the same keys."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((DataArguments, ModelArguments, RunArguments), description=(
+        "Fine-tune ResNet50 and the VGG19 baseline (or any image-classification checkpoint) on a folder "
+        "of thyroid ultrasound images, and write metrics with 95% intervals, plots and Hub-ready model folders. "
+        "Pass a single .json file instead of flags to read the same settings from it."))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .hub import HubUnreachableError
+    from .data import DataError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    data_args, model_args, run_args = parse_args(argv)
+    try:
+        run(data_args, model_args, run_args)
+    except (HubUnreachableError, DataError) as exc:
+        logging.getLogger("thyroid_classifier").error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

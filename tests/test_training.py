@@ -1,0 +1,235 @@
+"""Training end to end on tiny random models (local checkpoint folders; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+from transformers import TrainerCallback
+
+from conftest import REPO
+from thyroid_classifier.metrics import (
+    ThyroidMetrics,
+    bootstrap_intervals,
+    classification_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+)
+from thyroid_classifier.models import REGISTRY, build_model, make_processor, target_layer
+from thyroid_classifier.training import DataArguments, ModelArguments, RunArguments, main, parse_args, run
+
+ARTIFACTS = (
+    "model.safetensors", "config.json", "preprocessor_config.json", "ultrasound_preprocessing.json",
+    "metrics.json", "loss.png", "auc.png", "roc.png", "confusion_matrix.png", "audit.json", "predictions_test.csv",
+)
+
+
+def save_tiny_models(folder: Path) -> dict[str, Path]:
+    """A tiny ResNet and a tiny VGG (timm vgg11 with a narrow pre-logits MLP) as local checkpoints."""
+    from transformers import ResNetConfig, ResNetForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
+
+    torch.manual_seed(0)
+    resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=2))
+    vgg = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="vgg11", model_args={"mlp_ratio": 0.01}, num_labels=2))
+    paths = {}
+    for name, model in (("tiny-resnet", resnet), ("tiny-vgg", vgg)):
+        paths[name] = folder / name
+        model.save_pretrained(paths[name])
+        make_processor(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+def _args(data_dir, models, out, **run_kwargs):
+    run_defaults = dict(output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=8, bootstrap_resamples=50, early_stopping_patience=0)
+    run_defaults.update(run_kwargs)
+    return DataArguments(data_dir=str(data_dir)), ModelArguments(model=[str(m) for m in models], image_size=32), RunArguments(**run_defaults)
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_models, sample_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    results = run(*_args(sample_dir, tiny_models.values(), out))
+    return out, results
+
+
+def test_short_run_writes_every_artifact(short_run, sample_dir):
+    out, results = short_run
+    assert set(results) == {"tiny-resnet", "tiny-vgg"}
+    for name in results:
+        for artifact in ARTIFACTS:
+            assert (out / name / artifact).is_file(), f"{name}/{artifact} missing"
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        test = metrics["test"]
+        for key in ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "ece"):
+            low, high = test[key]["ci"]
+            assert 0 <= test[key]["value"] <= 1 and low <= high
+        assert test["split"] == "test" and metrics["split"] == "test"
+        assert test["n"] == metrics["n"] == sum(metrics["data"]["counts"]["test"].values())
+        assert set(test["per_class"]) == {"normal", "benign", "malignant"}
+        assert np.asarray(test["confusion_matrix"]).sum() == test["n"]
+        assert metrics["calibration"]["temperature"] > 0
+        assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+        assert all("loss" in h and "eval_loss" in h for h in metrics["history"])
+        config = json.loads((out / name / "config.json").read_text())
+        labels = config.get("id2label") or dict(enumerate(config["label_names"]))
+        assert list(labels.values()) == ["normal", "benign", "malignant"]
+    assert (out / "comparison.png").is_file()
+    table = (out / "comparison.md").read_text()
+    assert "tiny-resnet" in table and "tiny-vgg" in table and "roc_auc" in table
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
+def test_result_loads_with_pipeline(short_run, sample_dir, name):
+    from PIL import Image
+    from transformers import pipeline
+
+    out, _ = short_run
+    classifier = pipeline("image-classification", model=str(out / name), device="cpu")
+    predictions = classifier(Image.open(sample_dir / "benign" / "2000_1.png"), top_k=3)
+    assert {p["label"] for p in predictions} == {"normal", "benign", "malignant"}
+    assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+
+
+class _Interrupt(TrainerCallback):
+    """Simulates a crash right after the first epoch's checkpoint is written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.epoch and state.epoch >= 1:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_interrupted_run_resumes(tiny_models, sample_dir, tmp_path):
+    args = _args(sample_dir, [tiny_models["tiny-resnet"]], tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run(*args, callbacks=[_Interrupt()])
+    checkpoints = list((tmp_path / "tiny-resnet" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    first_epoch = json.loads((checkpoints[0] / "trainer_state.json").read_text())["log_history"]
+    data_args, model_args, run_args = args
+    run_args.resume = True
+    results = run(data_args, model_args, run_args)
+    history = results["tiny-resnet"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    # Epoch 1 is not re-run: its validation loss is the one the interrupted run logged.
+    logged = next(e["eval_loss"] for e in first_epoch if "eval_loss" in e)
+    assert history[0]["eval_loss"] == pytest.approx(logged)
+
+
+def test_metrics_equal_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    probs = softmax(rng.normal(size=(200, 3)) + np.eye(3)[y] * 1.5)
+    ours = classification_metrics(y, probs, ["normal", "benign", "malignant"])
+    pred = probs.argmax(1)
+    assert ours["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert ours["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert ours["roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert ours["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert ours["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+    assert ours["per_class"]["benign"]["recall"] == pytest.approx(((pred == 1) & (y == 1)).sum() / (y == 1).sum())
+    # Binary: the macro AUC is the plain AUC of the positive class.
+    yb = (y == 2).astype(int)
+    pb = np.stack([1 - probs[:, 2], probs[:, 2]], 1)
+    assert classification_metrics(yb, pb, ["benign", "malignant"])["roc_auc"] == pytest.approx(roc_auc_score(yb, pb[:, 1]))
+    # The evaluate.Metric face gives the same numbers.
+    assert ThyroidMetrics(["normal", "benign", "malignant"]).compute(predictions=probs, references=y)["roc_auc"] == pytest.approx(ours["roc_auc"])
+
+
+def test_ece_and_temperature():
+    # Perfectly calibrated by construction: confidence 0.8 and 80% correct -> ECE 0.
+    y = np.array([0] * 8 + [1] * 2)
+    probs = np.tile([0.8, 0.2], (10, 1))
+    assert expected_calibration_error(y, probs) == pytest.approx(0.0)
+    assert expected_calibration_error(np.zeros(10, int), np.tile([0.6, 0.4], (10, 1))) == pytest.approx(0.4)
+    # Over-confident logits: the fitted temperature is > 1 and lowers ECE.
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 2000)
+    logits = rng.normal(size=(2000, 2)) + np.eye(2)[y]
+    t = fit_temperature(logits * 4, y)
+    assert 3.0 < t < 5.5
+    assert expected_calibration_error(y, softmax(logits * 4, t)) < expected_calibration_error(y, softmax(logits * 4))
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_resample_groups():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    probs = softmax(rng.normal(size=(300, 2)) + np.eye(2)[y])
+    point = classification_metrics(y, probs, ["a", "b"])
+    ci = bootstrap_intervals(y, probs, ["a", "b"], n_resamples=300)
+    for key in ("accuracy", "roc_auc", "balanced_accuracy"):
+        assert ci[key][0] < point[key] < ci[key][1]
+    # 30 patients with 10 identical frames each: resampling patients gives a wider interval.
+    groups = [str(i // 10) for i in range(300)]
+    y_g, p_g = y.reshape(30, 10)[:, :1].repeat(10, 1).ravel(), probs.reshape(30, 10, 2)[:, :1].repeat(10, 1).reshape(300, 2)
+    narrow = bootstrap_intervals(y_g, p_g, ["a", "b"], n_resamples=300)
+    wide = bootstrap_intervals(y_g, p_g, ["a", "b"], groups=groups, n_resamples=300)
+    assert (wide["roc_auc"][1] - wide["roc_auc"][0]) > 1.5 * (narrow["roc_auc"][1] - narrow["roc_auc"][0])
+
+
+def test_offline_without_init_random_fails_at_once(sample_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["--data_dir", str(sample_dir), "--model", "resnet50", "--output_dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "microsoft/resnet-50" in err and "--init random" in err
+    assert not (tmp_path / "resnet50").exists()  # stopped before any training
+
+
+def test_random_init_builds_registry_models_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = build_model(REGISTRY["vgg19"], ["benign", "malignant"], "random", image_size=64)
+    assert model.config.id2label == {0: "benign", 1: "malignant"}
+    assert processor.size == {"height": 64, "width": 64}
+    with torch.no_grad():
+        features = model.timm_model.forward_features(torch.randn(2, 3, 64, 64))
+    # timm's own init, not TimmWrapper's N(0, 0.02) (which gives a std near 0.0006 and stalls training).
+    assert features.std() > 0.02
+    assert isinstance(target_layer(model), torch.nn.MaxPool2d)
+    resnet, _ = build_model(REGISTRY["resnet50"], ["a", "b", "c"], "random")
+    assert resnet.config.num_labels == 3 and target_layer(resnet) is resnet.resnet.encoder.stages[-1]
+
+
+def test_help_documents_every_option_and_json_config(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ("--data_dir", "--model", "--init", "--image_size", "--resume", "--seed", "--num_train_epochs", "--drop_duplicates", "--class_weighting"):
+        assert option in out
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"data_dir": "x", "model": ["vgg19"], "init": "random", "num_train_epochs": 3}))
+    data_args, model_args, run_args = parse_args([str(config)])
+    assert (data_args.data_dir, model_args.model, model_args.init, run_args.num_train_epochs) == ("x", ["vgg19"], "random", 3)
+
+
+def test_two_process_run_evaluates_each_example_once(tiny_models, sample_dir, tmp_path):
+    """`accelerate launch` with two CPU processes: every validation and test example counted once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"),
+        "--data_dir", str(sample_dir), "--model", str(tiny_models["tiny-resnet"]), "--image_size", "32",
+        "--num_train_epochs", "1", "--per_device_eval_batch_size", "4", "--bootstrap_resamples", "20",
+        "--output_dir", str(tmp_path),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "tiny-resnet" / "metrics.json").read_text())
+    assert metrics["training"]["processes"] == 2
+    counts = metrics["data"]["counts"]
+    assert metrics["test"]["n"] == sum(counts["test"].values())
+    assert metrics["history"][0]["eval_n"] == sum(counts["validation"].values())
+    with (tmp_path / "tiny-resnet" / "predictions_test.csv").open() as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert len(paths) == len(set(paths)) == metrics["test"]["n"]
