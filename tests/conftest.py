@@ -39,3 +39,41 @@ def write_image(path: Path, seed: int = 0, size: tuple[int, int] = (48, 64), fmt
     gray = rng.integers(20, 230, size=size, dtype=np.uint8)
     Image.fromarray(gray).convert("RGB").save(path, format=fmt)
     return path
+
+
+def save_tiny_models(folder: Path) -> dict[str, Path]:
+    """A tiny ResNet and a tiny VGG (timm vgg11 with a narrow pre-logits MLP) as local checkpoints:
+    the same classes and code paths as ResNet50 and VGG19, at a fraction of the cost."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
+
+    from thyroid_classifier.models import make_processor
+
+    torch.manual_seed(0)
+    resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=2))
+    vgg = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="vgg11", model_args={"mlp_ratio": 0.01}, num_labels=2))
+    paths = {}
+    for name, model in (("tiny-resnet", resnet), ("tiny-vgg", vgg)):
+        paths[name] = folder / name
+        model.save_pretrained(paths[name])
+        make_processor(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).save_pretrained(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    return save_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def short_run(tiny_models, sample_dir, tmp_path_factory):
+    """Both tiny models trained for two epochs on the sample: ``(output_dir, results)``."""
+    from thyroid_classifier.training import DataArguments, ModelArguments, RunArguments, run
+
+    out = tmp_path_factory.mktemp("run")
+    results = run(
+        DataArguments(data_dir=str(sample_dir)),
+        ModelArguments(model=[str(p) for p in tiny_models.values()], image_size=32),
+        RunArguments(output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=8, bootstrap_resamples=50, early_stopping_patience=0),
+    )
+    return out, results

@@ -24,7 +24,7 @@ from thyroid_classifier.metrics import (
     fit_temperature,
     softmax,
 )
-from thyroid_classifier.models import REGISTRY, build_model, make_processor, target_layer
+from thyroid_classifier.models import REGISTRY, build_model, target_layer
 from thyroid_classifier.training import DataArguments, ModelArguments, RunArguments, main, parse_args, run
 
 ARTIFACTS = (
@@ -33,37 +33,10 @@ ARTIFACTS = (
 )
 
 
-def save_tiny_models(folder: Path) -> dict[str, Path]:
-    """A tiny ResNet and a tiny VGG (timm vgg11 with a narrow pre-logits MLP) as local checkpoints."""
-    from transformers import ResNetConfig, ResNetForImageClassification, TimmWrapperConfig, TimmWrapperForImageClassification
-
-    torch.manual_seed(0)
-    resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=2))
-    vgg = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="vgg11", model_args={"mlp_ratio": 0.01}, num_labels=2))
-    paths = {}
-    for name, model in (("tiny-resnet", resnet), ("tiny-vgg", vgg)):
-        paths[name] = folder / name
-        model.save_pretrained(paths[name])
-        make_processor(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).save_pretrained(paths[name])
-    return paths
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    return save_tiny_models(tmp_path_factory.mktemp("tiny"))
-
-
 def _args(data_dir, models, out, **run_kwargs):
     run_defaults = dict(output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=8, bootstrap_resamples=50, early_stopping_patience=0)
     run_defaults.update(run_kwargs)
     return DataArguments(data_dir=str(data_dir)), ModelArguments(model=[str(m) for m in models], image_size=32), RunArguments(**run_defaults)
-
-
-@pytest.fixture(scope="module")
-def short_run(tiny_models, sample_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    results = run(*_args(sample_dir, tiny_models.values(), out))
-    return out, results
 
 
 def test_short_run_writes_every_artifact(short_run, sample_dir):

@@ -29,14 +29,12 @@ from scipy.fft import dctn
 from tqdm.auto import tqdm
 
 from .data import FileEntry, FolderScan, load_image_folder, scan_folder
-from .preprocess import UltrasoundPreprocessor, to_rgb
+from .preprocess import MAX_PIXELS, UltrasoundPreprocessor, to_rgb
 
 logger = logging.getLogger(__name__)
 
 #: Hamming distance (of 64 bits) at or below which two images are near duplicates.
 DEFAULT_NEAR_THRESHOLD = 8
-#: Refuse to decode images above this many pixels (decompression bombs).
-MAX_PIXELS = 100_000_000
 #: The split name of files left out of training (dropped duplicates).
 EXCLUDED = "excluded"
 

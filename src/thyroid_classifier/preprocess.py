@@ -26,6 +26,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 CONFIG_NAME = "ultrasound_preprocessing.json"
+#: Refuse to decode images above this many pixels (decompression bombs).
+MAX_PIXELS = 100_000_000
+#: Smaller images hold too little of the thyroid to say anything about.
+MIN_SIDE = 32
+
+
+class ImageError(ValueError):
+    """An input that cannot be used as an image, with a message naming it and the problem."""
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (PIL convention, right/bottom exclusive)
 
@@ -47,6 +55,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def open_image(source: str | Path | bytes | Image.Image, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image from a path, bytes or PIL image, as upright 8-bit RGB.
+
+    Every problem becomes an :class:`ImageError` whose message names the input: not an image, empty
+    or truncated file, too many pixels (decompression bomb), too small.
+    """
+    import io
+
+    label = name or (Path(source).name if isinstance(source, (str, Path)) else "image")
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+            if not data:
+                raise ImageError(f"{label}: empty file (0 bytes)")
+            image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageError(f"{label}: {image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} allowed")
+        image.load()
+        rgb = to_rgb(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{label}: too many pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for non-images and broken files
+        problem = "not an image, or an image format that cannot be read" if "cannot identify" in str(exc) else f"corrupt or truncated image ({exc})"
+        raise ImageError(f"{label}: {problem}") from None
+    if min(rgb.size) < MIN_SIDE:
+        raise ImageError(f"{label}: {rgb.width}x{rgb.height} pixels is too small (at least {MIN_SIDE} px a side)")
+    return rgb
+
+
+def looks_like_ultrasound(image: Image.Image) -> bool:
+    """Grey-scale content, as a B-mode frame has (colour overlays aside): a colour photo is not."""
+    small = np.asarray(image.convert("RGB").resize((64, 64)), dtype=np.int16)
+    chroma = small.max(axis=2) - small.min(axis=2)
+    return bool((chroma > 30).mean() < 0.1)
 
 
 def find_ultrasound_box(gray: np.ndarray, threshold: int = 12, min_area: float = 0.1) -> Box:

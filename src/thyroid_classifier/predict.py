@@ -1,0 +1,206 @@
+"""The :class:`Predictor` (load a trained model, predict, explain) and the batch prediction CLI.
+
+    python -m thyroid_classifier.predict MODEL IMAGES_DIR --out OUT_DIR
+
+writes ``predictions.csv`` (file, label, one probability column per class, error) and one Grad-CAM
+overlay PNG per image. An unreadable file gets its error in the CSV and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .explain import freeze, gradcam, overlay, to_original
+from .hub import check_hub_model, is_local
+from .metrics import softmax
+from .models import get_spec, spec_for_model, target_layer
+from .preprocess import CONFIG_NAME, Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, open_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """One image's result; ``heatmap`` and ``overlay`` are at the size of the image given."""
+
+    probabilities: dict[str, float]
+    label: str
+    explained: str | None = None  # the class the heatmap explains
+    heatmap: np.ndarray | None = None  # float32 (height, width) in [0, 1]
+    overlay: np.ndarray | None = None  # uint8 RGB (height, width, 3)
+    box: Box | None = None  # the ultrasound region found in the image
+    warnings: list[str] = field(default_factory=list)
+
+
+class Predictor:
+    """A trained model with its preprocessing, Grad-CAM layer and calibration, ready to predict."""
+
+    def __init__(self, model, processor, preprocessor: UltrasoundPreprocessor, *, temperature: float = 1.0, info: dict | None = None, source: str = "") -> None:
+        self.model = freeze(model)
+        self.processor = processor
+        self.preprocessor = preprocessor
+        self.temperature = float(temperature)
+        self.info = info or {}
+        self.source = source
+        spec = spec_for_model(model) or get_spec(source or "model")
+        self.layer = target_layer(model, spec)
+        self.labels: list[str] = [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device: str | None = None, calibrated: bool = True) -> Predictor:
+        """Load a model folder or Hub id (safetensors weights only; never remote code)."""
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        local = is_local(name_or_path)
+        local_only = False if local else check_hub_model(name_or_path, what_to_do="Pass a local model folder instead (e.g. one written by train.py).")
+        kwargs = {"local_files_only": local_only or local}
+        model = AutoModelForImageClassification.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
+        processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
+        folder = Path(name_or_path) if local else _hub_folder(name_or_path, local_only)
+        preprocessor = UltrasoundPreprocessor.from_pretrained(folder) if folder else UltrasoundPreprocessor(crop=False)
+        info = json.loads((folder / "metrics.json").read_text()) if folder and (folder / "metrics.json").is_file() else {}
+        temperature = getattr(model.config, "calibration_temperature", 1.0) if calibrated else 1.0
+        if device:
+            model.to(device)
+        return cls(model, processor, preprocessor, temperature=temperature or 1.0, info=info, source=name_or_path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Box]]:
+        """Crop and normalise: the same path as evaluation in training."""
+        cropped, boxes = zip(*(self.preprocessor.apply(image) for image in images), strict=True)
+        pixels = self.processor(list(cropped), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device), list(boxes)
+
+    @torch.inference_mode()
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+    def predict(
+        self,
+        images: Sequence[Image.Image | str | Path | bytes],
+        *,
+        explain: bool = True,
+        target: str | None = None,
+        opacity: float = 0.45,
+    ) -> list[Prediction]:
+        """Probabilities (calibrated when the model carries a temperature) and, with ``explain``,
+        Grad-CAM from the same forward pass, mapped back onto each image as given."""
+        pil = [image if isinstance(image, Image.Image) else open_image(image) for image in images]
+        pixels, boxes = self.prepare(pil)
+        if explain:
+            targets = None if target is None else [self.labels.index(target)] * len(pil)
+            result = gradcam(self.model, self.layer, pixels, targets)
+            logits, maps, explained = result.logits, result.maps, result.targets
+        else:
+            logits, maps, explained = self.logits(pixels), None, [None] * len(pil)
+        probs = softmax(logits.float().cpu().numpy(), self.temperature)
+        out = []
+        for i, image in enumerate(pil):
+            p = {label: float(probs[i, k]) for k, label in enumerate(self.labels)}
+            prediction = Prediction(probabilities=p, label=max(p, key=p.get), box=boxes[i])
+            if maps is not None:
+                prediction.explained = self.labels[explained[i]]
+                prediction.heatmap = to_original(maps[i], boxes[i], image.size)
+                prediction.overlay = overlay(image, prediction.heatmap, opacity)
+            if not looks_like_ultrasound(image):
+                prediction.warnings.append("This image has colour content and may not be a grey-scale ultrasound frame; the result is meaningless for other images.")
+            out.append(prediction)
+        return out
+
+
+def _hub_folder(repo_id: str, local_only: bool) -> Path | None:
+    """The snapshot folder of a Hub model (for its preprocessing settings and metrics), if any."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "metrics.json"], local_files_only=local_only))
+    except Exception as exc:  # noqa: BLE001 - the model itself loaded; these files are optional
+        logger.warning("%s: no preprocessing settings found (%s); using none", repo_id, exc)
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Batch CLI
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Every visible file below ``folder`` (non-images included: they get an error row)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def predict_folder(predictor: Predictor, images_dir: Path, out_dir: Path, batch_size: int = 8, heatmaps: bool = True, progress: bool = True) -> Path:
+    """Predict every file of ``images_dir``; write ``predictions.csv`` and overlays to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overlays = out_dir / "overlays"
+    if heatmaps:
+        overlays.mkdir(exist_ok=True)
+    files = list_files(images_dir)
+    csv_path = out_dir / "predictions.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", *[f"p_{label}" for label in predictor.labels], "error"])
+        bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            good: list[tuple[Path, Image.Image]] = []
+            for path in chunk:
+                try:
+                    good.append((path, open_image(path, name=str(path.relative_to(images_dir)))))
+                except ImageError as exc:
+                    writer.writerow([path.relative_to(images_dir).as_posix(), "", *[""] * len(predictor.labels), str(exc)])
+            if good:
+                for (path, _), result in zip(good, predictor.predict([img for _, img in good], explain=heatmaps), strict=True):
+                    rel = path.relative_to(images_dir)
+                    writer.writerow([rel.as_posix(), result.label, *[f"{result.probabilities[label]:.6f}" for label in predictor.labels], ""])
+                    if heatmaps:
+                        target = overlays / rel.with_suffix(".png")
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        Image.fromarray(result.overlay).save(target)
+            bar.update(len(chunk))
+        bar.close()
+    return csv_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m thyroid_classifier.predict",
+        description="Predict every image of a folder with a trained model; write predictions.csv and Grad-CAM overlays. Research use only, not a diagnosis.",
+    )
+    parser.add_argument("model", help="a model folder written by train.py, or a Hub id")
+    parser.add_argument("images_dir", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--no_heatmaps", action="store_true", help="probabilities only (faster)")
+    parser.add_argument("--uncalibrated", action="store_true", help="ignore the temperature fitted on validation")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.images_dir.is_dir():
+        print(f"error: image folder not found: {args.images_dir}", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor.from_pretrained(args.model, calibrated=not args.uncalibrated)
+    except Exception as exc:  # noqa: BLE001 - a clear one-line reason, not a stack trace
+        print(f"error: cannot load model {args.model}: {exc}", file=sys.stderr)
+        return 2
+    path = predict_folder(predictor, args.images_dir, args.out, args.batch_size, heatmaps=not args.no_heatmaps)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

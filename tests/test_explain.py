@@ -1,0 +1,159 @@
+"""Grad-CAM in one pass, overlays at the upload's size, the batch CLI, localisation and the sanity check."""
+
+from __future__ import annotations
+
+import csv
+import gc
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from thyroid_classifier.explain import (
+    centred_gaussian,
+    ddti_outlines,
+    energy_inside,
+    freeze,
+    gradcam,
+    outline_mask,
+    pointing_hit,
+    randomization_check,
+    standard_gradcam,
+)
+from thyroid_classifier.localize import main as localize_main
+from thyroid_classifier.models import target_layer
+from thyroid_classifier.predict import Predictor, main as predict_main
+
+
+@pytest.fixture(scope="module")
+def predictors(short_run):
+    out, results = short_run
+    return {name: Predictor.from_pretrained(str(out / name)) for name in results}
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_heatmap_shape_range_and_equal_to_standard_gradcam(predictors, name, batch):
+    predictor = predictors[name]
+    x = torch.randn(batch, 3, 32, 32)
+    result = gradcam(predictor.model, predictor.layer, x)
+    assert result.maps.shape == (batch, 32, 32)
+    assert result.maps.min() >= 0 and result.maps.max() <= 1 + 1e-6
+    assert result.logits.shape == (batch, 3)
+    with torch.inference_mode():
+        plain = predictor.model(pixel_values=x).logits
+    torch.testing.assert_close(result.logits, plain, atol=1e-5, rtol=1e-5)  # the same forward pass
+    # The backbone's parameters got no gradient: the backward pass stopped at the target layer.
+    assert all(p.grad is None for p in predictor.model.parameters())
+    reference = standard_gradcam(predictor.model, predictor.layer, x, result.targets)
+    np.testing.assert_allclose(result.maps, reference, atol=1e-4)
+
+
+def test_target_layers_come_from_the_specs(predictors):
+    assert target_layer(predictors["tiny-resnet"].model) is predictors["tiny-resnet"].model.resnet.encoder.stages[-1]
+    assert target_layer(predictors["tiny-vgg"].model) is predictors["tiny-vgg"].model.timm_model.features[-1]
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
+def test_overlay_has_the_original_size_and_follows_the_crop(predictors, sample_dir, name):
+    image = Image.open(sample_dir / "malignant" / "3000_1.png").convert("RGB")
+    image = image.resize((301, 227))  # an odd size: nothing may assume a square or the model's size
+    [result] = predictors[name].predict([image], target="malignant")
+    assert result.overlay.shape == (227, 301, 3) and result.overlay.dtype == np.uint8
+    assert result.heatmap.shape == (227, 301)
+    left, top, right, bottom = result.box
+    outside = np.ones_like(result.heatmap, dtype=bool)
+    outside[top:bottom, left:right] = False
+    assert result.heatmap[outside].max() == 0  # nothing painted on the border or the text panel
+    assert result.explained == "malignant"
+    assert sum(result.probabilities.values()) == pytest.approx(1.0)
+
+
+def test_many_calls_release_hooks_and_keep_memory_flat(predictors, sample_dir):
+    import resource
+
+    predictor = predictors["tiny-resnet"]
+    image = Image.open(sample_dir / "benign" / "2000_1.png")
+    for _ in range(5):
+        predictor.predict([image])
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(60):
+        predictor.predict([image, image])
+    gc.collect()
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert not predictor.layer._forward_hooks and not predictor.layer._backward_hooks
+    assert not any(m._forward_hooks for m in predictor.model.modules())
+    assert grown_mb < 30, f"peak memory grew by {grown_mb:.1f} MB over 60 calls"
+
+
+def test_batch_cli_with_a_corrupt_file(short_run, sample_dir, tmp_path):
+    out, _ = short_run
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("benign/2000_1.png", "malignant/3001_2.png", "normal/1002_1.png"):
+        shutil.copy(sample_dir / name, images / name.replace("/", "_"))
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (images / "notes.txt").write_text("hello")
+    assert predict_main([str(out / "tiny-resnet"), str(images), "--out", str(tmp_path / "pred"), "--batch_size", "2"]) == 0
+    rows = {r["file"]: r for r in csv.DictReader((tmp_path / "pred" / "predictions.csv").open())}
+    assert set(rows) == {"benign_2000_1.png", "malignant_3001_2.png", "normal_1002_1.png", "broken.jpg", "notes.txt"}
+    assert "broken.jpg" in rows["broken.jpg"]["error"] and rows["broken.jpg"]["label"] == ""
+    assert "not an image" in rows["notes.txt"]["error"]
+    good = rows["benign_2000_1.png"]
+    assert good["error"] == "" and good["label"] in {"normal", "benign", "malignant"}
+    assert sum(float(good[f"p_{c}"]) for c in ("normal", "benign", "malignant")) == pytest.approx(1.0, abs=1e-4)
+    overlay = Image.open(tmp_path / "pred" / "overlays" / "benign_2000_1.png")
+    assert overlay.size == Image.open(images / "benign_2000_1.png").size
+    assert not (tmp_path / "pred" / "overlays" / "broken.png").exists()
+
+
+def test_heatmaps_change_when_weights_are_randomised(predictors, sample_dir):
+    """Adebayo et al. (2018): an explanation that survives weight randomisation explains nothing."""
+    predictor = predictors["tiny-resnet"]
+    images = [Image.open(p) for p in sorted((sample_dir / "malignant").glob("*.png"))[:6]]
+    pixels, _ = predictor.prepare(images)
+    rho = randomization_check(predictor.model, predictor.layer, pixels)
+    assert len(rho) == 6
+    assert np.nanmean(np.abs(rho)) < 0.5, rho
+    # The original model is untouched by the check.
+    assert all(not p.requires_grad for p in predictor.model.parameters())
+
+
+def test_localisation_functions():
+    mask = outline_mask([[(10, 10), (30, 10), (30, 30), (10, 30)]], (64, 48))
+    assert mask.shape == (48, 64) and mask[20, 20] and not mask[5, 5]
+    peak = np.zeros((48, 64), np.float32)
+    peak[20, 20] = 1.0
+    assert pointing_hit(peak, mask) and energy_inside(peak, mask) == pytest.approx(1.0)
+    gauss = centred_gaussian((64, 48))
+    assert not pointing_hit(gauss, mask)  # the peak is at the centre (32, 24), outside the square
+    assert 0 < energy_inside(gauss, mask) < 1
+
+
+def test_ddti_outlines_and_localize_cli(ddti_dir, short_run, tmp_path, capsys):
+    outlines = ddti_outlines(ddti_dir / "xml" / "100.xml")
+    assert 1 in outlines and len(outlines[1]) == 2  # a dual-view frame: one outline per view
+    images = tmp_path / "frames"
+    images.mkdir()
+    for name in ("100_1.jpg", "101_1.jpg", "102_1.jpg"):
+        shutil.copy(ddti_dir / "images" / "malignant" / name, images / name)
+    out, _ = short_run
+    json_path = tmp_path / "loc.json"
+    assert localize_main([str(out / "tiny-resnet"), str(images), "--xml", str(ddti_dir / "xml"), "--json", str(json_path), "--update_metrics"]) == 0
+    text = capsys.readouterr().out
+    assert "pointing game" in text and "centred Gaussian" in text
+    import json
+
+    result = json.loads(json_path.read_text())
+    assert result["n"] == 3
+    for who in ("model", "centred_gaussian"):
+        assert 0 <= result[who]["pointing_game"]["value"] <= 1
+    assert "localization" in json.loads((out / "tiny-resnet" / "metrics.json").read_text())
+
+
+def test_freeze_makes_no_parameter_trainable(predictors):
+    model = freeze(predictors["tiny-vgg"].model)
+    assert not any(p.requires_grad for p in model.parameters())
