@@ -1,0 +1,214 @@
+"""The Gradio app: upload an ultrasound frame, see every class's confidence and the Grad-CAM heatmap.
+
+``build_demo(predictors)`` returns the Blocks and loads nothing itself; :func:`main` parses the
+command line (``python app.py --help``), loads the models and launches on 127.0.0.1.
+
+Privacy: an upload is read once, deleted from the server's temporary folder as soon as it is read,
+and never logged; results live in the browser session only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .explain import overlay
+from .preprocess import ImageError, open_image
+
+logger = logging.getLogger(__name__)
+
+NOTICE = (
+    "**Research software, not a diagnosis.** This model was trained on a small public data set whose "
+    "labels are TI-RADS risk categories, not pathology. Its output must not guide the care of a patient. "
+    "Upload a grey-scale thyroid ultrasound frame; nothing you upload is kept after the answer is shown."
+)
+DEFAULT_MODELS = ("outputs/sample/resnet50",)
+MAX_FILE_SIZE = "10mb"
+
+
+def _upload_component():
+    """``gr.Image`` that hands the upload's path to our own decoder, so that every bad file gets a
+    readable message (gradio's own preprocessing would fail with a bare "Error")."""
+    import gradio as gr
+from gradio.events import Dependency
+
+    class UploadImage(gr.Image):
+        is_template = True  # render with gr.Image's front end
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's problem
+                name = getattr(payload, "orig_name", None) or "upload"
+                raise gr.Error(f"{name}: not an image that can be read ({type(exc).__name__}).") from None
+
+    return UploadImage(
+        type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+        label="Ultrasound image", height=360,
+    )
+
+
+def metrics_markdown(info: Mapping) -> str:
+    """The key test metrics from a model's ``metrics.json`` (its card's numbers)."""
+    split = info.get("split")
+    test = info.get(split) if split else None
+    if not test:
+        return "_No evaluation found for this model._"
+
+    def fmt(key: str) -> str:
+        m = test[key]
+        return f"{m['value']:.2f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if not math.isnan(m["value"]) else "n/a"
+
+    recall = ", ".join(f"{label} {v['recall']:.2f}" for label, v in test.get("per_class", {}).items())
+    data = info.get("data", {}).get("data_dir", "")
+    return (
+        f"**Evaluation** on {info.get('n')} held-out {split} images ({Path(data).name or 'unknown data'}), "
+        f"95% intervals: macro ROC AUC {fmt('roc_auc')}, balanced accuracy {fmt('balanced_accuracy')}, "
+        f"accuracy {fmt('accuracy')}. Recall per class: {recall}. "
+        f"Initialisation: {info.get('init', '?')}."
+    )
+
+
+def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_limit: int = 1):
+    """The page around one or more :class:`~thyroid_classifier.predict.Predictor` (name → predictor)."""
+    import gradio as gr
+
+    if not predictors:
+        raise ValueError("build_demo needs at least one model")
+    names = list(predictors)
+
+    def predict(path: str | None, model_name: str, opacity: float):
+        if not path:
+            raise gr.Error("Upload an image first.")
+        try:
+            try:
+                image = open_image(path, name=Path(path).name)
+            finally:
+                with_suppressed(os.remove, path)  # the upload is not kept
+            predictor = predictors[model_name]
+            [result] = predictor.predict([image], opacity=opacity)
+        except ImageError as exc:
+            raise gr.Error(str(exc)) from None
+        except gr.Error:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never a stack trace in the page
+            logger.error("prediction failed: %s", type(exc).__name__)  # no image data in logs
+            raise gr.Error("Something went wrong while analysing this image. It was not kept.") from None
+        notes = list(result.warnings)
+        for note in notes:
+            gr.Warning(note)
+        original = np.asarray(image)
+        message = (
+            f"Predicted **{result.label}**; the heatmap shows the regions that raised the score of "
+            f"*{result.explained}*." + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
+        )
+        state = {"original": original, "heatmap": result.heatmap}
+        return result.probabilities, (original, result.overlay), message, state
+
+    def reblend(state: dict | None, opacity: float):
+        if not state:
+            return gr.skip()
+        return (state["original"], overlay(_as_image(state["original"]), state["heatmap"], opacity))
+
+    with gr.Blocks(title="Thyroid ultrasound classifier (research)", delete_cache=(120, 300)) as demo:
+        gr.Markdown("# Thyroid ultrasound classifier\n" + NOTICE)
+        with gr.Row():
+            with gr.Column():
+                image = _upload_component()
+                model = gr.Dropdown(names, value=names[0], label="Model", visible=len(names) > 1)
+                opacity = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity")
+                button = gr.Button("Analyse", variant="primary")
+                if examples:
+                    gr.Examples(list(examples), inputs=[image], label="Examples (synthetic unless stated)")
+            with gr.Column():
+                label = gr.Label(num_top_classes=max(len(p.labels) for p in predictors.values()), label="Confidence per class")
+                slider = gr.ImageSlider(label="Original | Grad-CAM", format="png", type="numpy")
+                message = gr.Markdown()
+                card = gr.Markdown(metrics_markdown(predictors[names[0]].info))
+        state = gr.State()
+        button.click(predict, [image, model, opacity], [label, slider, message, state], api_name="predict", concurrency_limit=concurrency_limit)
+        opacity.release(reblend, [state, opacity], [slider], api_name=False, queue=False)
+        model.change(lambda name: metrics_markdown(predictors[name].info), [model], [card], api_name=False, queue=False)
+    demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
+    return demo
+
+
+def _as_image(array: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(array)
+
+
+def with_suppressed(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
+def load_predictors(models: Sequence[str]) -> dict:
+    from .predict import Predictor
+
+    predictors = {}
+    for source in models:
+        predictor = Predictor.from_pretrained(source)
+        name = Path(source.rstrip("/")).name if Path(source).is_dir() else source
+        predictors[name] = predictor
+    return predictors
+
+
+def default_examples() -> list[str]:
+    from .sample import builtin_sample
+
+    folder = builtin_sample()
+    return [str(folder / name) for name in ("normal/1000_1.png", "benign/2000_1.png", "malignant/3000_1.png")]
+
+
+def launch(demo, host: str, port: int | None, share: bool, **kwargs):
+    """Launch; a share link that cannot be made is reported and the local app keeps running."""
+    common = dict(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, quiet=True, **kwargs)
+    if share:
+        try:
+            return demo.launch(share=True, **common)
+        except Exception as exc:  # noqa: BLE001 - no tunnel here (offline, firewalled)
+            print(f"Could not create a share link ({type(exc).__name__}: {exc}); the app runs locally only.", file=sys.stderr)
+            demo.close()
+    return demo.launch(share=False, **common)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python app.py",
+        description="Serve trained thyroid ultrasound classifiers with Grad-CAM in a web page (research use only).",
+    )
+    parser.add_argument("--model", nargs="+", default=list(DEFAULT_MODELS), help="model folders written by train.py or Hub ids (several: side by side)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
+    parser.add_argument("--share", action="store_true", help="also make a public share link")
+    parser.add_argument("--concurrency", type=int, default=1, help="predictions run at once (1 suits a 2-core CPU)")
+    parser.add_argument("--examples", nargs="*", default=None, help="example images (default: the built-in synthetic sample)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in args.model:
+        if not Path(name).exists() and name in DEFAULT_MODELS:
+            print(f"error: no model at {name}. Train one first (see the README's quick start) or pass --model FOLDER_OR_HUB_ID.", file=sys.stderr)
+            return 2
+    try:
+        predictors = load_predictors(args.model)
+    except Exception as exc:  # noqa: BLE001 - one clear line, not a stack trace
+        print(f"error: cannot load a model: {exc}", file=sys.stderr)
+        return 2
+    examples = args.examples if args.examples is not None else default_examples()
+    demo = build_demo(predictors, examples=examples, concurrency_limit=args.concurrency)
+    launch(demo, args.host, args.port, args.share, prevent_thread_lock=True)
+    print(f"Running on http://{args.host}:{demo.server_port} (Ctrl+C to stop)")
+    demo.block_thread()
+    return 0

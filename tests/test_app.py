@@ -1,0 +1,157 @@
+"""The Gradio app driven through gradio_client on 127.0.0.1 with tiny models, and every bad input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from thyroid_classifier.app import build_demo, load_predictors, metrics_markdown
+
+
+@pytest.fixture(scope="module")
+def server(short_run, sample_dir):
+    out, results = short_run
+    predictors = load_predictors([str(out / name) for name in results])
+    demo = build_demo(predictors, examples=[str(sample_dir / "benign" / "2000_1.png")])
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, max_file_size="2mb", quiet=True)
+    yield demo, predictors
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    demo, _ = server
+    return Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False)
+
+
+def ask(client, path: Path, model: str = "tiny-resnet", opacity: float = 0.45):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), model, opacity, api_name="/predict")
+
+
+def _ultrasound(sample_dir: Path) -> Image.Image:
+    return Image.open(sample_dir / "malignant" / "3000_1.png").convert("RGB")
+
+
+def _check_result(result, size: tuple[int, int]):
+    label, slider, message = result[:3]
+    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert set(confidences) == {"normal", "benign", "malignant"}
+    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-3)
+    assert label["label"] == max(confidences, key=confidences.get)
+    original, heat = (Image.open(item) if isinstance(item, str) else Image.open(item["path"]) for item in slider)
+    assert heat.size == size and original.size == size
+    return message
+
+
+def test_api_predict(client, sample_dir, tmp_path):
+    path = tmp_path / "frame.png"
+    _ultrasound(sample_dir).save(path)
+    size = _ultrasound(sample_dir).size
+    message = _check_result(ask(client, path), size)
+    assert "Predicted" in message
+    assert "colour" not in message  # a grey frame gets no warning
+    _check_result(ask(client, path, model="tiny-vgg"), size)  # side by side: the second model
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> Path:
+    image.save(path, **kwargs)
+    return path
+
+
+GOOD_VARIANTS = {
+    "grey.png": lambda im, p: (_save(im.convert("L"), p), im.size),
+    "rgba.png": lambda im, p: (_save(im.convert("RGBA"), p), im.size),
+    "palette.png": lambda im, p: (_save(im.convert("P"), p), im.size),
+    "cmyk.jpg": lambda im, p: (_save(im.convert("CMYK"), p), im.size),
+    "sixteen_bit.png": lambda im, p: (_save(Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 257), p), im.size),
+    "animated.gif": lambda im, p: (_save(im.convert("P"), p, save_all=True, append_images=[im.rotate(10).convert("P")], duration=100, loop=0), im.size),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_VARIANTS))
+def test_every_image_mode_is_accepted(client, sample_dir, tmp_path, name):
+    path, size = GOOD_VARIANTS[name](_ultrasound(sample_dir), tmp_path / name)
+    _check_result(ask(client, path), size)
+
+
+def test_exif_rotated_upload_is_shown_upright(client, sample_dir, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: display rotated by 90 degrees
+    image = _ultrasound(sample_dir)
+    path = _save(image, tmp_path / "rotated.jpg", exif=exif)
+    _check_result(ask(client, path), (image.height, image.width))
+
+
+def test_colour_photo_gets_a_warning(client, tmp_path):
+    rng = np.random.default_rng(0)
+    photo = np.zeros((200, 300, 3), np.uint8)
+    photo[..., 0] = rng.integers(150, 255, (200, 300))
+    photo[..., 1] = rng.integers(0, 90, (200, 300))
+    message = _check_result(ask(client, _save(Image.fromarray(photo), tmp_path / "photo.jpg")), (300, 200))
+    assert "not be a grey-scale ultrasound" in message
+
+
+def _truncated_jpeg(sample_dir: Path, path: Path) -> Path:
+    buffer = io.BytesIO()
+    _ultrasound(sample_dir).save(buffer, format="JPEG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 3])
+    return path
+
+
+def _bomb(path: Path) -> Path:
+    Image.new("1", (30_000, 30_000)).save(path)  # 900 megapixels in a few kilobytes
+    return path
+
+
+BAD_INPUTS = {
+    "text.png": (lambda d, p: (p.write_text("not an image at all"), p)[1], "not an image"),
+    "truncated.jpg": (_truncated_jpeg, "truncated"),
+    "empty.png": (lambda d, p: (p.write_bytes(b""), p)[1], "not an image"),
+    "bomb.png": (lambda d, p: _bomb(p), "not an image"),
+    "tiny.png": (lambda d, p: _save(Image.new("L", (10, 10), 90), p), "too small"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_gives_a_clear_error_and_the_server_keeps_serving(client, sample_dir, tmp_path, name):
+    from gradio_client.exceptions import AppError
+
+    make, expected = BAD_INPUTS[name]
+    path = make(sample_dir, tmp_path / name)
+    with pytest.raises(AppError) as error:
+        ask(client, path)
+    text = str(error.value)
+    assert expected in text.lower() and "Traceback" not in text
+    good = _save(_ultrasound(sample_dir), tmp_path / "after.png")
+    _check_result(ask(client, good), _ultrasound(sample_dir).size)
+
+
+def test_upload_size_limit(client, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(3 * 1024 * 1024))
+    with pytest.raises(Exception, match="(?i)size|large|exceed"):
+        ask(client, big)
+
+
+def test_uploads_are_not_kept(client, server, sample_dir, tmp_path):
+    import tempfile
+
+    path = _save(_ultrasound(sample_dir), tmp_path / "private_frame_4242.png")
+    ask(client, path)
+    cache = Path(tempfile.gettempdir()) / "gradio"
+    assert not list(cache.rglob("private_frame_4242.png")) if cache.is_dir() else True
+
+
+def test_metrics_markdown_shows_card_numbers(server):
+    _, predictors = server
+    text = metrics_markdown(predictors["tiny-resnet"].info)
+    assert "macro ROC AUC" in text and "95%" in text
+    assert metrics_markdown({}) == "_No evaluation found for this model._"
