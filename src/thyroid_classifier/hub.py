@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -51,3 +53,264 @@ def check_hub_model(repo_id: str, *, what_to_do: str = "", timeout: float = 10.0
         f"Cannot download '{repo_id}' from the Hugging Face Hub ({reason}), and it is not in the "
         f"local cache. {what_to_do}".strip()
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Model cards
+
+CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
+CARD_METRICS = (  # (metrics.json key, model-index metric type, display name)
+    ("accuracy", "accuracy", "Accuracy"),
+    ("roc_auc", "roc_auc", "Macro ROC AUC (one vs rest)"),
+    ("f1_macro", "f1", "Macro F1"),
+    ("balanced_accuracy", "balanced_accuracy", "Balanced accuracy"),
+)
+DDTI_CITATION = (
+    "Pedraza L, Vargas C, Narváez F, Durán O, Muñoz E, Romero E. An open access thyroid ultrasound-image "
+    "database. Proc. SPIE 9287, 10th International Symposium on Medical Information Processing and Analysis "
+    "(2015). doi:10.1117/12.2073532"
+)
+#: Data sets the card recognises from their folder name, to name and cite them.
+KNOWN_DATASETS = {
+    "ddti": {"name": "DDTI (Digital Database of Thyroid Ultrasound Images)", "type": "ddti", "citation": DDTI_CITATION, "tirads_labels": True},
+}
+
+
+def dataset_facts(data_dir: str) -> dict:
+    """Name, slug, citation and label provenance of a data folder (recorded in metrics.json at training)."""
+    from .sample import SYNTHETIC_MARKER
+
+    parts = [p.lower() for p in Path(data_dir).parts]
+    for key, facts in KNOWN_DATASETS.items():
+        if key in parts:
+            return facts
+    name = Path(data_dir).name
+    if (Path(data_dir) / SYNTHETIC_MARKER).is_file():
+        return {"name": "the built-in SYNTHETIC sample (not real patients)", "type": "synthetic-sample", "citation": None, "tirads_labels": False}
+    return {"name": name, "type": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "images", "citation": None, "tirads_labels": False}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and value != value) else f"{value:.3f}"
+
+
+def _ci(ci) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def render_card(folder: str | Path, repo_id: str | None = None, template: str | Path | None = None):
+    """The model card for a trained model folder, every number read from its ``metrics.json``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    folder = Path(folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    processor = json.loads((folder / "preprocessor_config.json").read_text()) if (folder / "preprocessor_config.json").is_file() else {}
+    split, labels = metrics["split"], metrics["labels"]
+    test = metrics[split]
+    data = metrics.get("data", {})
+    facts = data.get("dataset") or dataset_facts(data.get("data_dir", ""))
+    repo_id = repo_id or f"your-name/thyroid-{metrics['model']}"
+    base_model = metrics["checkpoint"] if metrics.get("init") == "pretrained" and not is_local(metrics["checkpoint"]) else None
+    eval_results = [
+        EvalResult(
+            task_type="image-classification", dataset_type=facts["type"], dataset_name=facts["name"],
+            dataset_split=split, metric_type=metric_type, metric_name=name, metric_value=round(float(test[key]["value"]), 4),
+        )
+        for key, metric_type, name in CARD_METRICS
+        if test[key]["value"] == test[key]["value"]  # NaN (undefined) is left out
+    ]
+    card_data = ModelCardData(
+        model_name=f"thyroid-{metrics['model']}",
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        license="apache-2.0",
+        tags=["image-classification", "medical-imaging", "ultrasound", "thyroid", "grad-cam", "research-only"],
+        metrics=["accuracy", "roc_auc", "f1", "balanced_accuracy"],
+        eval_results=eval_results,
+    )
+    counts = data.get("counts", {})
+    audit = _audit_text(folder / "audit.json")
+    training = metrics.get("training", {})
+    hyperparameters = {k: training[k] for k in (
+        "image_size", "num_train_epochs", "epochs_run", "learning_rate", "weight_decay", "warmup_ratio",
+        "per_device_train_batch_size", "label_smoothing", "class_weighting", "class_weights",
+        "early_stopping_patience", "seed", "device", "processes", "train_seconds") if k in training}
+    hyperparameters = {"initialisation": metrics.get("init"), **hyperparameters, "optimizer": "AdamW, cosine schedule with warm-up",
+                       "selection": "best validation macro ROC AUC (early stopping)"}
+    localization = metrics.get("localization")
+    loc = None
+    if localization:
+        loc = {
+            "n": localization["n"], "subset": localization.get("subset", "all outlined frames"),
+            "model_pg": f"{_fmt(localization['model']['pointing_game']['value'])} {_ci(localization['model']['pointing_game']['ci'])}",
+            "model_energy": f"{_fmt(localization['model']['energy_inside']['value'])} {_ci(localization['model']['energy_inside']['ci'])}",
+            "base_pg": f"{_fmt(localization['centred_gaussian']['pointing_game']['value'])} {_ci(localization['centred_gaussian']['pointing_game']['ci'])}",
+            "base_energy": f"{_fmt(localization['centred_gaussian']['energy_inside']['value'])} {_ci(localization['centred_gaussian']['energy_inside']['ci'])}",
+        }
+    cv = metrics.get("cross_validation")
+    cv_text = None
+    if cv:
+        pooled = cv["pooled"]
+        cv_text = (f"{cv['k']}-fold, grouped by patient, pooled out-of-fold macro ROC AUC {_fmt(pooled['roc_auc']['value'])} "
+                   f"{_ci(pooled['roc_auc']['ci'])}, balanced accuracy {_fmt(pooled['balanced_accuracy']['value'])} {_ci(pooled['balanced_accuracy']['ci'])}.")
+    calibration = metrics.get("calibration", {})
+    kwargs = dict(
+        model_name=f"thyroid-{metrics['model']}",
+        architecture=config.get("architecture") or (config.get("architectures") or ["model"])[0],
+        labels=labels,
+        labels_text=", ".join(f"`{label}`" for label in labels),
+        base_model=base_model,
+        init=metrics.get("init"),
+        tirads_labels=facts["tirads_labels"],
+        dataset_name=facts["name"],
+        dataset_citation=facts["citation"],
+        n_total=sum(sum(v.values()) for v in counts.values()),
+        n_groups=data.get("groups"),
+        split_text=" / ".join(f"{k} {sum(v.values())}" for k, v in counts.items()),
+        counts=counts,
+        audit_text=audit,
+        mask_text=training.get("preprocessing", {}).get("mask_text", False),
+        image_size=training.get("image_size"),
+        mean=processor.get("image_mean"), std=processor.get("image_std"),
+        hyperparameters=hyperparameters,
+        split=split,
+        n_eval=test["n"],
+        metric_rows=[{"name": name, "value": _fmt(test[key]["value"]), "ci": _ci(test[key]["ci"])} for key, _, name in CARD_METRICS]
+        + [{"name": "Expected calibration error", "value": _fmt(test["ece"]["value"]), "ci": _ci(test["ece"]["ci"])}],
+        class_rows=[{"label": label, **{k: _fmt(v[k]) for k in ("precision", "recall", "f1")}, "auc": _fmt(v["roc_auc"]), "support": v["support"]}
+                    for label, v in test["per_class"].items()],
+        confusion=test["confusion_matrix"],
+        cv_text=cv_text,
+        ece_before=_fmt(calibration.get("ece_before")), ece_after=_fmt(calibration.get("ece_after")),
+        temperature=_fmt(calibration.get("temperature")),
+        localization=loc,
+        missing_labels=", ".join(label for label in ("normal", "benign", "malignant") if label not in labels),
+        repo_id=repo_id,
+    )
+    return ModelCard.from_template(card_data, template_path=str(template or CARD_TEMPLATE), **kwargs)
+
+
+def _audit_text(path: Path) -> str:
+    if not path.is_file():
+        return "no audit report found."
+    audit = json.loads(path.read_text())
+    return (f"{len(audit.get('unreadable', []))} unreadable file(s) skipped; {len(audit.get('exact_duplicates', []))} group(s) of "
+            f"byte-identical images and {len(audit.get('near_duplicates', []))} of near duplicates, each kept within one split; "
+            f"{len(audit.get('leakage', []))} leakage pair(s) across splits; {len(audit.get('conflicts', []))} label conflict(s).")
+
+
+def write_card(folder: str | Path, repo_id: str | None = None) -> Path:
+    """Render the card into ``folder/README.md`` (what the Hub shows)."""
+    path = Path(folder) / "README.md"
+    render_card(folder, repo_id).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Pushing
+
+#: What a model folder publishes. Never: checkpoints (optimizer state), training_args.bin (a pickle
+#: of every setting), audit.json and predictions (file names can hold patient identifiers).
+PUSH_FILES = ("model.safetensors", "config.json", "preprocessor_config.json", "ultrasound_preprocessing.json",
+              "README.md", "metrics.json", "cv_metrics.json", "fingerprints.json")
+PUSH_PATTERNS = ("*.png",)
+
+
+def files_to_push(folder: str | Path) -> list[str]:
+    folder = Path(folder)
+    names = {name for name in PUSH_FILES if (folder / name).is_file()}
+    for pattern in PUSH_PATTERNS:
+        names |= {p.name for p in folder.glob(pattern) if p.is_file()}
+    return sorted(names)
+
+
+def _public_metrics(metrics: dict) -> dict:
+    """metrics.json without local paths (user names, hospital folder names)."""
+    clean = json.loads(json.dumps(metrics))
+    if "data_dir" in clean.get("data", {}):
+        clean["data"]["data_dir"] = Path(clean["data"]["data_dir"]).name
+    training = clean.get("training", {})
+    if training.get("best_checkpoint"):
+        training["best_checkpoint"] = Path(training["best_checkpoint"]).name
+    if is_local(clean.get("checkpoint", "")):
+        clean["checkpoint"] = Path(clean["checkpoint"]).name
+    return clean
+
+
+def check_push_access(repo_id: str, api=None) -> None:
+    """Before any training time is spent: is the Hub reachable and is there a token that can write?"""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    if _offline():
+        raise HubUnreachableError(f"--push_to_hub {repo_id}: HF_HUB_OFFLINE is set, so nothing can be pushed. Unset it, or train without --push_to_hub and push later with `python -m thyroid_classifier.hub push FOLDER {repo_id}`.")
+    try:
+        api.whoami()
+    except Exception as exc:  # noqa: BLE001 - network down, or no / invalid token
+        reason = type(exc).__name__
+        hint = "log in with `hf auth login` or set HF_TOKEN" if "401" in str(exc) or "token" in str(exc).lower() else "check the network"
+        raise HubUnreachableError(f"--push_to_hub {repo_id}: cannot use the Hugging Face Hub ({reason}); {hint}. Nothing was trained.") from None
+
+
+def push_folder(folder: str | Path, repo_id: str, private: bool = False, api=None) -> list[str]:
+    """Upload a trained model's publishable files to ``repo_id``; returns the uploaded file names.
+
+    The token comes from ``HF_TOKEN`` or the saved login (never an argument that could be logged).
+    The local folder is never modified except for (re)writing its card.
+    """
+    import shutil
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    folder = Path(folder)
+    write_card(folder, repo_id)
+    names = files_to_push(folder)
+    with tempfile.TemporaryDirectory(prefix="thyroid-push-") as staging:
+        for name in names:
+            if name == "metrics.json":
+                (Path(staging) / name).write_text(json.dumps(_public_metrics(json.loads((folder / name).read_text())), indent=2) + "\n")
+            else:
+                shutil.copy2(folder / name, Path(staging) / name)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model", commit_message="Upload thyroid-classifier model")
+    logger.info("pushed %d files of %s to %s", len(names), folder, repo_id)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m thyroid_classifier.hub", description="Model cards and Hub uploads for trained model folders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    push = sub.add_parser("push", help="render the card and push a trained model folder")
+    push.add_argument("folder", type=Path)
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    card = sub.add_parser("card", help="render the card into FOLDER/README.md (no network)")
+    card.add_argument("folder", type=Path)
+    card.add_argument("--repo_id", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not (args.folder / "metrics.json").is_file():
+        print(f"error: {args.folder} is not a model folder written by train.py (no metrics.json)", file=sys.stderr)
+        return 2
+    if args.command == "card":
+        print(f"wrote {write_card(args.folder, args.repo_id)}")
+        return 0
+    try:
+        check_push_access(args.repo_id)
+        names = push_folder(args.folder, args.repo_id, private=args.private)
+    except Exception as exc:  # noqa: BLE001 - one clear line; the folder is untouched
+        print(f"error: could not push {args.folder} to {args.repo_id}: {exc}", file=sys.stderr)
+        return 2
+    print(f"pushed {len(names)} files to {args.repo_id}: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

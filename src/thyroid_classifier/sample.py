@@ -32,6 +32,7 @@ from scipy.ndimage import gaussian_filter
 
 SAMPLE_LABELS: tuple[str, ...] = ("normal", "benign", "malignant")
 _VERSION = 1  # bump when the drawing changes, so cached samples are rebuilt
+SYNTHETIC_MARKER = "SYNTHETIC.txt"  # written into every sample folder; cards and reports look for it
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,10 @@ def make_sample_dataset(
                     "file": f"{label}/{name}", "case": case, "label": label,
                     "cx": f"{n.cx:.1f}", "cy": f"{n.cy:.1f}", "rx": f"{n.rx:.1f}", "ry": f"{n.ry:.1f}",
                 })
+    (out / SYNTHETIC_MARKER).write_text(
+        "SYNTHETIC images drawn by thyroid_classifier.sample: no patient is in them. They demonstrate the "
+        "pipeline only; a model trained on them knows nothing about real thyroids.\n"
+    )
     with (out / "manifest.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

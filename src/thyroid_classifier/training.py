@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .audit import DEFAULT_NEAR_THRESHOLD, audited_dataset
 from .data import GroupSpec
-from .hub import check_hub_model, is_local
+from .hub import check_hub_model, check_push_access, dataset_facts, is_local, push_folder, write_card
 from .metrics import (
     HEADLINE,
     ThyroidMetrics,
@@ -94,6 +94,9 @@ class RunArguments:
     resume: bool = field(default=False, metadata={"help": "Continue each model from its last checkpoint in OUTPUT_DIR/<model>/checkpoints."})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals (patients are resampled when groups are known)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0 keeps the decoded-image cache in one process)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push each trained model's folder (weights, config, processor, card, plots, metrics) to the Hub after training. The token comes from HF_TOKEN or the saved login."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub, e.g. someone/thyroid-resnet50. With several models, '-<model>' is appended to it."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +332,7 @@ def train_one(
         "history": history,
         "data": {
             "data_dir": report.root,
+            "dataset": dataset_facts(report.root),
             "counts": {name: dict(Counter(labels[i] for i in ds.with_format(None)["label"])) for name, ds in splits.items()},
             "groups": len(set(g for ds in splits.values() for g in ds.with_format(None)["group"])),
         },
@@ -339,7 +343,7 @@ def train_one(
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "preprocessing": asdict(preprocessor),
             "class_weights": None if weights is None else [round(float(w), 4) for w in weights],
-            **{k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume")},
+            **{k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private")},
             "init": model_args.init,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "processes": state.num_processes,
@@ -366,6 +370,7 @@ def _write_model_folder(trainer, processor, preprocessor, report, result, out: P
     plot_auc(trainer.state.log_history, out / "auc.png", result["model"])
     plot_roc(raw["label"], probs, labels, out / "roc.png", f"{result['model']} ({split})")
     plot_confusion(result[split]["confusion_matrix"], labels, out / "confusion_matrix.png", f"{result['model']} ({split})")
+    write_card(out)
     with (out / f"predictions_{split}.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "group", "label", "predicted", *[f"p_{name}" for name in labels]])
@@ -393,6 +398,17 @@ def check_models_reachable(specs: Sequence[ModelSpec], init: str) -> None:
     for spec in specs:
         if not is_local(spec.checkpoint):
             check_hub_model(spec.checkpoint, what_to_do=HUB_HELP)
+
+
+def hub_repos(run_args: RunArguments, specs: Sequence[ModelSpec]) -> dict[str, str]:
+    """Model name → Hub repository for ``--push_to_hub`` (empty when not pushing)."""
+    if not run_args.push_to_hub:
+        return {}
+    if not run_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. someone/thyroid-resnet50)")
+    if len(specs) == 1:
+        return {specs[0].name: run_args.hub_model_id}
+    return {s.name: f"{run_args.hub_model_id}-{s.name}" for s in specs}
 
 
 def write_comparison(results: dict[str, dict], output_dir: Path) -> None:
@@ -427,6 +443,9 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"two models share an output folder name: {[s.name for s in specs]}")
     check_models_reachable(specs, model_args.init)
+    repos = hub_repos(run_args, specs)
+    if repos and state.is_main_process:
+        check_push_access(next(iter(repos.values())))
     data_dir = data_args.data_dir
     if data_dir is None:
         data_dir = str(builtin_sample())
@@ -451,6 +470,13 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
         results[spec.name] = train_one(spec, dataset, report, data_args, model_args, run_args, callbacks)
     if state.is_main_process:
         write_comparison(results, output_dir)
+        for name, repo_id in repos.items():
+            try:
+                pushed = push_folder(output_dir / name, repo_id, private=run_args.hub_private)
+                print(f"{name}: pushed {len(pushed)} files to {repo_id}")
+            except Exception as exc:  # noqa: BLE001 - the trained folder stays on disk whatever happens
+                print(f"{name}: push to {repo_id} failed ({type(exc).__name__}: {exc}); the model is safe in {output_dir / name}. "
+                      f"Retry with: python -m thyroid_classifier.hub push {output_dir / name} {repo_id}", file=sys.stderr)
         for name, r in results.items():
             m = r[r["split"]]
             print(f"{name}: {r['split']} macro ROC AUC {m['roc_auc']['value']:.3f} [{m['roc_auc']['ci'][0]:.3f}, {m['roc_auc']['ci'][1]:.3f}], "
@@ -482,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_args, model_args, run_args = parse_args(argv)
     try:
         run(data_args, model_args, run_args)
-    except (HubUnreachableError, DataError) as exc:
+    except (HubUnreachableError, DataError, ValueError) as exc:
         logging.getLogger("thyroid_classifier").error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 2

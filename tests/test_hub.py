@@ -1,0 +1,145 @@
+"""Model cards and pushes, offline: the HTTP boundary is a fake HfApi that records what it is sent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from thyroid_classifier.hub import (
+    HubUnreachableError,
+    check_push_access,
+    files_to_push,
+    main as hub_main,
+    push_folder,
+    render_card,
+)
+from thyroid_classifier.training import main as train_main
+
+EXPECTED = {
+    "model.safetensors", "config.json", "preprocessor_config.json", "ultrasound_preprocessing.json", "README.md",
+    "metrics.json", "fingerprints.json", "loss.png", "auc.png", "roc.png", "confusion_matrix.png",
+}
+
+
+class FakeHfApi:
+    """Records create_repo / upload_folder and keeps a copy of every uploaded file."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.repos, self.uploaded, self.fail = [], {}, fail
+
+    def whoami(self):
+        if self.fail:
+            raise ConnectionError("no network")
+        return {"name": "tester"}
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
+        self.repos.append((repo_id, private))
+
+    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None):
+        if self.fail:
+            raise ConnectionError("upload failed")
+        self.uploaded = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
+def test_card_parses_back_and_its_numbers_are_metrics_json(short_run, name):
+    from huggingface_hub import ModelCard
+
+    out, _ = short_run
+    folder = out / name
+    assert (folder / "README.md").is_file()  # training renders the card
+    card = ModelCard.load(folder / "README.md")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-classification"
+    assert data.license == "apache-2.0" and "thyroid" in data.tags
+    results = {r.metric_type: r for r in data.eval_results}
+    assert set(results) == {"accuracy", "roc_auc", "f1", "balanced_accuracy"}
+    for key, metric_type in (("accuracy", "accuracy"), ("roc_auc", "roc_auc"), ("f1_macro", "f1"), ("balanced_accuracy", "balanced_accuracy")):
+        assert results[metric_type].metric_value == pytest.approx(metrics["test"][key]["value"], abs=1e-4)
+        assert results[metric_type].dataset_split == "test" and results[metric_type].task_type == "image-classification"
+    text = card.content
+    for section in ("## Intended use", "## Training data", "## Preprocessing", "## Training procedure", "## Evaluation",
+                    "## Calibration", "## Where the model looks", "## Plots", "## Limitations and bias", "## How to use"):
+        assert section in text
+    assert "not a diagnostic device" in text and "SYNTHETIC" in text
+    low, high = metrics["test"]["roc_auc"]["ci"]
+    assert f"[{low:.3f}, {high:.3f}]" in text
+
+
+def test_card_cites_ddti_and_states_tirads(short_run, tmp_path):
+    out, _ = short_run
+    folder = tmp_path / "ddti-model"
+    folder.mkdir()
+    for name in ("metrics.json", "config.json", "preprocessor_config.json"):
+        (folder / name).write_bytes((out / "tiny-resnet" / name).read_bytes())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["data"]["data_dir"] = "/data/shared/data/ddti/images"
+    metrics["data"].pop("dataset", None)  # as in a run on DDTI: recognised from its folder
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    text = render_card(folder).content
+    assert "Pedraza L" in text and "doi:10.1117/12.2073532" in text and "TI-RADS" in text
+
+
+def test_push_uploads_exactly_the_publishable_files(short_run, tmp_path, monkeypatch):
+    out, _ = short_run
+    folder = out / "tiny-vgg"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value_123")
+    api = FakeHfApi()
+    names = push_folder(folder, "someone/thyroid-vgg", private=True, api=api)
+    assert set(names) == set(api.uploaded) == EXPECTED
+    assert api.repos == [("someone/thyroid-vgg", True)]
+    assert (folder / "checkpoints").is_dir() and (folder / "training_args.bin").is_file()  # exist locally, never pushed
+    for name, content in api.uploaded.items():
+        assert b"hf_secret_token_value_123" not in content, name
+    pushed_metrics = json.loads(api.uploaded["metrics.json"])
+    assert "/" not in pushed_metrics["data"]["data_dir"]  # no local paths leave the machine
+    assert "someone/thyroid-vgg" in api.uploaded["README.md"].decode()
+    assert set(files_to_push(folder)) == EXPECTED
+
+
+def test_push_without_network_says_so_and_keeps_the_folder(short_run, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUnreachableError, match="HF_HUB_OFFLINE"):
+        check_push_access("someone/x")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(HubUnreachableError, match="Nothing was trained"):
+        check_push_access("someone/x", api=FakeHfApi(fail=True))
+    out, _ = short_run
+    before = sorted(p.name for p in (out / "tiny-resnet").iterdir())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_main(["push", str(out / "tiny-resnet"), "someone/x"]) == 2
+    assert sorted(p.name for p in (out / "tiny-resnet").iterdir()) == before
+
+
+def test_train_with_push_offline_fails_before_training(sample_dir, tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = train_main(["--data_dir", str(sample_dir), "--model", str(tiny_models["tiny-resnet"]), "--output_dir", str(tmp_path),
+                       "--push_to_hub", "--hub_model_id", "someone/thyroid"])
+    assert code == 2
+    assert "push" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no training time spent
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
+def test_pushed_layout_loads_with_pipeline_and_predictor(short_run, tmp_path, name, sample_dir):
+    """What a push uploads is enough for pipeline() and the project's Predictor (both architectures)."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from thyroid_classifier.predict import Predictor
+
+    out, _ = short_run
+    api = FakeHfApi()
+    push_folder(out / name, f"someone/{name}", api=api)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for rel, content in api.uploaded.items():
+        (snapshot / rel).write_bytes(content)
+    image = Image.open(sample_dir / "benign" / "2000_1.png")
+    assert len(pipeline("image-classification", model=str(snapshot), device="cpu")(image, top_k=3)) == 3
+    predictor = Predictor.from_pretrained(str(snapshot))
+    assert predictor.preprocessor.crop and predictor.info["split"] == "test"
+    assert predictor.predict([image])[0].overlay.shape[:2] == (image.height, image.width)
