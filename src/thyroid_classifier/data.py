@@ -246,6 +246,17 @@ def group_holdout(labels: Sequence[str], groups: Sequence[str], fraction: float,
     return mask
 
 
+def cv_folds(labels: Sequence, groups: Sequence[str], k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds ``(train_index, held_out_index)``: stratified by label, whole groups only, seeded.
+    Every example is held out exactly once."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if len(set(groups)) < k:
+        raise DataError(f"cannot make {k} folds from {len(set(groups))} groups (patients / cases)")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels, groups))
+
+
 def assign_splits(
     labels: Sequence[str],
     groups: Sequence[str],

@@ -58,6 +58,31 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _full_kernel_forward(conv: nn.Conv2d):
+    original = conv.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # A convolution whose kernel covers its whole input (VGG's 7x7 "fc6" on a 7x7 map) is a
+        # matrix product; as such it runs about twice as fast on CPU, forward and backward.
+        if x.shape[-2:] == conv.kernel_size:
+            return nn.functional.linear(x.flatten(1), conv.weight.view(conv.out_channels, -1), conv.bias)[:, :, None, None]
+        return original(x)
+
+    return forward
+
+
+def linearize_full_kernel_convs(model: nn.Module) -> nn.Module:
+    """Run every unpadded, unstrided, ungrouped convolution whose kernel equals its input size as a
+    linear layer (same numbers, less time). Idempotent; other inputs take the normal path."""
+    for module in model.modules():
+        if (isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1) and module.padding == (0, 0)
+                and module.stride == (1, 1) and module.groups == 1 and module.dilation == (1, 1)
+                and not getattr(module, "_linearized", False)):
+            module.forward = _full_kernel_forward(module)
+            module._linearized = True
+    return model
+
+
 @contextlib.contextmanager
 def _requiring_grad(model: nn.Module) -> Iterator[None]:
     """Temporarily give every parameter a gradient (the plain, whole-network Grad-CAM)."""

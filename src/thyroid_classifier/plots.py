@@ -67,6 +67,27 @@ def plot_roc(y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str], pa
     return _save(fig, path)
 
 
+def plot_cv_roc(y_true: Sequence[int], probs: np.ndarray, folds: Sequence[int], labels: Sequence[str], path: Path, title: str = "") -> Path:
+    """Cross-validation ROC: pooled out-of-fold curve (bold) and each fold's (thin), for the last
+    class (malignant when present) against the rest."""
+    y = np.asarray(y_true)
+    folds = np.asarray(folds)
+    k = len(labels) - 1
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for fold in sorted(set(folds.tolist())):
+        sel = folds == fold
+        positive = y[sel] == k
+        if 0 < positive.sum() < sel.sum():
+            fpr, tpr, _ = roc_curve(positive, probs[sel, k])
+            ax.plot(fpr, tpr, linewidth=1, alpha=0.6, label=f"fold {fold}")
+    fpr, tpr, _ = roc_curve(y == k, probs[:, k])
+    ax.plot(fpr, tpr, linewidth=2.5, color="black", label="pooled")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel=f"true positive rate ({labels[k]})", title=f"ROC {title}".strip(), aspect="equal")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
 def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str = "") -> Path:
     cm = np.asarray(matrix)
     fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 2.5, 1.1 * len(labels) + 2))

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .explain import freeze, gradcam, overlay, to_original
+from .explain import freeze, gradcam, linearize_full_kernel_convs, overlay, to_original
 from .hub import check_hub_model, is_local
 from .metrics import softmax
 from .models import get_spec, spec_for_model, target_layer
@@ -48,7 +48,7 @@ class Predictor:
     """A trained model with its preprocessing, Grad-CAM layer and calibration, ready to predict."""
 
     def __init__(self, model, processor, preprocessor: UltrasoundPreprocessor, *, temperature: float = 1.0, info: dict | None = None, source: str = "") -> None:
-        self.model = freeze(model)
+        self.model = linearize_full_kernel_convs(freeze(model))
         self.processor = processor
         self.preprocessor = preprocessor
         self.temperature = float(temperature)

@@ -39,7 +39,7 @@ from .metrics import (
     with_intervals,
 )
 from .models import HUB_HELP, INIT_CHOICES, ModelSpec, build_model, count_parameters, get_spec
-from .plots import plot_auc, plot_comparison, plot_confusion, plot_loss, plot_roc
+from .plots import plot_auc, plot_comparison, plot_confusion, plot_cv_roc, plot_loss, plot_roc
 from .preprocess import UltrasoundPreprocessor
 from .sample import builtin_sample
 
@@ -94,6 +94,9 @@ class RunArguments:
     resume: bool = field(default=False, metadata={"help": "Continue each model from its last checkpoint in OUTPUT_DIR/<model>/checkpoints."})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals (patients are resampled when groups are known)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0 keeps the decoded-image cache in one process)."})
+    head_lr_multiplier: float = field(default=10.0, metadata={"help": "Discriminative learning rates: the new classification head learns this many times faster than the pretrained backbone (1: one rate for all)."})
+    cv: int = field(default=0, metadata={"help": "K-fold cross-validation (K >= 2), stratified by class and grouped by patient: writes OUTPUT_DIR/<model>/cv_metrics.json with pooled out-of-fold metrics. 0: one train/validation/test run."})
+    cv_final: bool = field(default=False, metadata={"help": "With --cv: also train a final model on all the data; its card carries the cross-validation numbers."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push each trained model's folder (weights, config, processor, card, plots, metrics) to the Hub after training. The token comes from HF_TOKEN or the saved login."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub, e.g. someone/thyroid-resnet50. With several models, '-<model>' is appended to it."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
@@ -107,12 +110,13 @@ class ImageTransforms:
     """Decode → ultrasound crop → square resize once per image (cached), then augment (train) or
     normalise with the saved image processor (evaluation: exactly what prediction does)."""
 
-    def __init__(self, preprocessor: UltrasoundPreprocessor, processor, image_size: int, train: bool) -> None:
+    def __init__(self, preprocessor: UltrasoundPreprocessor, processor, image_size: int, train: bool, cache: dict | None = None) -> None:
         from torchvision.transforms import v2
         from PIL import Image
 
         self.preprocessor, self.processor, self.size, self.train = preprocessor, processor, image_size, train
-        self._cache: dict[str, object] = {}
+        # Shared across the folds of a cross-validation run: each file is decoded once per run.
+        self._cache: dict = cache if cache is not None else {}
         self._open = Image.open
         self._resize = Image.Resampling.BILINEAR
         mean, std = processor.image_mean, processor.image_std
@@ -129,7 +133,8 @@ class ImageTransforms:
         ])
 
     def _load(self, path: str):
-        cached = self._cache.get(path)
+        key = (path, self.train)
+        cached = self._cache.get(key)
         if cached is None:
             with self._open(path) as image:
                 cropped = self.preprocessor(image)
@@ -137,7 +142,7 @@ class ImageTransforms:
                 cached = cropped.resize((self.size, self.size), self._resize)
             else:
                 cached = self.processor(cropped, return_tensors="pt")["pixel_values"][0]
-            self._cache[path] = cached
+            self._cache[key] = cached
         return cached
 
     def __call__(self, batch: dict) -> dict:
@@ -246,6 +251,40 @@ def _last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+@dataclass
+class TrainResult:
+    """One trained model: its ``metrics.json`` content and the predictions behind it."""
+
+    metrics: dict
+    probs: np.ndarray
+    y_true: list[int]
+    groups: list[str]
+    paths: list[str]
+
+
+def head_parameters(model) -> set[int]:
+    """ids of the new classification head's parameters (timm: get_classifier(); transformers: .classifier)."""
+    timm_model = getattr(model, "timm_model", None)
+    head = timm_model.get_classifier() if timm_model is not None else getattr(model, "classifier", None)
+    if head is None:
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    return {id(p) for p in head.parameters()}
+
+
+def make_optimizer(model, run_args: RunArguments) -> torch.optim.Optimizer:
+    """AdamW with discriminative learning rates: head x ``head_lr_multiplier``; no decay on norms and biases."""
+    head = head_parameters(model)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in head, p.ndim <= 1), []).append(p)
+    return torch.optim.AdamW([
+        {"params": params, "lr": run_args.learning_rate * (run_args.head_lr_multiplier if is_head else 1.0),
+         "weight_decay": 0.0 if no_decay else run_args.weight_decay}
+        for (is_head, no_decay), params in groups.items()
+    ], lr=run_args.learning_rate)
+
+
 def train_one(
     spec: ModelSpec,
     dataset,
@@ -254,12 +293,16 @@ def train_one(
     model_args: ModelArguments,
     run_args: RunArguments,
     callbacks: Sequence = (),
-) -> dict:
-    """Train one model, write its folder, and return its ``metrics.json`` content."""
+    out: Path | None = None,
+    write: bool = True,
+    cache: dict | None = None,
+) -> TrainResult:
+    """Train one model on ``dataset`` (train / validation / test) and evaluate it; with ``write``,
+    write its folder (weights, card, plots, metrics) to ``out`` (default OUTPUT_DIR/<model>)."""
     from transformers import EarlyStoppingCallback, Trainer, set_seed
 
     state = distributed_state()
-    out = Path(run_args.output_dir) / spec.name
+    out = out or Path(run_args.output_dir) / spec.name
     checkpoints = out / "checkpoints"
     labels = dataset["train"].features["label"].names
     set_seed(run_args.seed)
@@ -269,7 +312,7 @@ def train_one(
 
     splits = {name: ds for name, ds in dataset.items()}
     for name, ds in splits.items():
-        ds.set_transform(ImageTransforms(preprocessor, processor, image_size, train=name == "train"), columns=["path", "label"])
+        ds.set_transform(ImageTransforms(preprocessor, processor, image_size, train=name == "train", cache=cache), columns=["path", "label"])
     has_validation = "validation" in splits
     eval_name = "test" if "test" in splits else "validation" if has_validation else "train"
     train_labels = [int(x) for x in splits["train"].with_format(None)["label"]]
@@ -288,6 +331,7 @@ def train_one(
         compute_metrics=make_compute_metrics(labels),
         compute_loss_func=make_loss(weights, run_args.label_smoothing),
         callbacks=trainer_callbacks,
+        optimizers=(make_optimizer(model, run_args), None),  # the schedule is still the Trainer's
     )
     resume_from = _last_checkpoint(checkpoints) if run_args.resume else None
     if run_args.resume and resume_from is None:
@@ -349,10 +393,10 @@ def train_one(
             "processes": state.num_processes,
         },
     }
-    if state.is_main_process:
+    if state.is_main_process and write:
         _write_model_folder(trainer, processor, preprocessor, report, result, out, raw, probs, labels, temperature)
     state.wait_for_everyone()
-    return result
+    return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]))
 
 
 def _write_model_folder(trainer, processor, preprocessor, report, result, out: Path, raw, probs, labels, temperature) -> None:
@@ -398,6 +442,115 @@ def check_models_reachable(specs: Sequence[ModelSpec], init: str) -> None:
     for spec in specs:
         if not is_local(spec.checkpoint):
             check_hub_model(spec.checkpoint, what_to_do=HUB_HELP)
+
+
+def cross_validate(
+    spec: ModelSpec,
+    dataset,
+    report,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    run_args: RunArguments,
+    callbacks: Sequence = (),
+) -> dict:
+    """K-fold cross-validation grouped by patient and stratified by class, same recipe every fold.
+
+    Each fold's training part gives up a group-aware validation share (early stopping and the
+    temperature); the held-out fold is predicted once. Pooled out-of-fold predictions give the
+    headline numbers, with bootstrap intervals that resample patients.
+    """
+    import shutil
+
+    from datasets import DatasetDict, concatenate_datasets
+
+    from .data import cv_folds, group_holdout
+
+    state = distributed_state()
+    out = Path(run_args.output_dir) / spec.name
+    full = concatenate_datasets([ds for ds in dataset.values()]) if len(dataset) > 1 else dataset["train"]
+    raw = full.with_format(None)
+    labels = full.features["label"].names
+    y = np.array([int(v) for v in raw["label"]])
+    groups = list(raw["group"])
+    paths = list(raw["path"])
+    folds = cv_folds(y, groups, run_args.cv, run_args.seed)
+    oof = np.full((len(y), len(labels)), np.nan)
+    fold_of = np.zeros(len(y), dtype=int)
+    per_fold = []
+    cache: dict = {}
+    started = time.time()
+    for k, (pool, held) in enumerate(folds, start=1):
+        pool_groups = [groups[i] for i in pool]
+        val_mask = group_holdout([int(y[i]) for i in pool], pool_groups, max(0.1, data_args.validation_size), run_args.seed + k)
+        fold_data = DatasetDict({
+            "train": full.select([int(i) for i, v in zip(pool, val_mask, strict=True) if not v]),
+            "validation": full.select([int(i) for i, v in zip(pool, val_mask, strict=True) if v]),
+            "test": full.select([int(i) for i in held]),
+        })
+        logger.info("%s fold %d/%d: train %d, validation %d, test %d", spec.name, k, run_args.cv,
+                    len(fold_data["train"]), len(fold_data["validation"]), len(fold_data["test"]))
+        fold_dir = out / "cv" / f"fold-{k}"
+        result = train_one(spec, fold_data, report, data_args, model_args, run_args, callbacks, out=fold_dir, write=False, cache=cache)
+        oof[held] = result.probs
+        fold_of[held] = k
+        m = result.metrics["test"]
+        per_fold.append({"fold": k, "n": m["n"], **{key: m[key]["value"] for key in HEADLINE},
+                         "recall": {label: v["recall"] for label, v in m["per_class"].items()},
+                         "epochs_run": result.metrics["training"]["epochs_run"], "temperature": result.metrics["calibration"]["temperature"]})
+        if state.is_main_process:
+            shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)  # optimizer state of a fold is not needed again
+    wall = time.time() - started
+    pooled = classification_metrics(y, oof, labels)
+    intervals = bootstrap_intervals(y, oof, labels, groups=groups, n_resamples=run_args.bootstrap_resamples, seed=run_args.seed)
+    spread = {key: {"mean": float(np.nanmean([f[key] for f in per_fold])), "sd": float(np.nanstd([f[key] for f in per_fold], ddof=1)),
+                    "min": float(np.nanmin([f[key] for f in per_fold])), "max": float(np.nanmax([f[key] for f in per_fold]))} for key in HEADLINE}
+    cv = {
+        "model": spec.name, "checkpoint": spec.checkpoint, "init": model_args.init, "k": run_args.cv, "labels": labels,
+        "n": int(len(y)), "groups": len(set(groups)), "wall_seconds": round(wall, 1),
+        "pooled": with_intervals(pooled, intervals),
+        "per_fold": per_fold, "spread": spread,
+        "data": {"data_dir": report.root, "dataset": dataset_facts(report.root), "counts": dict(Counter(labels[i] for i in y))},
+        "recipe": {"image_size": model_args.image_size, **{k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private")},
+                   "preprocessing": asdict(UltrasoundPreprocessor(crop=data_args.crop, mask_text=data_args.mask_text))},
+    }
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cv_metrics.json").write_text(json.dumps(cv, indent=2, default=float) + "\n")
+        plot_cv_roc(y, oof, fold_of, labels, out / "cv_roc.png", f"{spec.name}, {run_args.cv}-fold CV")
+        with (out / "cv_predictions.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "group", "fold", "label", *[f"p_{name}" for name in labels]])
+            for i in range(len(y)):
+                writer.writerow([paths[i], groups[i], int(fold_of[i]), labels[y[i]], *[f"{v:.6f}" for v in oof[i]]])
+        a = cv["pooled"]["roc_auc"]
+        print(f"{spec.name}: {run_args.cv}-fold CV pooled macro ROC AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] "
+              f"(folds {spread['roc_auc']['mean']:.3f} ± {spread['roc_auc']['sd']:.3f}), balanced accuracy "
+              f"{cv['pooled']['balanced_accuracy']['value']:.3f}, n={len(y)}, {wall / 60:.1f} min -> {out / 'cv_metrics.json'}")
+    if run_args.cv_final:
+        final_data = _final_split(full, data_args, run_args)
+        result = train_one(spec, final_data, report, data_args, model_args, run_args, callbacks, cache=cache)
+        if state.is_main_process:
+            path = out / "metrics.json"
+            metrics = json.loads(path.read_text())
+            metrics["cross_validation"] = {k: cv[k] for k in ("k", "n", "groups", "pooled", "spread")}
+            path.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+            write_card(out)
+        del result
+    return cv
+
+
+def _final_split(full, data_args: DataArguments, run_args: RunArguments):
+    """All the data for the final model, less a group-aware validation share for early stopping."""
+    from datasets import DatasetDict
+
+    from .data import group_holdout
+
+    raw = full.with_format(None)
+    mask = group_holdout([int(v) for v in raw["label"]], list(raw["group"]), max(0.1, data_args.validation_size), run_args.seed)
+    return DatasetDict({
+        "train": full.select([i for i, v in enumerate(mask) if not v]),
+        "validation": full.select([i for i, v in enumerate(mask) if v]),
+    })
 
 
 def hub_repos(run_args: RunArguments, specs: Sequence[ModelSpec]) -> dict[str, str]:
@@ -451,14 +604,17 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
         data_dir = str(builtin_sample())
         logger.warning("no --data_dir given: using the built-in SYNTHETIC sample at %s (it demonstrates the pipeline only)", data_dir)
     groups = GroupSpec(csv_path=Path(data_args.group_csv) if data_args.group_csv else None, column=data_args.group_column, pattern=data_args.group_pattern)
+    if run_args.cv == 1 or run_args.cv < 0:
+        raise ValueError("--cv needs K >= 2 folds")
     with state.main_process_first():
         dataset, report = audited_dataset(
             data_dir,
             drop_duplicates=data_args.drop_duplicates,
             near_threshold=data_args.near_threshold,
             progress=state.is_main_process,
-            validation_size=data_args.validation_size,
-            test_size=data_args.test_size,
+            # Cross-validation folds are made from all the data, so nothing is held out here.
+            validation_size=0.0 if run_args.cv else data_args.validation_size,
+            test_size=0.0 if run_args.cv else data_args.test_size,
             seed=run_args.seed,
             groups=groups,
         )
@@ -467,7 +623,12 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
     output_dir = Path(run_args.output_dir)
     results = {}
     for spec in specs:
-        results[spec.name] = train_one(spec, dataset, report, data_args, model_args, run_args, callbacks)
+        if run_args.cv:
+            results[spec.name] = cross_validate(spec, dataset, report, data_args, model_args, run_args, callbacks)
+        else:
+            results[spec.name] = train_one(spec, dataset, report, data_args, model_args, run_args, callbacks).metrics
+    if run_args.cv:
+        return results
     if state.is_main_process:
         write_comparison(results, output_dir)
         for name, repo_id in repos.items():

@@ -1,0 +1,86 @@
+"""Patient-grouped cross-validation and external validation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import write_image
+from thyroid_classifier.data import cv_folds
+from thyroid_classifier.evaluate import main as evaluate_main
+from thyroid_classifier.metrics import bootstrap_intervals, classification_metrics
+from thyroid_classifier.training import DataArguments, ModelArguments, RunArguments, run
+
+
+def test_folds_never_share_a_group_and_cover_every_example_once():
+    rng = np.random.default_rng(0)
+    groups = [f"p{i}" for i in rng.integers(0, 60, 200)]
+    labels = [int(g[1:]) % 3 for g in groups]  # the label is a property of the patient
+    for seed in range(30):
+        folds = cv_folds(labels, groups, 5, seed)
+        held = np.concatenate([h for _, h in folds])
+        assert sorted(held.tolist()) == list(range(200))  # each example held out exactly once
+        for train, test in folds:
+            assert not {groups[i] for i in train} & {groups[i] for i in test}
+            assert {labels[i] for i in test} == {0, 1, 2}  # stratified
+
+
+@pytest.fixture(scope="module")
+def cv_run(tiny_models, sample_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv")
+    results = run(
+        DataArguments(data_dir=str(sample_dir)),
+        ModelArguments(model=[str(tiny_models["tiny-resnet"])], image_size=32),
+        RunArguments(output_dir=str(out), num_train_epochs=1, cv=3, bootstrap_resamples=50, per_device_train_batch_size=8),
+    )
+    return out, results
+
+
+def test_cv_writes_pooled_metrics_equal_to_a_manual_computation(cv_run, sample_dir):
+    out, results = cv_run
+    cv = json.loads((out / "tiny-resnet" / "cv_metrics.json").read_text())
+    assert cv == json.loads(json.dumps(results["tiny-resnet"], default=float))
+    assert cv["k"] == 3 and len(cv["per_fold"]) == 3 and cv["n"] == 36
+    assert (out / "tiny-resnet" / "cv_roc.png").is_file()
+    rows = list(csv.DictReader((out / "tiny-resnet" / "cv_predictions.csv").open()))
+    assert len(rows) == 36 and len({r["path"] for r in rows}) == 36
+    by_fold = {}
+    for r in rows:
+        by_fold.setdefault(r["fold"], set()).add(r["group"])
+    assert not set.intersection(*by_fold.values())  # no patient in two folds
+    labels = cv["labels"]
+    y = [labels.index(r["label"]) for r in rows]
+    probs = np.array([[float(r[f"p_{c}"]) for c in labels] for r in rows])
+    manual = classification_metrics(y, probs, labels)
+    for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece"):
+        assert cv["pooled"][key]["value"] == pytest.approx(manual[key], abs=1e-5)
+    assert cv["pooled"]["per_class"]["benign"]["recall"] == pytest.approx(manual["per_class"]["benign"]["recall"])
+    ci = bootstrap_intervals(y, probs, labels, groups=[r["group"] for r in rows], n_resamples=50, seed=42)
+    assert cv["pooled"]["roc_auc"]["ci"] == pytest.approx(ci["roc_auc"], abs=1e-3)  # resampled by patient
+    assert cv["spread"]["roc_auc"]["min"] <= cv["spread"]["roc_auc"]["mean"] <= cv["spread"]["roc_auc"]["max"]
+
+
+def test_external_evaluation_flags_shared_images_and_unknown_classes(short_run, sample_dir, tmp_path, capsys):
+    out, _ = short_run
+    external = tmp_path / "hospital_b"
+    for label in ("benign", "malignant", "normal"):
+        for i in range(4):
+            write_image(external / label / f"b{label}{i}_1.png", seed=1000 + i + 10 * len(label), size=(96, 128))
+    shutil.copy(sample_dir / "malignant" / "3001_1.png", external / "malignant" / "shared_1.png")  # from the training data
+    for i in range(2):
+        write_image(external / "cyst" / f"c{i}_1.png", seed=77 + i)
+    assert evaluate_main([str(out / "tiny-resnet"), str(external), "--out", str(tmp_path / "eval"), "--bootstrap", "50", "--quiet"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["n"] == 13
+    assert [o["path"].rsplit("/", 1)[1] for o in report["training_overlap"]] == ["shared_1.png"]
+    assert report["training_overlap"][0]["kind"] == "exact"
+    assert report["unknown_classes"] == {"cyst": 2}
+    for key in ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "ece"):
+        assert set(report["external"][key]) == {"value", "ci"}
+    text = capsys.readouterr().out
+    assert "LEAKAGE" in text and "cyst" in text
+    assert len(list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))) == 13
