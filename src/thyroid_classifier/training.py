@@ -94,7 +94,7 @@ class RunArguments:
     resume: bool = field(default=False, metadata={"help": "Continue each model from its last checkpoint in OUTPUT_DIR/<model>/checkpoints."})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals (patients are resampled when groups are known)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0 keeps the decoded-image cache in one process)."})
-    head_lr_multiplier: float = field(default=10.0, metadata={"help": "Discriminative learning rates: the new classification head learns this many times faster than the pretrained backbone (1: one rate for all)."})
+    head_lr_multiplier: float = field(default=10.0, metadata={"help": "Discriminative learning rates with --init pretrained: the new classification head learns this many times faster than the pretrained backbone (1: one rate for all)."})
     cv: int = field(default=0, metadata={"help": "K-fold cross-validation (K >= 2), stratified by class and grouped by patient: writes OUTPUT_DIR/<model>/cv_metrics.json with pooled out-of-fold metrics. 0: one train/validation/test run."})
     cv_final: bool = field(default=False, metadata={"help": "With --cv: also train a final model on all the data; its card carries the cross-validation numbers."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push each trained model's folder (weights, config, processor, card, plots, metrics) to the Hub after training. The token comes from HF_TOKEN or the saved login."})
@@ -271,15 +271,15 @@ def head_parameters(model) -> set[int]:
     return {id(p) for p in head.parameters()}
 
 
-def make_optimizer(model, run_args: RunArguments) -> torch.optim.Optimizer:
-    """AdamW with discriminative learning rates: head x ``head_lr_multiplier``; no decay on norms and biases."""
+def make_optimizer(model, run_args: RunArguments, head_multiplier: float) -> torch.optim.Optimizer:
+    """AdamW with discriminative learning rates (head x ``head_multiplier``); no decay on norms and biases."""
     head = head_parameters(model)
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((id(p) in head, p.ndim <= 1), []).append(p)
     return torch.optim.AdamW([
-        {"params": params, "lr": run_args.learning_rate * (run_args.head_lr_multiplier if is_head else 1.0),
+        {"params": params, "lr": run_args.learning_rate * (head_multiplier if is_head else 1.0),
          "weight_decay": 0.0 if no_decay else run_args.weight_decay}
         for (is_head, no_decay), params in groups.items()
     ], lr=run_args.learning_rate)
@@ -331,7 +331,8 @@ def train_one(
         compute_metrics=make_compute_metrics(labels),
         compute_loss_func=make_loss(weights, run_args.label_smoothing),
         callbacks=trainer_callbacks,
-        optimizers=(make_optimizer(model, run_args), None),  # the schedule is still the Trainer's
+        # The schedule is still the Trainer's. From scratch every layer is new: one learning rate.
+        optimizers=(make_optimizer(model, run_args, run_args.head_lr_multiplier if model_args.init == "pretrained" else 1.0), None),
     )
     resume_from = _last_checkpoint(checkpoints) if run_args.resume else None
     if run_args.resume and resume_from is None:
