@@ -157,3 +157,16 @@ def test_ddti_outlines_and_localize_cli(ddti_dir, short_run, tmp_path, capsys):
 def test_freeze_makes_no_parameter_trainable(predictors):
     model = freeze(predictors["tiny-vgg"].model)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_full_kernel_convolution_runs_as_a_matrix_product_with_the_same_numbers():
+    from thyroid_classifier.explain import linearize_full_kernel_convs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 5))
+    x = torch.randn(3, 8, 5, 5)
+    expected = net(x)
+    linearize_full_kernel_convs(net)
+    torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
+    assert net[2]._linearized and not getattr(net[0], "_linearized", False)  # padded convs keep their path
+    assert net(torch.randn(1, 8, 9, 9)).shape == (1, 32, 5, 5)  # larger inputs still convolve

@@ -206,3 +206,21 @@ def test_two_process_run_evaluates_each_example_once(tiny_models, sample_dir, tm
     with (tmp_path / "tiny-resnet" / "predictions_test.csv").open() as f:
         paths = [row["path"] for row in csv.DictReader(f)]
     assert len(paths) == len(set(paths)) == metrics["test"]["n"]
+
+
+def test_discriminative_learning_rates(tiny_models):
+    from transformers import AutoModelForImageClassification
+
+    from thyroid_classifier.training import head_parameters, make_optimizer
+
+    for path in tiny_models.values():
+        model = AutoModelForImageClassification.from_pretrained(path)
+        head = head_parameters(model)
+        optimizer = make_optimizer(model, RunArguments(learning_rate=1e-4, weight_decay=0.05), head_multiplier=10.0)
+        seen = 0
+        for group in optimizer.param_groups:
+            is_head = {id(p) for p in group["params"]} <= head
+            assert group["lr"] == pytest.approx(1e-3 if is_head else 1e-4)
+            assert group["weight_decay"] == (0.0 if all(p.ndim <= 1 for p in group["params"]) else 0.05)
+            seen += len(group["params"])
+        assert seen == len(list(model.parameters())) and head

@@ -499,6 +499,8 @@ def cross_validate(
                          "recall": {label: v["recall"] for label, v in m["per_class"].items()},
                          "epochs_run": result.metrics["training"]["epochs_run"], "temperature": result.metrics["calibration"]["temperature"]})
         if state.is_main_process:
+            print(f"{spec.name} fold {k}/{run_args.cv}: held-out macro ROC AUC {m['roc_auc']['value']:.3f}, n={m['n']}, "
+                  f"{result.metrics['training']['epochs_run']:.0f} epochs", flush=True)
             shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)  # optimizer state of a fold is not needed again
     wall = time.time() - started
     pooled = classification_metrics(y, oof, labels)
