@@ -224,3 +224,20 @@ def test_discriminative_learning_rates(tiny_models):
             assert group["weight_decay"] == (0.0 if all(p.ndim <= 1 for p in group["params"]) else 0.05)
             seen += len(group["params"])
         assert seen == len(list(model.parameters())) and head
+
+
+def test_linear_probing_then_fine_tuning(tiny_models, sample_dir, tmp_path):
+    """With --freeze_backbone_epochs 1 the backbone does not move in epoch 1 and does in epoch 2."""
+    from transformers import AutoModelForImageClassification, TrainerCallback
+
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            snapshots.append(model.resnet.embedder.embedder.convolution.weight.detach().clone())
+
+    data_args, model_args, run_args = _args(sample_dir, [tiny_models["tiny-resnet"]], tmp_path, freeze_backbone_epochs=1)
+    run(data_args, model_args, run_args, callbacks=[Snapshot()])
+    start = AutoModelForImageClassification.from_pretrained(tiny_models["tiny-resnet"]).resnet.embedder.embedder.convolution.weight
+    assert torch.equal(snapshots[0], start)
+    assert not torch.equal(snapshots[1], start)

@@ -89,12 +89,14 @@ class RunArguments:
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per device."})
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy loss."})
     class_weighting: bool = field(default=True, metadata={"help": "Weight the loss by inverse class frequency (n / (k * n_c)) so minority classes count as much as the majority."})
+    select_best: bool = field(default=True, metadata={"help": "Keep the checkpoint with the best validation macro AUC (else the last epoch's weights)."})
     early_stopping_patience: int = field(default=6, metadata={"help": "Stop after this many epochs without a better validation macro AUC (0: never)."})
     seed: int = field(default=42, metadata={"help": "Seed for the split, initialisation, augmentation and data order."})
     resume: bool = field(default=False, metadata={"help": "Continue each model from its last checkpoint in OUTPUT_DIR/<model>/checkpoints."})
     bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals (patients are resampled when groups are known)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0 keeps the decoded-image cache in one process)."})
     head_lr_multiplier: float = field(default=10.0, metadata={"help": "Discriminative learning rates with --init pretrained: the new classification head learns this many times faster than the pretrained backbone (1: one rate for all)."})
+    freeze_backbone_epochs: int = field(default=0, metadata={"help": "With --init pretrained: train only the new head for this many epochs, then fine-tune everything (linear probing, then fine-tuning)."})
     cv: int = field(default=0, metadata={"help": "K-fold cross-validation (K >= 2), stratified by class and grouped by patient: writes OUTPUT_DIR/<model>/cv_metrics.json with pooled out-of-fold metrics. 0: one train/validation/test run."})
     cv_final: bool = field(default=False, metadata={"help": "With --cv: also train a final model on all the data; its card carries the cross-validation numbers."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push each trained model's folder (weights, config, processor, card, plots, metrics) to the Hub after training. The token comes from HF_TOKEN or the saved login."})
@@ -208,7 +210,7 @@ def _training_arguments(run_args: RunArguments, checkpoints: Path, has_validatio
         eval_strategy="epoch" if has_validation else "no",
         save_strategy="epoch",
         logging_strategy="epoch",  # one training-loss point per epoch, beside the validation loss
-        load_best_model_at_end=has_validation,
+        load_best_model_at_end=has_validation and run_args.select_best,
         metric_for_best_model="roc_auc" if has_validation else None,
         greater_is_better=True,
         save_total_limit=2,
@@ -271,6 +273,30 @@ def head_parameters(model) -> set[int]:
     return {id(p) for p in head.parameters()}
 
 
+class FreezeBackbone:
+    """Linear probing, then fine-tuning: the backbone's parameters get no gradient (so no update)
+    for the first ``epochs`` epochs (BatchNorm running statistics still adapt to the new images)."""
+
+    def __init__(self, epochs: int) -> None:
+        from transformers import TrainerCallback
+
+        self.epochs = epochs
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+                outer.apply(model, frozen=(state.epoch or 0) < outer.epochs - 1e-6)
+
+        self.callback = _Callback()
+
+    @staticmethod
+    def apply(model, frozen: bool) -> None:
+        head = head_parameters(model)
+        for p in model.parameters():
+            if id(p) not in head:
+                p.requires_grad_(not frozen)
+
+
 def make_optimizer(model, run_args: RunArguments, head_multiplier: float) -> torch.optim.Optimizer:
     """AdamW with discriminative learning rates (head x ``head_multiplier``); no decay on norms and biases."""
     head = head_parameters(model)
@@ -319,7 +345,9 @@ def train_one(
     weights = class_weights(train_labels, len(labels)) if run_args.class_weighting else None
 
     trainer_callbacks = list(callbacks)
-    if has_validation and run_args.early_stopping_patience > 0:
+    if run_args.freeze_backbone_epochs > 0 and model_args.init == "pretrained":
+        trainer_callbacks.append(FreezeBackbone(run_args.freeze_backbone_epochs).callback)
+    if has_validation and run_args.select_best and run_args.early_stopping_patience > 0:
         trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=run_args.early_stopping_patience))
     trainer = Trainer(
         model=model,
