@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         warm = Client(url, verbose=False)
         for _ in range(3):
             warm.predict(handle_file(image), Path(args.model).name, 0.45, api_name="/predict")
+        single = []
+        for _ in range(20):  # one user alone: what a person waits
+            start = time.perf_counter()
+            warm.predict(handle_file(image), Path(args.model).name, 0.45, api_name="/predict")
+            single.append(time.perf_counter() - start)
         rss_start = server.memory_info().rss / 2**20
         latencies: list[float] = []
         errors: list[str] = []
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         proc.wait(timeout=30)
     total = args.clients * args.requests
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else [float("nan")] * 19
+    print(f"one client alone, 20 requests: latency p50 {statistics.median(single) * 1000:.0f} ms, max {max(single) * 1000:.0f} ms")
     print(f"{args.clients} clients x {args.requests} requests = {total}; model {args.model}; image {image}")
     print(f"errors: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
     print(f"latency p50 {statistics.median(latencies) * 1000:.0f} ms, p95 {q[18] * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "

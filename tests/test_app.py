@@ -16,7 +16,7 @@ from thyroid_classifier.app import build_demo, load_predictors, metrics_markdown
 def server(short_run, sample_dir):
     out, results = short_run
     predictors = load_predictors([str(out / name) for name in results])
-    demo = build_demo(predictors, examples=[str(sample_dir / "benign" / "2000_1.png")])
+    demo = build_demo(predictors, examples=[str(sample_dir / "benign" / "2000_1.png")], forget_uploads_after=0.5)
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, max_file_size="2mb", quiet=True)
     yield demo, predictors
     demo.close()
@@ -142,12 +142,31 @@ def test_upload_size_limit(client, tmp_path):
 
 
 def test_uploads_are_not_kept(client, server, sample_dir, tmp_path):
+    import os
     import tempfile
+    import time
 
     path = _save(_ultrasound(sample_dir), tmp_path / "private_frame_4242.png")
     ask(client, path)
-    cache = Path(tempfile.gettempdir()) / "gradio"
-    assert not list(cache.rglob("private_frame_4242.png")) if cache.is_dir() else True
+    cache = Path(os.environ.get("GRADIO_TEMP_DIR", Path(tempfile.gettempdir()) / "gradio"))
+    assert list(cache.rglob("private_frame_4242.png"))  # the upload arrived in the server's cache ...
+    time.sleep(1.5)
+    assert not list(cache.rglob("private_frame_4242.png"))  # ... and is gone once it has been read
+
+
+def test_identical_uploads_at_the_same_time_all_succeed(server, sample_dir, tmp_path):
+    """Gradio stores uploads by content: concurrent identical uploads share one file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    demo, _ = server
+    path = _save(_ultrasound(sample_dir), tmp_path / "same.png")
+    clients = [Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: ask(c, path), clients))
+    for result in results:
+        _check_result(result, _ultrasound(sample_dir).size)
 
 
 def test_metrics_markdown_shows_card_numbers(server):

@@ -3,8 +3,8 @@
 ``build_demo(predictors)`` returns the Blocks and loads nothing itself; :func:`main` parses the
 command line (``python app.py --help``), loads the models and launches on 127.0.0.1.
 
-Privacy: an upload is read once, deleted from the server's temporary folder as soon as it is read,
-and never logged; results live in the browser session only.
+Privacy: an upload is read once, deleted from the server's temporary folder a minute later (not at
+once: identical uploads share one file), and never logged; results live in the browser session only.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 NOTICE = (
     "**Research software, not a diagnosis.** This model was trained on a small public data set whose "
     "labels are TI-RADS risk categories, not pathology. Its output must not guide the care of a patient. "
-    "Upload a grey-scale thyroid ultrasound frame; nothing you upload is kept after the answer is shown."
+    "Upload a grey-scale thyroid ultrasound frame; uploads are deleted from the server within a minute of the answer."
 )
 DEFAULT_MODELS = ("outputs/sample/resnet50",)
 MAX_FILE_SIZE = "10mb"
@@ -75,8 +75,21 @@ def metrics_markdown(info: Mapping) -> str:
     )
 
 
-def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_limit: int = 1):
-    """The page around one or more :class:`~thyroid_classifier.predict.Predictor` (name → predictor)."""
+def forget_later(path: str, delay: float) -> None:
+    """Delete an upload ``delay`` seconds from now. Not at once: gradio stores uploads by content
+    hash, so two requests with the same image share one file, and the second may still be queued."""
+    import threading
+
+    timer = threading.Timer(delay, with_suppressed, (os.remove, path))
+    timer.daemon = True
+    timer.start()
+
+
+def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_limit: int = 1, forget_uploads_after: float = 60.0):
+    """The page around one or more :class:`~thyroid_classifier.predict.Predictor` (name → predictor).
+
+    Uploads are deleted ``forget_uploads_after`` seconds after they are read (gradio's cache
+    clean-up removes anything else older than five minutes)."""
     import gradio as gr
 
     if not predictors:
@@ -90,7 +103,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
             try:
                 image = open_image(path, name=Path(path).name)
             finally:
-                with_suppressed(os.remove, path)  # the upload is not kept
+                forget_later(path, forget_uploads_after)  # the upload is not kept
             predictor = predictors[model_name]
             [result] = predictor.predict([image], opacity=opacity)
         except ImageError as exc:
@@ -99,7 +112,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
             raise
         except Exception as exc:  # noqa: BLE001 - never a stack trace in the page
             logger.error("prediction failed: %s", type(exc).__name__)  # no image data in logs
-            raise gr.Error("Something went wrong while analysing this image. It was not kept.") from None
+            raise gr.Error("Something went wrong while analysing this image. It is deleted from the server within a minute.") from None
         notes = list(result.warnings)
         for note in notes:
             gr.Warning(note)
