@@ -160,7 +160,8 @@ def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45) -> n
 
 
 def ddti_outlines(xml_path: str | Path) -> dict[int, list[list[tuple[float, float]]]]:
-    """``{frame number: [polygon, ...]}`` from one DDTI case file (pixel coordinates)."""
+    """``{frame number: [polygon, ...]}`` from one DDTI case file (pixel coordinates); frames whose
+    outline cannot be parsed are left out."""
     root = ET.parse(xml_path).getroot()
     out: dict[int, list[list[tuple[float, float]]]] = {}
     for mark in root.iter("mark"):
@@ -168,7 +169,11 @@ def ddti_outlines(xml_path: str | Path) -> dict[int, list[list[tuple[float, floa
         svg = (mark.findtext("svg") or "").strip()
         if not svg:
             continue
-        polygons = [[(p["x"], p["y"]) for p in region.get("points", [])] for region in json.loads(svg)]
+        try:
+            regions = json.loads(svg)
+        except json.JSONDecodeError:
+            continue  # a few DDTI outlines are cut-off JSON: that frame has no usable outline
+        polygons = [[(p["x"], p["y"]) for p in region.get("points", [])] for region in regions]
         out.setdefault(frame, []).extend(p for p in polygons if len(p) >= 3)
     return out
 
