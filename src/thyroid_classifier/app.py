@@ -76,11 +76,25 @@ def metrics_markdown(info: Mapping) -> str:
 
 
 def forget_later(path: str, delay: float) -> None:
-    """Delete an upload ``delay`` seconds from now. Not at once: gradio stores uploads by content
-    hash, so two requests with the same image share one file, and the second may still be queued."""
+    """Delete an upload ``delay`` seconds from now, unless it has been replaced meanwhile.
+
+    Not at once: gradio stores uploads by content hash, so identical uploads share one path; each new
+    upload renames a new file onto it (a new inode), and the request that owns that file deletes it."""
     import threading
 
-    timer = threading.Timer(delay, with_suppressed, (os.remove, path))
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        return
+
+    def forget() -> None:
+        try:
+            if os.stat(path).st_ino == inode:
+                os.remove(path)
+        except OSError:
+            pass
+
+    timer = threading.Timer(delay, forget)
     timer.daemon = True
     timer.start()
 
