@@ -75,28 +75,46 @@ def metrics_markdown(info: Mapping) -> str:
     )
 
 
-def forget_later(path: str, delay: float) -> None:
-    """Delete an upload ``delay`` seconds from now, unless it has been replaced meanwhile.
+class UploadJanitor:
+    """Deletes uploads some seconds after they are read, from one background thread.
 
-    Not at once: gradio stores uploads by content hash, so identical uploads share one path; each new
-    upload renames a new file onto it (a new inode), and the request that owns that file deletes it."""
-    import threading
+    Not at once: gradio stores uploads by content hash, so identical uploads share one path, and
+    each new upload renames a new file onto it. A file is deleted only if it is still the one that
+    was read (same inode and change time: inode numbers alone are reused)."""
 
-    try:
-        inode = os.stat(path).st_ino
-    except OSError:
-        return
+    def __init__(self, delay: float) -> None:
+        import heapq
+        import threading
 
-    def forget() -> None:
+        self.delay, self._heap, self._heapq = delay, [], heapq
+        self._wake = threading.Condition()
+        threading.Thread(target=self._run, name="upload-janitor", daemon=True).start()
+
+    def forget_later(self, path: str) -> None:
+        import time
+
         try:
-            if os.stat(path).st_ino == inode:
-                os.remove(path)
+            st = os.stat(path)
         except OSError:
-            pass
+            return
+        with self._wake:
+            self._heapq.heappush(self._heap, (time.monotonic() + self.delay, path, (st.st_ino, st.st_ctime_ns)))
+            self._wake.notify()
 
-    timer = threading.Timer(delay, forget)
-    timer.daemon = True
-    timer.start()
+    def _run(self) -> None:
+        import time
+
+        while True:
+            with self._wake:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._wake.wait(timeout=None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, path, signature = self._heapq.heappop(self._heap)
+            try:
+                st = os.stat(path)
+                if (st.st_ino, st.st_ctime_ns) == signature:
+                    os.remove(path)
+            except OSError:
+                pass
 
 
 def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_limit: int = 1, forget_uploads_after: float = 60.0):
@@ -109,6 +127,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
     if not predictors:
         raise ValueError("build_demo needs at least one model")
     names = list(predictors)
+    janitor = UploadJanitor(forget_uploads_after)
 
     def predict(path: str | None, model_name: str, opacity: float):
         if not path:
@@ -117,7 +136,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
             try:
                 image = open_image(path, name=Path(path).name)
             finally:
-                forget_later(path, forget_uploads_after)  # the upload is not kept
+                janitor.forget_later(path)  # the upload is not kept
             predictor = predictors[model_name]
             [result] = predictor.predict([image], opacity=opacity)
         except ImageError as exc:
@@ -135,13 +154,14 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
             f"Predicted **{result.label}**; the heatmap shows the regions that raised the score of "
             f"*{result.explained}*." + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
         )
-        state = {"original": original, "heatmap": result.heatmap}
+        # Kept per browser session for the opacity slider only (uint8 map: a quarter of float32).
+        state = {"original": original, "heatmap": np.uint8(np.round(result.heatmap * 255))}
         return result.probabilities, (original, result.overlay), message, state
 
     def reblend(state: dict | None, opacity: float):
         if not state:
             return gr.skip()
-        return (state["original"], overlay(_as_image(state["original"]), state["heatmap"], opacity))
+        return (state["original"], overlay(_as_image(state["original"]), state["heatmap"] / 255.0, opacity))
 
     with gr.Blocks(title="Thyroid ultrasound classifier (research)", delete_cache=(120, 300)) as demo:
         gr.Markdown("# Thyroid ultrasound classifier\n" + NOTICE)
@@ -158,7 +178,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
                 slider = gr.ImageSlider(label="Original | Grad-CAM", format="png", type="numpy")
                 message = gr.Markdown()
                 card = gr.Markdown(metrics_markdown(predictors[names[0]].info))
-        state = gr.State()
+        state = gr.State(time_to_live=600)  # forgotten after 10 minutes: memory stays bounded
         button.click(predict, [image, model, opacity], [label, slider, message, state], api_name="predict", concurrency_limit=concurrency_limit)
         opacity.release(reblend, [state, opacity], [slider], api_name=False, queue=False)
         model.change(lambda name: metrics_markdown(predictors[name].info), [model], [card], api_name=False, queue=False)
