@@ -192,13 +192,6 @@ def _as_image(array: np.ndarray):
     return Image.fromarray(array)
 
 
-def with_suppressed(fn, *args) -> None:
-    try:
-        fn(*args)
-    except OSError:
-        pass
-
-
 def load_predictors(models: Sequence[str]) -> dict:
     from .predict import Predictor
 

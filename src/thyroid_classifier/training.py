@@ -153,6 +153,11 @@ class ImageTransforms:
         return {"pixel_values": pixels, "labels": batch["label"]}
 
 
+def recipe(run_args: RunArguments) -> dict:
+    """The settings that shape a model (recorded in metrics.json); not where it goes or how it is published."""
+    return {k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private")}
+
+
 def collate(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
@@ -416,7 +421,7 @@ def train_one(
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "preprocessing": asdict(preprocessor),
             "class_weights": None if weights is None else [round(float(w), 4) for w in weights],
-            **{k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private")},
+            **recipe(run_args),
             "init": model_args.init,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "processes": state.num_processes,
@@ -541,7 +546,7 @@ def cross_validate(
         "pooled": with_intervals(pooled, intervals),
         "per_fold": per_fold, "spread": spread,
         "data": {"data_dir": report.root, "dataset": dataset_facts(report.root), "counts": dict(Counter(labels[i] for i in y))},
-        "recipe": {"image_size": model_args.image_size, **{k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private")},
+        "recipe": {"image_size": model_args.image_size, **recipe(run_args),
                    "preprocessing": asdict(UltrasoundPreprocessor(crop=data_args.crop, mask_text=data_args.mask_text))},
     }
     if state.is_main_process:
