@@ -93,6 +93,7 @@ class AuditReport:
     images: list[ImageInfo]
     unreadable: list[dict[str, str]] = field(default_factory=list)
     near_threshold: int = DEFAULT_NEAR_THRESHOLD
+    _near_pairs: list | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -112,7 +113,13 @@ class AuditReport:
         return [g for g in by_hash.values() if len(g) > 1]
 
     def near_pairs(self) -> list[tuple[ImageInfo, ImageInfo]]:
-        """Pairs within ``near_threshold`` bits that are not byte-identical."""
+        """Pairs within ``near_threshold`` bits that are not byte-identical (computed once: the
+        search is quadratic, and every view of the report needs it; splits do not change it)."""
+        if self._near_pairs is None:
+            self._near_pairs = self._find_near_pairs()
+        return self._near_pairs
+
+    def _find_near_pairs(self) -> list[tuple[ImageInfo, ImageInfo]]:
         items = self.readable
         if len(items) < 2:
             return []

@@ -428,17 +428,16 @@ def train_one(
         },
     }
     if state.is_main_process and write:
-        _write_model_folder(trainer, processor, preprocessor, report, result, out, raw, probs, labels, temperature)
+        _write_model_folder(trainer, preprocessor, report, result, out, raw, probs, labels, temperature)
     state.wait_for_everyone()
     return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]))
 
 
-def _write_model_folder(trainer, processor, preprocessor, report, result, out: Path, raw, probs, labels, temperature) -> None:
+def _write_model_folder(trainer, preprocessor, report, result, out: Path, raw, probs, labels, temperature) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.model
     model.config.calibration_temperature = temperature  # read by the project's Predictor
     trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
-    processor.save_pretrained(str(out))
     preprocessor.save_pretrained(out)
     report.save(out / "audit.json")
     (out / "fingerprints.json").write_text(json.dumps(report.fingerprints()) + "\n")
@@ -495,9 +494,9 @@ def cross_validate(
     """
     import shutil
 
-    from datasets import DatasetDict, concatenate_datasets
+    from datasets import concatenate_datasets
 
-    from .data import cv_folds, group_holdout
+    from .data import cv_folds
 
     state = distributed_state()
     out = Path(run_args.output_dir) / spec.name
@@ -514,13 +513,8 @@ def cross_validate(
     cache: dict = {}
     started = time.time()
     for k, (pool, held) in enumerate(folds, start=1):
-        pool_groups = [groups[i] for i in pool]
-        val_mask = group_holdout([int(y[i]) for i in pool], pool_groups, max(0.1, data_args.validation_size), run_args.seed + k)
-        fold_data = DatasetDict({
-            "train": full.select([int(i) for i, v in zip(pool, val_mask, strict=True) if not v]),
-            "validation": full.select([int(i) for i, v in zip(pool, val_mask, strict=True) if v]),
-            "test": full.select([int(i) for i in held]),
-        })
+        fold_data = with_validation(full.select([int(i) for i in pool]), data_args, run_args.seed + k)
+        fold_data["test"] = full.select([int(i) for i in held])
         logger.info("%s fold %d/%d: train %d, validation %d, test %d", spec.name, k, run_args.cv,
                     len(fold_data["train"]), len(fold_data["validation"]), len(fold_data["test"]))
         fold_dir = out / "cv" / f"fold-{k}"
@@ -563,7 +557,7 @@ def cross_validate(
               f"(folds {spread['roc_auc']['mean']:.3f} ± {spread['roc_auc']['sd']:.3f}), balanced accuracy "
               f"{cv['pooled']['balanced_accuracy']['value']:.3f}, n={len(y)}, {wall / 60:.1f} min -> {out / 'cv_metrics.json'}")
     if run_args.cv_final:
-        final_data = _final_split(full, data_args, run_args)
+        final_data = with_validation(full, data_args, run_args.seed)
         result = train_one(spec, final_data, report, data_args, model_args, run_args, callbacks, cache=cache)
         if state.is_main_process:
             path = out / "metrics.json"
@@ -575,17 +569,18 @@ def cross_validate(
     return cv
 
 
-def _final_split(full, data_args: DataArguments, run_args: RunArguments):
-    """All the data for the final model, less a group-aware validation share for early stopping."""
+def with_validation(pool, data_args: DataArguments, seed: int):
+    """``pool`` as train and validation (a group-aware share, at least 10%, for early stopping and
+    the temperature): a cross-validation fold's training part, or all the data for a final model."""
     from datasets import DatasetDict
 
     from .data import group_holdout
 
-    raw = full.with_format(None)
-    mask = group_holdout([int(v) for v in raw["label"]], list(raw["group"]), max(0.1, data_args.validation_size), run_args.seed)
+    raw = pool.with_format(None)
+    mask = group_holdout([int(v) for v in raw["label"]], list(raw["group"]), max(0.1, data_args.validation_size), seed)
     return DatasetDict({
-        "train": full.select([i for i, v in enumerate(mask) if not v]),
-        "validation": full.select([i for i, v in enumerate(mask) if v]),
+        "train": pool.select([i for i, v in enumerate(mask) if not v]),
+        "validation": pool.select([i for i, v in enumerate(mask) if v]),
     })
 
 
