@@ -241,3 +241,29 @@ def test_linear_probing_then_fine_tuning(tiny_models, sample_dir, tmp_path):
     start = AutoModelForImageClassification.from_pretrained(tiny_models["tiny-resnet"]).resnet.embedder.embedder.convolution.weight
     assert torch.equal(snapshots[0], start)
     assert not torch.equal(snapshots[1], start)
+
+
+def test_weight_average_is_the_saved_model(tiny_models, sample_dir, tmp_path):
+    """--ema_decay: the saved weights are the moving average of the weights after every step."""
+    from transformers import AutoModelForImageClassification, TrainerCallback
+
+    steps = []
+
+    class Snapshot(TrainerCallback):  # runs before the averaging callback (user callbacks come first)
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            steps.append(model.resnet.embedder.embedder.convolution.weight.detach().clone())
+
+    data_args, model_args, run_args = _args(sample_dir, [tiny_models["tiny-resnet"]], tmp_path, ema_decay=0.5)
+    run(data_args, model_args, run_args, callbacks=[Snapshot()])
+    expected = steps[0]  # timm's ModelEmaV3 copies the weights at its first update, then averages
+    for w in steps[1:]:
+        expected = 0.5 * expected + 0.5 * w
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "tiny-resnet").resnet.embedder.embedder.convolution.weight
+    assert len(steps) > 2
+    assert torch.allclose(saved, expected, atol=1e-6)
+    assert not torch.allclose(saved, steps[-1], atol=1e-6)
+
+
+def test_weight_average_excludes_select_best(sample_dir, tmp_path):
+    with pytest.raises(ValueError, match="drop --select_best"):
+        run(*_args(sample_dir, ["resnet50"], tmp_path, ema_decay=0.99, select_best=True))

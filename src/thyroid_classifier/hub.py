@@ -138,7 +138,8 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         "per_device_train_batch_size", "label_smoothing", "class_weighting", "class_weights",
         "early_stopping_patience", "seed", "device", "processes", "train_seconds") if k in training}
     hyperparameters = {"initialisation": metrics.get("init"), **hyperparameters, "optimizer": "AdamW, cosine schedule with warm-up",
-                       "selection": "best validation macro ROC AUC (early stopping)"}
+                       "selection": "best validation macro ROC AUC (early stopping)" if training.get("select_best") else
+                       "none: the whole schedule, last epoch's weights" + (f" (moving average of the weights, decay {training['ema_decay']})" if training.get("ema_decay") else "")}
     localization = metrics.get("localization")
     loc = None
     if localization:
