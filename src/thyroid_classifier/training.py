@@ -1,8 +1,8 @@
 """Fine-tune registry models with ``transformers.Trainer`` and write everything needed to judge them.
 
 ``run(data_args, model_args, run_args)`` audits and splits the data once, then for each model:
-trains (class-weighted loss, early stopping on validation macro AUC, bf16/fp16 on GPU), fits a
-temperature on validation, evaluates the best checkpoint on the test split with bootstrap
+trains (class-weighted loss, a fixed cosine schedule or, with ``--select_best``, early stopping on
+validation macro AUC; bf16/fp16 on GPU), fits a temperature on validation, evaluates on the test split with bootstrap
 intervals, and writes ``OUTPUT_DIR/<model>/`` (safetensors weights, config with labels, image
 processor, preprocessing settings, ``metrics.json``, plots, audit). ``accelerate launch`` runs the
 same code on several GPUs or machines; evaluation gathers each example exactly once.
@@ -523,8 +523,8 @@ def cross_validate(
 ) -> dict:
     """K-fold cross-validation grouped by patient and stratified by class, same recipe every fold.
 
-    Each fold's training part gives up a group-aware validation share (early stopping and the
-    temperature); the held-out fold is predicted once. Pooled out-of-fold predictions give the
+    Each fold's training part gives up a group-aware validation share (the temperature, the
+    validation curves, and early stopping with ``--select_best``); the held-out fold is predicted once. Pooled out-of-fold predictions give the
     headline numbers, with bootstrap intervals that resample patients.
     """
     import shutil
@@ -605,8 +605,8 @@ def cross_validate(
 
 
 def with_validation(pool, data_args: DataArguments, seed: int):
-    """``pool`` as train and validation (a group-aware share, at least 10%, for early stopping and
-    the temperature): a cross-validation fold's training part, or all the data for a final model."""
+    """``pool`` as train and validation (a group-aware share, at least 10%, for the temperature,
+    the validation curves and, with ``--select_best``, early stopping): a cross-validation fold's training part, or all the data for a final model."""
     from datasets import DatasetDict
 
     from .data import group_holdout
