@@ -137,11 +137,17 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         "image_size", "num_train_epochs", "epochs_run", "learning_rate", "weight_decay", "warmup_ratio",
         "per_device_train_batch_size", "label_smoothing", "class_weighting", "class_weights",
         "early_stopping_patience", "seed", "device", "processes", "train_seconds") if k in training}
-    if not training.get("select_best", True):
+    # Folders trained before --select_best existed always kept the best checkpoint.
+    selected = training.get("select_best", True)
+    if selected:
+        selection = "best validation macro ROC AUC (early stopping)"
+    else:
         hyperparameters.pop("early_stopping_patience", None)  # no early stopping without selection
+        selection = "none: the whole schedule, last epoch's weights"
+        if training.get("ema_decay"):
+            selection += f" (moving average of the weights, decay {training['ema_decay']})"
     hyperparameters = {"initialisation": metrics.get("init"), **hyperparameters, "optimizer": "AdamW, cosine schedule with warm-up",
-                       "selection": "best validation macro ROC AUC (early stopping)" if training.get("select_best") else
-                       "none: the whole schedule, last epoch's weights" + (f" (moving average of the weights, decay {training['ema_decay']})" if training.get("ema_decay") else "")}
+                       "selection": selection}
     localization = metrics.get("localization")
     loc = None
     if localization:
