@@ -8,9 +8,10 @@ recipe it helps to see the whole curve: this script uses the project's own piece
 grouped folds, the validation share carved from each fold's training part, ultrasound crop and
 augmentation, discriminative AdamW groups, class-weighted label-smoothed loss, channels-last) in a
 plain loop with a fixed cosine schedule, and scores the held-out fold after every epoch, for the raw
-weights and for an exponential moving average of them (decay 0.99 per step). Each fold's held-out
-part is scored, never trained on; choosing a recipe from these curves is still a choice made on the
-same 349 frames, so the curves are for design, and the number to report is `train.py --cv`'s.
+weights and for an exponential moving average of them (timm's ModelEmaV3, decay 0.99 per step, as
+`train.py --ema_decay`). Each fold's held-out part is scored, never trained on; choosing a recipe
+from these curves is still a choice made on the same 349 frames, so the curves are for design, and
+the number to report is `train.py --cv`'s.
 
 Options that are not (yet) in train.py, kept here because the resolve notes report them:
 `--hw HxW` (non-square input that keeps the frames' aspect), `--tirads_targets` (train on the six
@@ -21,9 +22,7 @@ the horizontally flipped image).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
-import math
 import os
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import concatenate_datasets
+from timm.utils import ModelEmaV3
+from transformers import get_cosine_schedule_with_warmup
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,18 +61,9 @@ class NonSquareTransforms(ImageTransforms):
         from torchvision.transforms import v2
 
         super().__init__(preprocessor, processor, hw[0], train, cache)
-        self.hw = hw
         h, w = hw
+        self.train_size = (w, h)
         self.augment.transforms[1] = v2.RandomResizedCrop(hw, scale=(0.75, 1.0), ratio=(0.8 * w / h, 1.25 * w / h), antialias=True)
-
-    def _load(self, path: str):
-        key = (path, self.train, self.hw)
-        if key not in self._cache:
-            with self._open(path) as image:
-                cropped = self.preprocessor(image)
-            self._cache[key] = (cropped.resize(self.hw[::-1], self._resize) if self.train
-                                else self.processor(cropped, return_tensors="pt")["pixel_values"][0])
-        return self._cache[key]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,10 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = make_optimizer(model, run_args, a.head_lr_multiplier if a.init == "pretrained" else 1.0)
         loader = torch.utils.data.DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=collate)
         steps = a.epochs * len(loader)
-        warm = int(a.warmup_ratio * steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: s / max(1, warm) if s < warm else
-                                                     0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
-        ema = copy.deepcopy(model).eval()
+        schedule = get_cosine_schedule_with_warmup(optimizer, int(a.warmup_ratio * steps), steps)  # Trainer's "cosine"
+        ema = ModelEmaV3(model, decay=a.ema_decay)  # what train.py --ema_decay uses
         test_loader = torch.utils.data.DataLoader(test, batch_size=64, collate_fn=collate)
 
         def predict(m: torch.nn.Module) -> np.ndarray:
@@ -176,12 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
                 losses.append(loss.item())
-                with torch.no_grad():
-                    for pe, pm_ in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(pm_, 1 - a.ema_decay)
-                    for be, bm in zip(ema.buffers(), model.buffers()):
-                        be.copy_(bm)
-            oof[epoch, held], oof_ema[epoch, held] = predict(model), predict(ema)
+                ema.update(model, step=schedule.last_epoch)
+            oof[epoch, held], oof_ema[epoch, held] = predict(model), predict(ema.module)
             print(f"fold {k} epoch {epoch + 1}: loss {np.mean(losses):.3f}, held-out AUC {macro_auc(y[held], oof[epoch, held]):.3f} "
                   f"(EMA {macro_auc(y[held], oof_ema[epoch, held]):.3f}), {time.time() - started:.0f} s", flush=True)
     np.savez(a.out, oof=oof, oof_ema=oof_ema, y=y)

@@ -118,7 +118,8 @@ class ImageTransforms:
         from torchvision.transforms import v2
         from PIL import Image
 
-        self.preprocessor, self.processor, self.size, self.train = preprocessor, processor, image_size, train
+        self.preprocessor, self.processor, self.train = preprocessor, processor, train
+        self.train_size = (image_size, image_size)  # (width, height) of the cached training image
         # Shared across the folds of a cross-validation run: each file is decoded once per run.
         self._cache: dict = cache if cache is not None else {}
         self._open = Image.open
@@ -143,7 +144,7 @@ class ImageTransforms:
             with self._open(path) as image:
                 cropped = self.preprocessor(image)
             if self.train:
-                cached = cropped.resize((self.size, self.size), self._resize)
+                cached = cropped.resize(self.train_size, self._resize)
             else:
                 cached = self.processor(cropped, return_tensors="pt")["pixel_values"][0]
             self._cache[key] = cached
