@@ -10,10 +10,13 @@ once: identical uploads share one file), and never logged; results live in the b
 from __future__ import annotations
 
 import argparse
+import heapq
 import logging
 import math
 import os
 import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -83,32 +86,26 @@ class UploadJanitor:
     was read (same inode and change time: inode numbers alone are reused)."""
 
     def __init__(self, delay: float) -> None:
-        import heapq
-        import threading
-
-        self.delay, self._heap, self._heapq = delay, [], heapq
+        self.delay = delay
+        self._heap: list[tuple[float, str, tuple[int, int]]] = []  # (due time, path, signature)
         self._wake = threading.Condition()
         threading.Thread(target=self._run, name="upload-janitor", daemon=True).start()
 
     def forget_later(self, path: str) -> None:
-        import time
-
         try:
             st = os.stat(path)
         except OSError:
             return
         with self._wake:
-            self._heapq.heappush(self._heap, (time.monotonic() + self.delay, path, (st.st_ino, st.st_ctime_ns)))
+            heapq.heappush(self._heap, (time.monotonic() + self.delay, path, (st.st_ino, st.st_ctime_ns)))
             self._wake.notify()
 
     def _run(self) -> None:
-        import time
-
         while True:
             with self._wake:
                 while not self._heap or self._heap[0][0] > time.monotonic():
                     self._wake.wait(timeout=None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, path, signature = self._heapq.heappop(self._heap)
+                _, path, signature = heapq.heappop(self._heap)
             try:
                 st = os.stat(path)
                 if (st.st_ino, st.st_ctime_ns) == signature:
