@@ -267,3 +267,28 @@ def test_weight_average_is_the_saved_model(tiny_models, sample_dir, tmp_path):
 def test_weight_average_excludes_select_best(sample_dir, tmp_path):
     with pytest.raises(ValueError, match="drop --select_best"):
         run(*_args(sample_dir, ["resnet50"], tmp_path, ema_decay=0.99, select_best=True))
+
+
+def test_device_augment_trains_only_the_training_split_and_is_recorded(tiny_models, sample_dir, tmp_path):
+    """--device_augment puts DeviceAugment into the training batches' augmentation (evaluation images are
+    never augmented) and the setting is recorded in metrics.json and the card."""
+    from transformers import TrainerCallback
+
+    from thyroid_classifier.augment import DeviceAugment
+    from thyroid_classifier.training import ImageTransforms
+
+    seen = {}
+
+    class Inspect(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            transform = train_dataloader.dataset._format_kwargs.get("transform")
+            assert isinstance(transform, ImageTransforms) and transform.train
+            seen["train"] = any(isinstance(t, DeviceAugment) for t in transform.augment.transforms)
+
+    data_args, model_args, run_args = _args(sample_dir, [tiny_models["tiny-resnet"]], tmp_path, device_augment=True, num_train_epochs=1)
+    run(data_args, model_args, run_args, callbacks=[Inspect()])
+    assert seen.get("train") is True
+    metrics = json.loads((tmp_path / "tiny-resnet" / "metrics.json").read_text())
+    assert metrics["training"]["device_augment"] is True
+    card = (tmp_path / "tiny-resnet" / "README.md").read_text()
+    assert "device_augment" in card and "Training randomised gain" in card

@@ -135,7 +135,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
     training = metrics.get("training", {})
     hyperparameters = {k: training[k] for k in (
         "image_size", "num_train_epochs", "epochs_run", "learning_rate", "weight_decay", "warmup_ratio",
-        "per_device_train_batch_size", "label_smoothing", "class_weighting", "class_weights",
+        "per_device_train_batch_size", "label_smoothing", "class_weighting", "class_weights", "device_augment",
         "early_stopping_patience", "seed", "device", "processes", "train_seconds") if k in training}
     # Folders trained before --select_best existed always kept the best checkpoint.
     selected = training.get("select_best", True)
@@ -181,6 +181,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         counts=counts,
         audit_text=audit,
         mask_text=training.get("preprocessing", {}).get("mask_text", False),
+        device_augment=training.get("device_augment", False),
         image_size=training.get("image_size"),
         mean=processor.get("image_mean"), std=processor.get("image_std"),
         hyperparameters=hyperparameters,

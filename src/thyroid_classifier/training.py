@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from .audit import DEFAULT_NEAR_THRESHOLD, audited_dataset
+from .augment import DeviceAugment
 from .data import GroupSpec
 from .hub import check_hub_model, check_push_access, dataset_facts, is_local, push_folder, write_card
 from .metrics import (
@@ -90,6 +91,7 @@ class RunArguments:
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy loss."})
     class_weighting: bool = field(default=True, metadata={"help": "Weight the loss by inverse class frequency (n / (k * n_c)) so minority classes count as much as the majority."})
     select_best: bool = field(default=False, metadata={"help": "Keep the checkpoint with the best validation macro AUC and stop early (else: the whole schedule, last epoch's weights). Off by default: on a validation share of a few dozen frames the 'best' epoch is mostly noise (see README, 'Honest numbers on small data')."})
+    device_augment: bool = field(default=True, metadata={"help": "Randomise what differs between ultrasound machines while training (gain curve, depth gain, resolution, speckle, burned-in calipers and text; thyroid_classifier.augment), so a model cannot lean on them (--no_device_augment: off). See benchmarks/recipe_curves.py --shifts."})
     ema_decay: float = field(default=0.0, metadata={"help": "Keep an exponential moving average of the weights with this decay per step (e.g. 0.99) and use it as the final model (0: off). Not with --select_best."})
     early_stopping_patience: int = field(default=6, metadata={"help": "Stop after this many epochs without a better validation macro AUC (0: never)."})
     seed: int = field(default=42, metadata={"help": "Seed for the split, initialisation, augmentation and data order."})
@@ -114,7 +116,8 @@ class ImageTransforms:
     """Decode → ultrasound crop → square resize once per image (cached), then augment (train) or
     normalise with the saved image processor (evaluation: exactly what prediction does)."""
 
-    def __init__(self, preprocessor: UltrasoundPreprocessor, processor, image_size: int, train: bool, cache: dict | None = None) -> None:
+    def __init__(self, preprocessor: UltrasoundPreprocessor, processor, image_size: int, train: bool, cache: dict | None = None,
+                 device_augment: bool = False) -> None:
         from torchvision.transforms import v2
         from PIL import Image
 
@@ -127,6 +130,7 @@ class ImageTransforms:
         mean, std = processor.image_mean, processor.image_std
         # Ultrasound-safe augmentation: small rotation and scale, gain (brightness/contrast), left-
         # right flip. No hue or saturation jitter (grey images) and no vertical flip (depth axis).
+        # DeviceAugment adds what differs between scanners, so none of it can carry the label.
         self.augment = v2.Compose([
             v2.ToImage(),
             v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.8, 1.25), antialias=True),
@@ -134,6 +138,7 @@ class ImageTransforms:
             v2.RandomRotation(10),
             v2.ColorJitter(brightness=0.25, contrast=0.25),
             v2.ToDtype(torch.float32, scale=True),
+            *([DeviceAugment()] if device_augment else []),
             v2.Normalize(mean, std),
         ])
 
@@ -377,7 +382,8 @@ def train_one(
 
     splits = {name: ds for name, ds in dataset.items()}
     for name, ds in splits.items():
-        ds.set_transform(ImageTransforms(preprocessor, processor, image_size, train=name == "train", cache=cache), columns=["path", "label"])
+        ds.set_transform(ImageTransforms(preprocessor, processor, image_size, train=name == "train", cache=cache,
+                                         device_augment=run_args.device_augment and name == "train"), columns=["path", "label"])
     has_validation = "validation" in splits
     eval_name = "test" if "test" in splits else "validation" if has_validation else "train"
     train_labels = [int(x) for x in splits["train"].with_format(None)["label"]]
