@@ -84,3 +84,28 @@ def test_external_evaluation_flags_shared_images_and_unknown_classes(short_run, 
     text = capsys.readouterr().out
     assert "LEAKAGE" in text and "cyst" in text
     assert len(list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))) == 13
+
+
+def test_external_evaluation_scores_simulated_machine_shifts(short_run, sample_dir, tmp_path):
+    from thyroid_classifier.augment import device_shifts, shift_image
+    from thyroid_classifier.predict import Predictor
+    from thyroid_classifier.preprocess import open_image
+
+    out, _ = short_run
+    external = tmp_path / "hospital_c"
+    for label in ("benign", "malignant"):
+        for i in range(5):
+            write_image(external / label / f"c{label}{i}_1.png", seed=500 + i + 10 * len(label), size=(96, 128))
+    assert evaluate_main([str(out / "tiny-resnet"), str(external), "--out", str(tmp_path / "eval"), "--bootstrap", "20", "--quiet", "--shifts"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    shifts = device_shifts(0)
+    assert list(report["device_shifts"]) == list(shifts)
+    # One shift recomputed by hand: the same images, shifted, through the same predictor.
+    predictor = Predictor.from_pretrained(out / "tiny-resnet")
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    name = "lower resolution (x0.4)"
+    results = predictor.predict([shift_image(open_image(r["path"]), shifts[name]) for r in rows], explain=False)
+    y = [predictor.labels.index(r["label"]) for r in rows]
+    probs = np.array([[res.probabilities[c] for c in predictor.labels] for res in results])
+    assert report["device_shifts"][name]["roc_auc"] == pytest.approx(classification_metrics(y, probs, predictor.labels)["roc_auc"], abs=1e-6)
+    assert "Simulated machine differences" in (tmp_path / "eval" / "report.md").read_text()
