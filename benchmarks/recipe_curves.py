@@ -1,9 +1,9 @@
 """Fine-tuning recipes on DDTI, seen epoch by epoch: pooled out-of-fold macro ROC AUC after every epoch.
 
     python benchmarks/recipe_curves.py --out curves.npz [--lr 1e-4] [--epochs 25] [--size 224 | --hw 176x288]
-                                       [--tirads_targets] [--tta] [--init random]
+                                       [--shifts] [--no-device_augment] [--tirads_targets] [--tta] [--init random]
 
-`train.py --cv 5` reports one number per recipe (the selected checkpoint of each fold). To *design* a
+`train.py --cv 5` reports one number per recipe (each fold's final model). To *design* a
 recipe it helps to see the whole curve: this script uses the project's own pieces (audit, patient-
 grouped folds, the validation share carved from each fold's training part, ultrasound crop and
 augmentation, discriminative AdamW groups, class-weighted label-smoothed loss, channels-last) in a
@@ -13,10 +13,18 @@ weights and for an exponential moving average of them (timm's ModelEmaV3, decay 
 from these curves is still a choice made on the same 349 frames, so the curves are for design, and
 the number to report is `train.py --cv`'s.
 
+`--shifts` also scores each held-out fold, after the last epoch, under fixed simulated machine
+differences (`thyroid_classifier.augment.device_shifts`: gain, depth gain, resolution, speckle,
+pixel aspect, burned-in calipers and text), beside the clean score; `--no-device_augment` trains
+without train.py's machine-difference augmentation, to compare.
+
 Options that are not (yet) in train.py, kept here because the resolve notes report them:
 `--hw HxW` (non-square input that keeps the frames' aspect), `--tirads_targets` (train on the six
 TI-RADS levels of DDTI's manifest, score P(malignant) = P(4a) + ... + P(5)), `--tta` (average with
-the horizontally flipped image).
+the horizontally flipped image), `--roi_margin M` (train and test on the radiologist's nodule box
+from DDTI's outlines, widened by M a side: an oracle-localisation experiment), `--aux_weight W`
+(auxiliary heads on DDTI's per-case findings: composition, echogenicity, margins, calcifications,
+TI-RADS), `--freeze_bn` (BatchNorm statistics kept at their ImageNet values).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from transformers import get_cosine_schedule_with_warmup
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from thyroid_classifier.audit import audited_dataset  # noqa: E402
+from thyroid_classifier.augment import device_shifts  # noqa: E402
 from thyroid_classifier.data import GroupSpec, cv_folds  # noqa: E402
 from thyroid_classifier.metrics import macro_auc, softmax  # noqa: E402
 from thyroid_classifier.models import build_model, get_spec  # noqa: E402
@@ -66,6 +75,82 @@ class NonSquareTransforms(ImageTransforms):
         self.augment.transforms[1] = v2.RandomResizedCrop(hw, scale=(0.75, 1.0), ratio=(0.8 * w / h, 1.25 * w / h), antialias=True)
 
 
+class RoiTransforms(ImageTransforms):
+    """ImageTransforms on the radiologist's nodule box (union of the frame's outlines, widened by
+    ``margin`` of its size on each side) instead of the ultrasound region: an oracle-localisation
+    experiment; frames without an outline keep the ultrasound crop."""
+
+    def __init__(self, preprocessor, processor, size: int, train: bool, cache: dict, xml_dir: Path, margin: float) -> None:
+        super().__init__(preprocessor, processor, size, train, cache)
+        self.xml_dir, self.margin = xml_dir, margin
+
+    def _box(self, path: str, width: int, height: int):
+        from thyroid_classifier.explain import ddti_outlines, frame_number
+
+        key = frame_number(path)
+        xml = self.xml_dir / f"{key[0]}.xml" if key else None
+        polygons = ddti_outlines(xml).get(key[1]) if xml is not None and xml.is_file() else None
+        if not polygons:
+            return None
+        pts = np.concatenate([np.asarray(q, dtype=float) for q in polygons])
+        (x0, y0), (x1, y1) = pts.min(0), pts.max(0)
+        side = max(x1 - x0, y1 - y0, 64.0) * (1 + 2 * self.margin)  # square, so the resize keeps shape
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        return (int(max(0, cx - side / 2)), int(max(0, cy - side / 2)), int(min(width, cx + side / 2)), int(min(height, cy + side / 2)))
+
+    def _load(self, path: str):
+        key = (path, self.train, "roi")
+        cached = self._cache.get(key)
+        if cached is None:
+            with self._open(path) as image:
+                image = image.convert("RGB")
+                box = self._box(path, image.width, image.height)
+                cropped = image.crop(box) if box else self.preprocessor(image)
+            cached = cropped.resize(self.train_size, self._resize) if self.train else self.processor(cropped, return_tensors="pt")["pixel_values"][0]
+            self._cache[key] = cached
+        return cached
+
+
+#: DDTI's per-case findings grouped into ordered levels (benign-looking first); "" = not reported.
+FINDINGS = {
+    "composition": {"cystic": 0, "spongiform": 0, "predominantly cystic": 0, "predominantly solid": 1, "solid": 2, "dense": 2},
+    "echogenicity": {"hyperechogenicity": 0, "isoechogenicity": 0, "hypoechogenicity": 1, "marked hypoechogenicity": 2},
+    "margins": {"well defined": 0, "well defined smooth": 0, "ill defined": 1, "ill- defined": 1, "macrolobulated": 2, "microlobulated": 2, "spiculated": 2},
+    "calcifications": {"non": 0, "macrocalcifications": 1, "macrocalcification": 1, "microcalcifications": 2, "microcalcification": 2},
+    "tirads": {t: i for i, t in enumerate(TIRADS)},
+}
+
+
+def case_findings(xml_dir: Path, path: str) -> list[int]:
+    """The case's findings as level indices, -100 (ignored by the loss) where not reported."""
+    import xml.etree.ElementTree as ET
+
+    from thyroid_classifier.explain import frame_number
+
+    key = frame_number(path)
+    xml = xml_dir / f"{key[0]}.xml" if key else None
+    root = ET.parse(xml).getroot() if xml is not None and xml.is_file() else None
+    return [levels.get((root.findtext(name) or "").strip(), -100) if root is not None else -100 for name, levels in FINDINGS.items()]
+
+
+class WithFindings:
+    """Wraps a transform so each example also carries its case's findings (auxiliary targets)."""
+
+    def __init__(self, inner, xml_dir: Path) -> None:
+        self.inner, self.xml_dir = inner, xml_dir
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.inner(batch)
+        out["findings"] = [case_findings(self.xml_dir, p) for p in batch["path"]]
+        return out
+
+
+def collate_findings(examples):
+    out = collate(examples)
+    out["findings"] = torch.tensor([e["findings"] for e in examples], dtype=torch.long)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", default="../shared/data/ddti/images")
@@ -84,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hw", default=None, help="non-square input, e.g. 176x288")
     p.add_argument("--tirads_targets", action="store_true")
     p.add_argument("--tta", action="store_true")
+    p.add_argument("--roi_margin", type=float, default=None, help="oracle nodule crop from DDTI's outlines, widened by this share a side")
+    p.add_argument("--xml_dir", default="../shared/data/ddti/xml")
+    p.add_argument("--aux_weight", type=float, default=0.0, help="weight of auxiliary heads on DDTI's findings (composition, echogenicity, margins, calcifications, TI-RADS)")
+    p.add_argument("--device_augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="randomise gain, depth gain, resolution, speckle and burned-in marks while training (train.py's default)")
+    p.add_argument("--shifts", action="store_true", help="after the last epoch, also score each held-out fold under fixed device shifts (thyroid_classifier.augment.device_shifts)")
+    p.add_argument("--freeze_bn", action="store_true", help="keep BatchNorm running statistics at their pretrained values")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", required=True, help=".npz with the per-epoch out-of-fold probabilities")
@@ -107,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     cache: dict = {}
     oof = np.full((a.epochs, len(y), len(labels)), np.nan)
     oof_ema = np.full_like(oof, np.nan)
+    shifts = device_shifts(a.seed) if a.shifts else {}
+    oof_shift = {name: np.full((len(y), len(labels)), np.nan) for name in shifts}
     started = time.time()
     for k, (pool, held) in enumerate(folds[: a.folds], start=1):
         torch.manual_seed(a.seed + k)
@@ -129,22 +223,36 @@ def main(argv: list[str] | None = None) -> None:
         model = model.to(memory_format=torch.channels_last)
         prep = UltrasoundPreprocessor()
         make = (lambda train_: NonSquareTransforms(prep, processor, hw, train_, cache)) if hw else (
-            lambda train_: ImageTransforms(prep, processor, a.size, train_, cache))
-        train.set_transform(make(True), columns=["path", "label"])
+            lambda train_: ImageTransforms(prep, processor, a.size, train_, cache, device_augment=a.device_augment and train_))
+        if a.roi_margin is not None:
+            make = lambda train_: RoiTransforms(prep, processor, a.size, train_, cache, Path(a.xml_dir), a.roi_margin)  # noqa: E731
+        train.set_transform(WithFindings(make(True), Path(a.xml_dir)) if a.aux_weight else make(True), columns=["path", "label"])
         test.set_transform(make(False), columns=["path", "label"])
         optimizer = make_optimizer(model, run_args, a.head_lr_multiplier if a.init == "pretrained" else 1.0)
-        loader = torch.utils.data.DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=collate)
+        loader = torch.utils.data.DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=collate_findings if a.aux_weight else collate)
+        pooled: dict = {}
+        heads = torch.nn.ModuleList()
+        if a.aux_weight:
+            classifier = model.timm_model.get_classifier()
+            classifier.register_forward_hook(lambda m, inp, out: pooled.__setitem__("x", inp[0]))
+            heads = torch.nn.ModuleList(torch.nn.Linear(classifier.in_features, len(v) if k == "tirads" else 3) for k, v in FINDINGS.items())
+            optimizer.add_param_group({"params": list(heads.parameters()), "lr": a.lr * a.head_lr_multiplier, "weight_decay": a.weight_decay})
         steps = a.epochs * len(loader)
         schedule = get_cosine_schedule_with_warmup(optimizer, int(a.warmup_ratio * steps), steps)  # Trainer's "cosine"
         ema = ModelEmaV3(model, decay=a.ema_decay)  # what train.py --ema_decay uses
         test_loader = torch.utils.data.DataLoader(test, batch_size=64, collate_fn=collate)
 
-        def predict(m: torch.nn.Module) -> np.ndarray:
+        mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
+
+        def predict(m: torch.nn.Module, shift=None) -> np.ndarray:
             m.eval()
             out = []
             with torch.no_grad():
                 for batch in test_loader:
                     x = batch["pixel_values"]
+                    if shift is not None:  # in [0, 1] for the shift, then normalised again
+                        x = (torch.stack([shift(img) for img in (x * std + mean).clamp(0, 1)]) - mean) / std
                     prob = m(pixel_values=x).logits.float().softmax(-1)
                     if a.tta:
                         prob = (prob + m(pixel_values=x.flip(-1)).logits.float().softmax(-1)) / 2
@@ -157,10 +265,19 @@ def main(argv: list[str] | None = None) -> None:
 
         for epoch in range(a.epochs):
             model.train()
+            if a.freeze_bn:
+                for m in model.modules():
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             losses = []
             for batch in loader:
                 loss = F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"],
                                        weight=weights, label_smoothing=a.label_smoothing)
+                if a.aux_weight:
+                    for j, head in enumerate(heads):
+                        target = batch["findings"][:, j]
+                        if (target >= 0).any():
+                            loss = loss + a.aux_weight * F.cross_entropy(head(pooled["x"]), target, ignore_index=-100)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -170,10 +287,17 @@ def main(argv: list[str] | None = None) -> None:
             oof[epoch, held], oof_ema[epoch, held] = predict(model), predict(ema.module)
             print(f"fold {k} epoch {epoch + 1}: loss {np.mean(losses):.3f}, held-out AUC {macro_auc(y[held], oof[epoch, held]):.3f} "
                   f"(EMA {macro_auc(y[held], oof_ema[epoch, held]):.3f}), {time.time() - started:.0f} s", flush=True)
-    np.savez(a.out, oof=oof, oof_ema=oof_ema, y=y)
+        for name, shift in shifts.items():
+            oof_shift[name][held] = predict(model, shift)
+    np.savez(a.out, oof=oof, oof_ema=oof_ema, y=y, **{f"shift {k}": v for k, v in oof_shift.items()})
     done = ~np.isnan(oof[0, :, 0])
     print("pooled AUC per epoch:", " ".join(f"{macro_auc(y[done], oof[e, done]):.3f}" for e in range(a.epochs)))
     print("pooled AUC per epoch (EMA):", " ".join(f"{macro_auc(y[done], oof_ema[e, done]):.3f}" for e in range(a.epochs)))
+    if shifts:
+        clean = macro_auc(y[done], oof[-1, done])
+        print(f"last epoch, pooled AUC clean {clean:.3f}; under device shifts:")
+        for name, probs in oof_shift.items():
+            print(f"  {name}: {macro_auc(y[done], probs[done]):.3f} ({macro_auc(y[done], probs[done]) - clean:+.3f})")
     print(f"wall {time.time() - started:.0f} s")
 
 
