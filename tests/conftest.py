@@ -51,7 +51,11 @@ def save_tiny_models(folder: Path) -> dict[str, Path]:
 
     torch.manual_seed(0)
     resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=2))
-    vgg = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="vgg11", model_args={"mlp_ratio": 0.01}, num_labels=2))
+    # Like every timm checkpoint on the Hub, it carries timm's own eval transform in pretrained_cfg
+    # (which AutoImageProcessor prefers for local timm folders: the skew test_training checks).
+    timm_eval = {"architecture": "vgg11", "input_size": [3, 224, 224], "crop_pct": 0.875, "crop_mode": "center",
+                 "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    vgg = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="vgg11", model_args={"mlp_ratio": 0.01}, num_labels=2, pretrained_cfg=timm_eval))
     paths = {}
     for name, model in (("tiny-resnet", resnet), ("tiny-vgg", vgg)):
         paths[name] = folder / name

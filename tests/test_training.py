@@ -72,9 +72,19 @@ def test_result_loads_with_pipeline(short_run, sample_dir, name):
 
     out, _ = short_run
     classifier = pipeline("image-classification", model=str(out / name), device="cpu")
-    predictions = classifier(Image.open(sample_dir / "benign" / "2000_1.png"), top_k=3)
+    image = Image.open(sample_dir / "benign" / "2000_1.png")
+    predictions = classifier(image, top_k=3)
     assert {p["label"] for p in predictions} == {"normal", "benign", "malignant"}
     assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+    # The pipeline's processor (for a local timm folder: built from config.json) gives the pixels
+    # of the processor saved with the model, which training used.
+    from transformers import AutoImageProcessor
+
+    saved = AutoImageProcessor.from_pretrained(out / name, image_processor_filename="preprocessor_config.json")
+    pipeline_pixels = classifier.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    saved_pixels = saved(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    assert pipeline_pixels.shape == saved_pixels.shape
+    assert float((pipeline_pixels - saved_pixels).abs().mean()) < 0.01
 
 
 class _Interrupt(TrainerCallback):
@@ -292,3 +302,21 @@ def test_device_augment_trains_only_the_training_split_and_is_recorded(tiny_mode
     assert metrics["training"]["device_augment"] is True
     card = (tmp_path / "tiny-resnet" / "README.md").read_text()
     assert "device_augment" in card and "Training randomised gain" in card
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
+def test_predictor_sees_what_evaluation_saw(short_run, name):
+    """No train/serve skew: the Predictor's probabilities on the test split equal the ones training
+    wrote (timm folders once got timm's resize-and-centre-crop instead of the saved processor)."""
+    from PIL import Image
+
+    from thyroid_classifier.predict import Predictor
+
+    out, _ = short_run
+    predictor = Predictor.from_pretrained(str(out / name), calibrated=False)
+    assert type(predictor.processor).__name__ == "ViTImageProcessor"
+    rows = list(csv.DictReader((out / name / "predictions_test.csv").open()))
+    results = predictor.predict([Image.open(r["path"]) for r in rows], explain=False)
+    for row, result in zip(rows, results, strict=True):
+        for label, p in result.probabilities.items():
+            assert p == pytest.approx(float(row[f"p_{label}"]), abs=1e-4), (name, row["path"], label)

@@ -152,6 +152,23 @@ def make_processor(image_size: int, mean: Sequence[float], std: Sequence[float])
     )
 
 
+def align_timm_eval_transform(config, processor) -> None:
+    """Make a timm model's ``pretrained_cfg`` describe the saved processor's transform.
+
+    transformers builds the image processor of a *local* timm folder from ``config.json``'s
+    ``pretrained_cfg`` (ImageNet's resize, centre crop 87.5%, bicubic), not from the saved
+    ``preprocessor_config.json``; so ``pipeline(model=folder)`` would see other pixels than training
+    did. A square squash at the model's size, bilinear, with the processor's mean and std, is what
+    the saved processor does.
+    """
+    cfg = getattr(config, "pretrained_cfg", None)
+    if not isinstance(cfg, dict):
+        return
+    size = processor.size["height"]
+    config.pretrained_cfg = {**cfg, "input_size": [3, size, size], "crop_pct": 1.0, "crop_mode": "squash",
+                             "interpolation": "bilinear", "mean": list(processor.image_mean), "std": list(processor.image_std)}
+
+
 HUB_HELP = (
     "To go on without the Hub: pass --init random to train from scratch, or pass --model "
     "/path/to/checkpoint (a folder saved with save_pretrained, e.g. ../shared/models/efficientnet_lite0-imagenet)."

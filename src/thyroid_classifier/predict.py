@@ -67,7 +67,11 @@ class Predictor:
         local_only = False if local else check_hub_model(name_or_path, what_to_do="Pass a local model folder instead (e.g. one written by train.py).")
         kwargs = {"local_files_only": local_only or local}
         model = AutoModelForImageClassification.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
-        processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
+        # A local folder of a timm model makes AutoImageProcessor read config.json's pretrained_cfg
+        # (resize 256, centre crop 224, bicubic) instead of the saved preprocessor_config.json, so
+        # name the file: prediction must see exactly what training and evaluation saw.
+        saved = local and (Path(name_or_path) / "preprocessor_config.json").is_file()
+        processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs, **({"image_processor_filename": "preprocessor_config.json"} if saved else {}))
         folder = Path(name_or_path) if local else _hub_folder(name_or_path, local_only)
         preprocessor = UltrasoundPreprocessor.from_pretrained(folder) if folder else UltrasoundPreprocessor(crop=False)
         info = json.loads((folder / "metrics.json").read_text()) if folder and (folder / "metrics.json").is_file() else {}

@@ -39,7 +39,7 @@ from .metrics import (
     softmax,
     with_intervals,
 )
-from .models import HUB_HELP, INIT_CHOICES, ModelSpec, build_model, count_parameters, get_spec
+from .models import HUB_HELP, INIT_CHOICES, ModelSpec, align_timm_eval_transform, build_model, count_parameters, get_spec
 from .plots import plot_auc, plot_comparison, plot_confusion, plot_cv_roc, plot_loss, plot_roc
 from .preprocess import UltrasoundPreprocessor
 from .sample import builtin_sample
@@ -479,6 +479,7 @@ def _write_model_folder(trainer, preprocessor, report, result, out: Path, raw, p
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.model
     model.config.calibration_temperature = temperature  # read by the project's Predictor
+    align_timm_eval_transform(model.config, trainer.processing_class)
     trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
     preprocessor.save_pretrained(out)
     report.save(out / "audit.json")
