@@ -98,17 +98,9 @@ class RoiTransforms(ImageTransforms):
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         return (int(max(0, cx - side / 2)), int(max(0, cy - side / 2)), int(min(width, cx + side / 2)), int(min(height, cy + side / 2)))
 
-    def _load(self, path: str):
-        key = (path, self.train, "roi")
-        cached = self._cache.get(key)
-        if cached is None:
-            with self._open(path) as image:
-                image = image.convert("RGB")
-                box = self._box(path, image.width, image.height)
-                cropped = image.crop(box) if box else self.preprocessor(image)
-            cached = cropped.resize(self.train_size, self._resize) if self.train else self.processor(cropped, return_tensors="pt")["pixel_values"][0]
-            self._cache[key] = cached
-        return cached
+    def _crop(self, path: str, image):
+        box = self._box(path, image.width, image.height)
+        return image.convert("RGB").crop(box) if box else self.preprocessor(image)
 
 
 #: DDTI's per-case findings grouped into ordered levels (benign-looking first); "" = not reported.
@@ -138,10 +130,14 @@ class WithFindings:
 
     def __init__(self, inner, xml_dir: Path) -> None:
         self.inner, self.xml_dir = inner, xml_dir
+        self._findings: dict[str, list[int]] = {}  # parsed once per file, not every epoch
 
     def __call__(self, batch: dict) -> dict:
         out = self.inner(batch)
-        out["findings"] = [case_findings(self.xml_dir, p) for p in batch["path"]]
+        for p in batch["path"]:
+            if p not in self._findings:
+                self._findings[p] = case_findings(self.xml_dir, p)
+        out["findings"] = [self._findings[p] for p in batch["path"]]
         return out
 
 

@@ -209,7 +209,9 @@ def build_model(spec: ModelSpec, labels: Sequence[str], init: str = "pretrained"
         if local:
             mean, std = _mean_std(spec.checkpoint, spec, True)
     _set_labels(model.config, labels)
-    return model, make_processor(image_size or spec.image_size, mean, std)
+    processor = make_processor(image_size or spec.image_size, mean, std)
+    align_timm_eval_transform(model.config, processor)  # every save (checkpoints too) describes it
+    return model, processor
 
 
 def _set_labels(config, labels: Sequence[str]) -> None:

@@ -39,7 +39,7 @@ from .metrics import (
     softmax,
     with_intervals,
 )
-from .models import HUB_HELP, INIT_CHOICES, ModelSpec, align_timm_eval_transform, build_model, count_parameters, get_spec
+from .models import HUB_HELP, INIT_CHOICES, ModelSpec, build_model, count_parameters, get_spec
 from .plots import plot_auc, plot_comparison, plot_confusion, plot_cv_roc, plot_loss, plot_roc
 from .preprocess import UltrasoundPreprocessor
 from .sample import builtin_sample
@@ -142,12 +142,16 @@ class ImageTransforms:
             v2.Normalize(mean, std),
         ])
 
+    def _crop(self, path: str, image):
+        """The region that is resized and cached: the ultrasound region (benchmarks override it)."""
+        return self.preprocessor(image)
+
     def _load(self, path: str):
         key = (path, self.train)
         cached = self._cache.get(key)
         if cached is None:
             with self._open(path) as image:
-                cropped = self.preprocessor(image)
+                cropped = self._crop(path, image)
             if self.train:
                 cached = cropped.resize(self.train_size, self._resize)
             else:
@@ -479,7 +483,6 @@ def _write_model_folder(trainer, preprocessor, report, result, out: Path, raw, p
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.model
     model.config.calibration_temperature = temperature  # read by the project's Predictor
-    align_timm_eval_transform(model.config, trainer.processing_class)
     trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
     preprocessor.save_pretrained(out)
     report.save(out / "audit.json")
