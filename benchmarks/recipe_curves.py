@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from datasets import concatenate_datasets
 from timm.utils import ModelEmaV3
 from transformers import get_cosine_schedule_with_warmup
@@ -47,15 +48,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from thyroid_classifier.audit import audited_dataset  # noqa: E402
 from thyroid_classifier.augment import device_shifts  # noqa: E402
 from thyroid_classifier.data import GroupSpec, cv_folds  # noqa: E402
-from thyroid_classifier.metrics import macro_auc, softmax  # noqa: E402
+from thyroid_classifier.metrics import frame_logits, macro_auc, softmax  # noqa: E402
 from thyroid_classifier.models import build_model, get_spec  # noqa: E402
-from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
+from thyroid_classifier.preprocess import UltrasoundPreprocessor, find_views  # noqa: E402
 from thyroid_classifier.training import (  # noqa: E402
     DataArguments,
     ImageTransforms,
     RunArguments,
     class_weights,
     collate,
+    expand_views,
     make_optimizer,
     with_validation,
 )
@@ -100,7 +102,32 @@ class RoiTransforms(ImageTransforms):
 
     def _crop(self, path: str, image):
         box = self._box(path, image.width, image.height)
-        return image.convert("RGB").crop(box) if box else self.preprocessor(image)
+        return [image.convert("RGB").crop(box)] if box else super()._crop(path, image)
+
+
+class SquareViewTransforms(ImageTransforms):
+    """Views kept at their aspect (no squash): training caches each view with its shorter side at
+    ``size`` and the random crop picks a near-square part; evaluation takes the centred square.
+    A split screen's view (0.8 wide) and a single view (1.3 wide) then show tissue at one shape."""
+
+    def _load(self, path: str) -> list:
+        key = (path, self.train, "square")
+        cached = self._cache.get(key)
+        if cached is None:
+            with self._open(path) as image:
+                views = self._crop(path, image)
+            side = self.train_size[0]
+            if self.train:
+                cached = [v.resize((max(side, round(side * v.width / v.height)), max(side, round(side * v.height / v.width))), self._resize) for v in views]
+            else:
+                squares = []
+                for v in views:
+                    s = min(v.size)
+                    left, top = (v.width - s) // 2, (v.height - s) // 2
+                    squares.append(v.crop((left, top, left + s, top + s)))
+                cached = list(self.processor(squares, return_tensors="pt")["pixel_values"])
+            self._cache[key] = cached
+        return cached
 
 
 #: DDTI's per-case findings grouped into ordered levels (benign-looking first); "" = not reported.
@@ -143,7 +170,10 @@ class WithFindings:
 
 def collate_findings(examples):
     out = collate(examples)
-    out["findings"] = torch.tensor([e["findings"] for e in examples], dtype=torch.long)
+    if "findings" in examples[0]:
+        out["findings"] = torch.tensor([e["findings"] for e in examples], dtype=torch.long)
+    if "weight" in examples[0]:
+        out["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
     return out
 
 
@@ -171,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device_augment", action=argparse.BooleanOptionalAction, default=True,
                    help="randomise gain, depth gain, resolution, speckle and burned-in marks while training (train.py's default)")
     p.add_argument("--shifts", action="store_true", help="after the last epoch, also score each held-out fold under fixed device shifts (thyroid_classifier.augment.device_shifts)")
+    p.add_argument("--split_views", action=argparse.BooleanOptionalAction, default=True,
+                   help="split a split-screen frame into its views: train on one at random, average both at test (train.py's default)")
+    p.add_argument("--square_views", action="store_true", help="keep each view's aspect: random near-square crops in training, the centred square at test")
+    p.add_argument("--layout_weights", action="store_true", help="weight training frames so that the screen layout (split or single) is independent of the class")
     p.add_argument("--freeze_bn", action="store_true", help="keep BatchNorm running statistics at their pretrained values")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
@@ -217,15 +251,39 @@ def main(argv: list[str] | None = None) -> None:
         if hw:
             processor.size = {"height": hw[0], "width": hw[1]}
         model = model.to(memory_format=torch.channels_last)
-        prep = UltrasoundPreprocessor()
+        prep = UltrasoundPreprocessor(split_views=a.split_views)
         make = (lambda train_: NonSquareTransforms(prep, processor, hw, train_, cache)) if hw else (
             lambda train_: ImageTransforms(prep, processor, a.size, train_, cache, device_augment=a.device_augment and train_))
+        if a.square_views:
+            make = lambda train_: SquareViewTransforms(prep, processor, a.size, train_, cache, device_augment=a.device_augment and train_)  # noqa: E731
         if a.roi_margin is not None:
             make = lambda train_: RoiTransforms(prep, processor, a.size, train_, cache, Path(a.xml_dir), a.roi_margin)  # noqa: E731
-        train.set_transform(WithFindings(make(True), Path(a.xml_dir)) if a.aux_weight else make(True), columns=["path", "label"])
-        test.set_transform(make(False), columns=["path", "label"])
+        train_transforms = make(True)
+        layout_weight = {}
+        if a.layout_weights:
+            # Weight each training frame by P(layout) / P(layout | class): in the weighted data the
+            # screen layout says nothing about the class (importance weights, as for any confounder).
+            paths = train.with_format(None)["path"]
+            layouts = np.array([train_transforms.count_views(p_) for p_ in paths])
+            for c in set(train_y):
+                for lay in set(layouts.tolist()):
+                    in_c = np.array(train_y) == c
+                    p_lay = (layouts == lay).mean()
+                    p_lay_c = (layouts[in_c] == lay).mean()
+                    if p_lay_c > 0:
+                        layout_weight[(c, lay)] = p_lay / p_lay_c
+            frame_weight = {p_: layout_weight[(c, lay)] for p_, c, lay in zip(paths, train_y, layouts)}
+            print("layout weights (class, views): " + ", ".join(f"{k}: {v:.2f}" for k, v in sorted(layout_weight.items())), flush=True)
+        transform = WithFindings(train_transforms, Path(a.xml_dir)) if a.aux_weight else train_transforms
+        if a.layout_weights:
+            inner = transform
+            transform = lambda batch: {**inner(batch), "weight": [frame_weight[p_] for p_ in batch["path"]]}  # noqa: E731
+        train.set_transform(transform, columns=["path", "label"])
+        test_transforms = make(False)
+        test_views, owner = expand_views(test, test_transforms)
+        test_views.set_transform(test_transforms, columns=["path", "label", *(["view"] if "view" in test_views.column_names else [])])
         optimizer = make_optimizer(model, run_args, a.head_lr_multiplier if a.init == "pretrained" else 1.0)
-        loader = torch.utils.data.DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=collate_findings if a.aux_weight else collate)
+        loader = torch.utils.data.DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=collate_findings if a.aux_weight or a.layout_weights else collate)
         pooled: dict = {}
         heads = torch.nn.ModuleList()
         if a.aux_weight:
@@ -236,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = a.epochs * len(loader)
         schedule = get_cosine_schedule_with_warmup(optimizer, int(a.warmup_ratio * steps), steps)  # Trainer's "cosine"
         ema = ModelEmaV3(model, decay=a.ema_decay)  # what train.py --ema_decay uses
-        test_loader = torch.utils.data.DataLoader(test, batch_size=64, collate_fn=collate)
+        test_loader = torch.utils.data.DataLoader(test_views, batch_size=64, collate_fn=collate)
 
         mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
         std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
@@ -253,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                     if a.tta:
                         prob = (prob + m(pixel_values=x.flip(-1)).logits.float().softmax(-1)) / 2
                     out.append(prob)
-            prob = torch.cat(out).numpy()
+            prob = softmax(frame_logits(np.log(torch.cat(out).numpy().clip(1e-12)), owner, len(test)))  # a frame's views averaged
             if a.tirads_targets:
                 pm = prob[:, 2:].sum(1)
                 prob = np.stack([1 - pm, pm], 1) if malignant == 1 else np.stack([pm, 1 - pm], 1)
@@ -267,8 +325,14 @@ def main(argv: list[str] | None = None) -> None:
                         m.eval()
             losses = []
             for batch in loader:
-                loss = F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"],
-                                       weight=weights, label_smoothing=a.label_smoothing)
+                if a.layout_weights:
+                    per = F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"],
+                                          weight=weights, label_smoothing=a.label_smoothing, reduction="none")
+                    w = batch["weight"].to(per.dtype)
+                    loss = (per * w).sum() / (weights[batch["labels"]] * w).sum()
+                else:
+                    loss = F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"],
+                                           weight=weights, label_smoothing=a.label_smoothing)
                 if a.aux_weight:
                     for j, head in enumerate(heads):
                         target = batch["findings"][:, j]
@@ -294,6 +358,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"last epoch, pooled AUC clean {clean:.3f}; under device shifts:")
         for name, probs in oof_shift.items():
             print(f"  {name}: {macro_auc(y[done], probs[done]):.3f} ({macro_auc(y[done], probs[done]) - clean:+.3f})")
+    # Screen layout: is the score about the nodule, or about whether the frame is a split screen?
+    split = np.array([len(find_views(np.asarray(UltrasoundPreprocessor()(Image.open(path)).convert("L")))) == 2 for path in raw["path"]])
+    last, sick = oof[-1][:, malignant], y == malignant
+    for name, part in (("single-view frames", done & ~split), ("split screens", done & split)):
+        if len(set(y[part])) == 2:
+            print(f"last epoch, pooled AUC on {name} only: {macro_auc(y[part], oof[-1, part]):.3f} (n={part.sum()}, benign {(part & ~sick).sum()})")
+    if (done & sick & split).any() and (done & sick & ~split).any():
+        from sklearn.metrics import roc_auc_score
+
+        print(f"layout in the score: among malignant frames, P(malignant) tells split screens from single views with AUC "
+              f"{roc_auc_score(split[done & sick], last[done & sick]):.3f} (0.5: not at all)")
     print(f"wall {time.time() - started:.0f} s")
 
 

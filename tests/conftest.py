@@ -21,8 +21,9 @@ DDTI = REPO.parent / "shared" / "data" / "ddti"
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
-    """A small synthetic dataset (3 classes x 6 cases x 2 frames), made once per test session."""
-    return make_sample_dataset(tmp_path_factory.mktemp("sample"), cases_per_class=6, size=(96, 128))
+    """A small synthetic dataset (3 classes x 6 cases x 2 frames; every second case in split-screen
+    frames), made once per test session."""
+    return make_sample_dataset(tmp_path_factory.mktemp("sample"), cases_per_class=6, size=(96, 128), split_screen_every=2)
 
 
 @pytest.fixture(scope="session")

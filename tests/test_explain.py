@@ -21,6 +21,7 @@ from thyroid_classifier.explain import (
     pointing_hit,
     randomization_check,
     standard_gradcam,
+    to_original,
 )
 from thyroid_classifier.localize import main as localize_main
 from thyroid_classifier.models import target_layer
@@ -49,6 +50,28 @@ def test_heatmap_shape_range_and_equal_to_standard_gradcam(predictors, name, bat
     assert all(p.grad is None for p in predictor.model.parameters())
     reference = standard_gradcam(predictor.model, predictor.layer, x, result.targets)
     np.testing.assert_allclose(result.maps, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
+def test_split_screen_is_the_mean_of_its_views(predictors, sample_dir, name):
+    """A split-screen frame is predicted view by view: its probabilities are the mean of the views'
+    (computed here by hand from the same model), and its heatmap is each view's Grad-CAM of the
+    frame's class, placed where the view is."""
+    predictor = predictors[name]
+    image = Image.open(sample_dir / "malignant" / "3001_1.png").convert("RGB")  # a split screen (conftest)
+    views, boxes = predictor.preprocessor.views(image)
+    assert len(views) == 2
+    pixels = predictor.processor(views, return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        by_hand = predictor.model(pixel_values=pixels).logits.float().softmax(-1).mean(0).numpy()
+    uncalibrated = Predictor(predictor.model, predictor.processor, predictor.preprocessor)
+    for explain in (False, True):
+        [result] = uncalibrated.predict([image], explain=explain)
+        np.testing.assert_allclose([result.probabilities[label] for label in predictor.labels], by_hand, atol=1e-5)
+        assert result.views == boxes and result.box == (boxes[0][0], boxes[0][1], boxes[1][2], boxes[1][3])
+    assert result.explained == max(result.probabilities, key=result.probabilities.get)
+    maps = gradcam(predictor.model, predictor.layer, pixels, [predictor.labels.index(result.explained)] * 2).maps
+    np.testing.assert_allclose(result.heatmap, np.maximum(*(to_original(m, b, image.size) for m, b in zip(maps, boxes))), atol=1e-5)
 
 
 def test_target_layers_come_from_the_specs(predictors):
@@ -114,9 +137,9 @@ def test_heatmaps_change_when_weights_are_randomised(predictors, sample_dir):
     """Adebayo et al. (2018): an explanation that survives weight randomisation explains nothing."""
     predictor = predictors["tiny-resnet"]
     images = [Image.open(p) for p in sorted((sample_dir / "malignant").glob("*.png"))[:6]]
-    pixels, _ = predictor.prepare(images)
+    pixels, _, _ = predictor.prepare(images)
     rho = randomization_check(predictor.model, predictor.layer, pixels)
-    assert len(rho) == 6
+    assert len(rho) == len(pixels) >= 6  # one per view
     assert np.nanmean(np.abs(rho)) < 0.5, rho
     # The original model is untouched by the check.
     assert all(not p.requires_grad for p in predictor.model.parameters())

@@ -302,12 +302,15 @@ def test_device_augment_trains_only_the_training_split_and_is_recorded(tiny_mode
     assert metrics["training"]["device_augment"] is True
     card = (tmp_path / "tiny-resnet" / "README.md").read_text()
     assert "device_augment" in card and "Training randomised gain" in card
+    # Split screens (the sample has them) are split by default, and the card says so.
+    assert metrics["training"]["preprocessing"]["split_views"] is True and "split into its views" in card
 
 
 @pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
 def test_predictor_sees_what_evaluation_saw(short_run, name):
     """No train/serve skew: the Predictor's probabilities on the test split equal the ones training
-    wrote (timm folders once got timm's resize-and-centre-crop instead of the saved processor)."""
+    wrote (timm folders once got timm's resize-and-centre-crop instead of the saved processor; a
+    split screen's views are averaged the same way in both)."""
     from PIL import Image
 
     from thyroid_classifier.predict import Predictor
@@ -317,6 +320,38 @@ def test_predictor_sees_what_evaluation_saw(short_run, name):
     assert type(predictor.processor).__name__ == "ViTImageProcessor"
     rows = list(csv.DictReader((out / name / "predictions_test.csv").open()))
     results = predictor.predict([Image.open(r["path"]) for r in rows], explain=False)
+    assert {len(r.views) for r in results} == {1, 2}  # split screens too: their views averaged alike
     for row, result in zip(rows, results, strict=True):
         for label, p in result.probabilities.items():
             assert p == pytest.approx(float(row[f"p_{label}"]), abs=1e-4), (name, row["path"], label)
+
+
+def test_training_draws_one_view_and_evaluation_reads_every_view(tiny_models, sample_dir):
+    """A split screen is one training example that shows one of its views at a time (both, over
+    epochs); for evaluation every view is a row, tied to its frame."""
+    from datasets import Dataset
+
+    from thyroid_classifier.models import get_spec
+    from thyroid_classifier.preprocess import UltrasoundPreprocessor
+    from thyroid_classifier.training import ImageTransforms, expand_views
+
+    _, processor = build_model(get_spec(str(tiny_models["tiny-resnet"])), ["benign", "malignant"], "pretrained", 32)
+    split, single = str(sample_dir / "malignant" / "3001_1.png"), str(sample_dir / "malignant" / "3000_1.png")
+    train = ImageTransforms(UltrasoundPreprocessor(), processor, 32, train=True)
+    train.augment = lambda image: torch.as_tensor(np.asarray(image).copy())  # no augmentation: see the view itself
+    views = [torch.as_tensor(np.asarray(v)) for v in train._load(split)]
+    assert len(views) == 2 and views[0].shape == (32, 32, 3)
+    torch.manual_seed(0)
+    drawn = [train({"path": [split], "label": [1]})["pixel_values"][0] for _ in range(20)]
+    assert {next(i for i, v in enumerate(views) if torch.equal(d, v)) for d in drawn} == {0, 1}
+
+    evaluation = ImageTransforms(UltrasoundPreprocessor(), processor, 32, train=False)
+    frames = Dataset.from_dict({"path": [single, split], "label": [1, 1]})
+    rows, owner = expand_views(frames, evaluation)
+    assert owner.tolist() == [0, 1, 1] and rows["view"] == [0, 0, 1]
+    rows.set_transform(evaluation, columns=["path", "label", "view"])
+    assert not torch.equal(rows[1]["pixel_values"], rows[2]["pixel_values"])
+    assert torch.equal(rows[2]["pixel_values"], evaluation._load(split)[1])
+    # Without split screens nothing changes.
+    same, owner = expand_views(frames.select([0]), evaluation)
+    assert owner.tolist() == [0] and "view" not in same.column_names

@@ -181,6 +181,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         counts=counts,
         audit_text=audit,
         mask_text=training.get("preprocessing", {}).get("mask_text", False),
+        split_views=training.get("preprocessing", {}).get("split_views", False),
         device_augment=training.get("device_augment", False),
         image_size=training.get("image_size"),
         mean=processor.get("image_mean"), std=processor.get("image_std"),

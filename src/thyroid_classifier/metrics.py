@@ -35,6 +35,15 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def frame_logits(view_logits: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """A frame's logits from its views': the log of the views' mean probability, so that softmax
+    gives the average (the Predictor does the same)."""
+    probs = softmax(view_logits)
+    total = np.zeros((n, probs.shape[1]))
+    np.add.at(total, owner, probs)
+    return np.log(np.clip(total / np.bincount(owner, minlength=n)[:, None], 1e-12, None))
+
+
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins."""
     confidence = probs.max(axis=1)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .explain import freeze, gradcam, linearize_full_kernel_convs, overlay, to_original
 from .hub import check_hub_model, is_local
-from .metrics import softmax
+from .metrics import frame_logits, softmax
 from .models import get_spec, spec_for_model, target_layer
 from .preprocess import CONFIG_NAME, Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, open_image
 
@@ -41,6 +41,7 @@ class Prediction:
     heatmap: np.ndarray | None = None  # float32 (height, width) in [0, 1]
     overlay: np.ndarray | None = None  # uint8 RGB (height, width, 3)
     box: Box | None = None  # the ultrasound region found in the image
+    views: list[Box] = field(default_factory=list)  # its views (two for a split screen), averaged
     warnings: list[str] = field(default_factory=list)
 
 
@@ -73,7 +74,7 @@ class Predictor:
         saved = local and (Path(name_or_path) / "preprocessor_config.json").is_file()
         processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs, **({"image_processor_filename": "preprocessor_config.json"} if saved else {}))
         folder = Path(name_or_path) if local else _hub_folder(name_or_path, local_only)
-        preprocessor = UltrasoundPreprocessor.from_pretrained(folder) if folder else UltrasoundPreprocessor(crop=False)
+        preprocessor = UltrasoundPreprocessor.from_pretrained(folder) if folder else UltrasoundPreprocessor(crop=False, split_views=False)
         info = json.loads((folder / "metrics.json").read_text()) if folder and (folder / "metrics.json").is_file() else {}
         temperature = getattr(model.config, "calibration_temperature", 1.0) if calibrated else 1.0
         if device:
@@ -84,11 +85,17 @@ class Predictor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Box]]:
-        """Crop and normalise: the same path as evaluation in training."""
-        cropped, boxes = zip(*(self.preprocessor.apply(image) for image in images), strict=True)
-        pixels = self.processor(list(cropped), return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device), list(boxes)
+    def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Box], np.ndarray]:
+        """Crop, split into views and normalise: the same path as evaluation in training. Returns
+        the views' pixels, each view's box in its image, and the image each view belongs to."""
+        views, boxes, owner = [], [], []
+        for i, image in enumerate(images):
+            crops, crop_boxes = self.preprocessor.views(image)
+            views += crops
+            boxes += crop_boxes
+            owner += [i] * len(crops)
+        pixels = self.processor(views, return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device), boxes, np.asarray(owner)
 
     @torch.inference_mode()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -102,24 +109,34 @@ class Predictor:
         target: str | None = None,
         opacity: float = 0.45,
     ) -> list[Prediction]:
-        """Probabilities (calibrated when the model carries a temperature) and, with ``explain``,
-        Grad-CAM from the same forward pass, mapped back onto each image as given."""
+        """Probabilities (calibrated when the model carries a temperature; a split screen's views
+        averaged) and, with ``explain``, Grad-CAM of each view mapped back onto each image as given."""
         pil = [image if isinstance(image, Image.Image) else open_image(image) for image in images]
-        pixels, boxes = self.prepare(pil)
-        if explain:
-            targets = None if target is None else [self.labels.index(target)] * len(pil)
-            result = gradcam(self.model, self.layer, pixels, targets)
-            logits, maps, explained = result.logits, result.maps, result.targets
+        pixels, boxes, owner = self.prepare(pil)
+        fixed = None if target is None else self.labels.index(target)
+        maps = None
+        if explain and (fixed is not None or len(owner) == len(pil)):
+            # One view per image, or a given class: scores and maps from one forward pass.
+            result = gradcam(self.model, self.layer, pixels, None if fixed is None else [fixed] * len(owner))
+            view_logits, maps = result.logits.float().cpu().numpy(), result.maps
         else:
-            logits, maps, explained = self.logits(pixels), None, [None] * len(pil)
-        probs = softmax(logits.float().cpu().numpy(), self.temperature)
+            view_logits = self.logits(pixels).float().cpu().numpy()
+        probs = softmax(frame_logits(view_logits, owner, len(pil)), self.temperature)
+        chosen = [fixed if fixed is not None else int(np.argmax(probs[i])) for i in range(len(pil))]
+        if explain and maps is None:
+            # Every view of a split screen explains the image's class (alone, its views may disagree).
+            maps = gradcam(self.model, self.layer, pixels, [chosen[i] for i in owner]).maps
         out = []
         for i, image in enumerate(pil):
+            mine = np.flatnonzero(owner == i)
+            mine_boxes = [boxes[j] for j in mine]
+            region = (min(b[0] for b in mine_boxes), min(b[1] for b in mine_boxes), max(b[2] for b in mine_boxes), max(b[3] for b in mine_boxes))
             p = {label: float(probs[i, k]) for k, label in enumerate(self.labels)}
-            prediction = Prediction(probabilities=p, label=max(p, key=p.get), box=boxes[i])
+            prediction = Prediction(probabilities=p, label=max(p, key=p.get), box=region, views=mine_boxes)
             if maps is not None:
-                prediction.explained = self.labels[explained[i]]
-                prediction.heatmap = to_original(maps[i], boxes[i], image.size)
+                prediction.explained = self.labels[chosen[i]]
+                # Each view's map is scaled on its own (Grad-CAM's [0, 1]); views do not overlap.
+                prediction.heatmap = np.maximum.reduce([to_original(maps[j], boxes[j], image.size) for j in mine])
                 prediction.overlay = overlay(image, prediction.heatmap, opacity)
             if not looks_like_ultrasound(image):
                 prediction.warnings.append("This image has colour content and may not be a grey-scale ultrasound frame; the result is meaningless for other images.")

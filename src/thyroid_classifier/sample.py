@@ -101,6 +101,30 @@ def _frame(rng: np.random.Generator, label: str, nodule: Nodule | None, size: tu
     return image
 
 
+def _split_frame(rng: np.random.Generator, label: str, nodule: Nodule | None, size: tuple[int, int], view: str) -> tuple[Image.Image, Nodule | None]:
+    """A split-screen frame: two views of the nodule side by side in a wider region (as scanners
+    show two planes), each view with its own gain; returns it and the left view's nodule."""
+    height, width = size
+    x0, x1 = int(width * 0.04), int(width * 0.96)
+    y0, y1 = int(height * 0.03), int(height * 0.70)
+    pane = (x1 - x0) // 2
+    # Map the single-view nodule into a pane, keeping its shape.
+    scale = min(pane / (0.80 * width), (y1 - y0) / (0.81 * height))
+    canvas = np.zeros((height, width), dtype=np.float64)
+    left_nodule = None
+    for k in range(2):
+        tissue = _tissue(rng, y1 - y0, pane)
+        if nodule is not None:
+            inner = Nodule((nodule.cx - 0.06 * width) * scale, (nodule.cy - 0.03 * height) * scale, nodule.rx * scale, nodule.ry * scale)
+            _draw_nodule(rng, tissue, label, inner)
+            if k == 0:
+                left_nodule = Nodule(inner.cx + x0, inner.cy + y0, inner.rx, inner.ry)
+        canvas[y0:y1, x0 + k * pane : x0 + (k + 1) * pane] = np.clip(tissue * rng.uniform(80, 110), 0, 255)
+    image = Image.fromarray(canvas.astype(np.uint8)).convert("RGB")
+    ImageDraw.Draw(image).text((x0 + 8, y1 + max(6, height // 30)), view, fill=(235, 235, 235))
+    return image, left_nodule
+
+
 def _case_nodule(rng: np.random.Generator, label: str, size: tuple[int, int]) -> Nodule | None:
     height, width = size
     if label == "normal":
@@ -121,8 +145,12 @@ def make_sample_dataset(
     labels: Sequence[str] = SAMPLE_LABELS,
     size: tuple[int, int] = (192, 256),
     seed: int = 0,
+    split_screen_every: int = 0,
 ) -> Path:
-    """Write ``out_dir/<label>/<case>_<frame>.png`` and ``out_dir/manifest.csv``; same seed, same bytes."""
+    """Write ``out_dir/<label>/<case>_<frame>.png`` and ``out_dir/manifest.csv``; same seed, same bytes.
+
+    ``split_screen_every=N``: every N-th case of each class is shown in split-screen frames (two
+    views side by side; the manifest's ``layout`` column says which, and its nodule is the left view's)."""
     out = Path(out_dir)
     rows = []
     for li, label in enumerate(labels):
@@ -135,13 +163,18 @@ def make_sample_dataset(
                 # A second frame: the probe moved a little; the same nodule, new speckle.
                 jitter = rng.normal(0, 3, 2) if frame > 1 else np.zeros(2)
                 frame_nodule = None if nodule is None else Nodule(nodule.cx + jitter[0], nodule.cy + jitter[1], nodule.rx, nodule.ry)
-                image = _frame(rng, label, frame_nodule, size, view=("DER", "IZQ")[frame % 2])
+                view = ("DER", "IZQ")[frame % 2]
+                split = split_screen_every > 0 and c % split_screen_every == split_screen_every - 1
+                if split:
+                    image, frame_nodule = _split_frame(rng, label, frame_nodule, size, view)
+                else:
+                    image = _frame(rng, label, frame_nodule, size, view)
                 name = f"{case}_{frame}.png"
                 image.save(out / label / name, optimize=False)
                 n = frame_nodule or Nodule(float("nan"), float("nan"), 0.0, 0.0)
                 rows.append({
                     "file": f"{label}/{name}", "case": case, "label": label,
-                    "cx": f"{n.cx:.1f}", "cy": f"{n.cy:.1f}", "rx": f"{n.rx:.1f}", "ry": f"{n.ry:.1f}",
+                    "cx": f"{n.cx:.1f}", "cy": f"{n.cy:.1f}", "rx": f"{n.rx:.1f}", "ry": f"{n.ry:.1f}", "layout": "split" if split else "single",
                 })
     (out / SYNTHETIC_MARKER).write_text(
         "SYNTHETIC images drawn by thyroid_classifier.sample: no patient is in them. They demonstrate the "

@@ -36,6 +36,7 @@ from .metrics import (
     classification_metrics,
     expected_calibration_error,
     fit_temperature,
+    frame_logits,
     softmax,
     with_intervals,
 )
@@ -67,6 +68,10 @@ class DataArguments:
     near_threshold: int = field(default=DEFAULT_NEAR_THRESHOLD, metadata={"help": "Hamming distance (of 64 bits) under which two images are near duplicates."})
     crop: bool = field(default=True, metadata={"help": "Crop each frame to the ultrasound region (drops borders and settings panels)."})
     mask_text: bool = field(default=False, metadata={"help": "Also mask burned-in text and caliper marks inside the region (inpainting)."})
+    split_views: bool = field(default=True, metadata={"help": "Split a split-screen frame into its two views: training sees one at random, prediction averages both (--no_split_views: whole frames). The layout is the protocol's, not the nodule's."})
+
+    def preprocessor(self) -> UltrasoundPreprocessor:
+        return UltrasoundPreprocessor(crop=self.crop, mask_text=self.mask_text, split_views=self.split_views)
 
 
 @dataclass
@@ -113,8 +118,11 @@ class RunArguments:
 
 
 class ImageTransforms:
-    """Decode → ultrasound crop → square resize once per image (cached), then augment (train) or
-    normalise with the saved image processor (evaluation: exactly what prediction does)."""
+    """Decode → ultrasound crop → views → square resize once per image (cached), then augment
+    (train) or normalise with the saved image processor (evaluation: exactly what prediction does).
+
+    A split-screen frame has two views: training draws one at random each time the frame is seen;
+    evaluation reads the view named by the example's ``view`` column (see :func:`expand_views`)."""
 
     def __init__(self, preprocessor: UltrasoundPreprocessor, processor, image_size: int, train: bool, cache: dict | None = None,
                  device_augment: bool = False) -> None:
@@ -142,27 +150,44 @@ class ImageTransforms:
             v2.Normalize(mean, std),
         ])
 
-    def _crop(self, path: str, image):
-        """The region that is resized and cached: the ultrasound region (benchmarks override it)."""
-        return self.preprocessor(image)
+    def _crop(self, path: str, image) -> list:
+        """The views that are resized and cached: the ultrasound region's (benchmarks override it)."""
+        return self.preprocessor.views(image)[0]
 
-    def _load(self, path: str):
+    def _load(self, path: str) -> list:
         key = (path, self.train)
         cached = self._cache.get(key)
         if cached is None:
             with self._open(path) as image:
-                cropped = self._crop(path, image)
+                views = self._crop(path, image)
             if self.train:
-                cached = cropped.resize(self.train_size, self._resize)
+                cached = [view.resize(self.train_size, self._resize) for view in views]
             else:
-                cached = self.processor(cropped, return_tensors="pt")["pixel_values"][0]
+                cached = list(self.processor(views, return_tensors="pt")["pixel_values"])
             self._cache[key] = cached
         return cached
 
+    def count_views(self, path: str) -> int:
+        return len(self._load(path))
+
     def __call__(self, batch: dict) -> dict:
-        images = [self._load(p) for p in batch["path"]]
-        pixels = [self.augment(img) for img in images] if self.train else images
+        loaded = [self._load(p) for p in batch["path"]]
+        if self.train:
+            pixels = [self.augment(views[int(torch.randint(len(views), ()))]) for views in loaded]
+        else:
+            chosen = batch.get("view") or [0] * len(loaded)
+            pixels = [views[v] for views, v in zip(loaded, chosen, strict=True)]
         return {"pixel_values": pixels, "labels": batch["label"]}
+
+
+def expand_views(dataset, transforms: ImageTransforms):
+    """``dataset`` with one row per view (a ``view`` column) for evaluation, and each row's frame
+    index; unchanged when every frame has one view."""
+    counts = [transforms.count_views(p) for p in dataset.with_format(None)["path"]]
+    owner = np.repeat(np.arange(len(counts)), counts)
+    if all(c == 1 for c in counts):
+        return dataset, owner
+    return dataset.select(owner.tolist()).add_column("view", [v for c in counts for v in range(c)]), owner
 
 
 def recipe(run_args: RunArguments) -> dict:
@@ -193,12 +218,18 @@ def make_loss(weights: torch.Tensor | None, label_smoothing: float):
     return loss
 
 
-def make_compute_metrics(label_names: Sequence[str]):
+def make_compute_metrics(label_names: Sequence[str], owner: np.ndarray | None = None):
+    """Trainer's per-epoch metrics; ``owner`` (each evaluation row's frame, :func:`expand_views`)
+    scores frames, not views, as the final evaluation does."""
     metric = ThyroidMetrics(label_names)
 
     def compute_metrics(eval_pred) -> dict[str, float]:
         logits, labels = eval_pred.predictions, eval_pred.label_ids
         logits = logits[0] if isinstance(logits, tuple) else logits
+        if owner is not None and len(owner) == len(logits) and len(owner):
+            n = int(owner.max()) + 1
+            first = np.unique(owner, return_index=True)[1]  # a frame's views share its label
+            logits, labels = frame_logits(logits, owner, n), np.asarray(labels)[first]
         result = metric.compute(predictions=softmax(logits), references=labels)
         # Trainer logs scalars only; the full per-class numbers are computed at the end.
         return {k: float(result[k]) for k in (*HEADLINE, "n")}
@@ -258,10 +289,15 @@ def _epoch_history(log_history: Sequence[dict]) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def _predict(trainer, dataset) -> np.ndarray:
-    output = trainer.predict(dataset)
+def _predict(trainer, views, owner: np.ndarray) -> np.ndarray:
+    """Frame logits of a dataset whose rows are views (:func:`expand_views`)."""
+    output = trainer.predict(views)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    return np.asarray(logits, dtype=np.float64)
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(logits) != len(owner):
+        raise RuntimeError(f"evaluation returned {len(logits)} predictions for {len(owner)} views")
+    # One view per frame: log-softmax, a per-row shift of the logits (the same softmax at any temperature).
+    return frame_logits(logits, owner, int(owner.max()) + 1 if len(owner) else 0)
 
 
 def _last_checkpoint(folder: Path) -> str | None:
@@ -382,12 +418,17 @@ def train_one(
     if run_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     image_size = processor.size["height"]
-    preprocessor = UltrasoundPreprocessor(crop=data_args.crop, mask_text=data_args.mask_text)
+    preprocessor = data_args.preprocessor()
 
     splits = {name: ds for name, ds in dataset.items()}
+    views = {}  # evaluation splits, one row per view, and each row's frame
     for name, ds in splits.items():
-        ds.set_transform(ImageTransforms(preprocessor, processor, image_size, train=name == "train", cache=cache,
-                                         device_augment=run_args.device_augment and name == "train"), columns=["path", "label"])
+        transforms = ImageTransforms(preprocessor, processor, image_size, train=name == "train", cache=cache,
+                                     device_augment=run_args.device_augment and name == "train")
+        if name != "train":
+            ds, owner = expand_views(ds, transforms)
+            views[name] = (ds, owner)
+        ds.set_transform(transforms, columns=["path", "label", *(["view"] if "view" in ds.column_names else [])])
     has_validation = "validation" in splits
     eval_name = "test" if "test" in splits else "validation" if has_validation else "train"
     train_labels = [int(x) for x in splits["train"].with_format(None)["label"]]
@@ -404,10 +445,10 @@ def train_one(
         model=model,
         args=_training_arguments(run_args, checkpoints, has_validation),
         train_dataset=splits["train"],
-        eval_dataset=splits.get("validation"),
+        eval_dataset=views["validation"][0] if has_validation else None,  # per view: the epoch curves
         data_collator=collate,
         processing_class=processor,
-        compute_metrics=make_compute_metrics(labels),
+        compute_metrics=make_compute_metrics(labels, views["validation"][1] if has_validation else None),
         compute_loss_func=make_loss(weights, run_args.label_smoothing),
         callbacks=trainer_callbacks,
         # The schedule is still the Trainer's. From scratch every layer is new: one learning rate.
@@ -425,9 +466,9 @@ def train_one(
     # Calibration: a temperature fitted on validation, judged on the evaluation split.
     temperature = 1.0
     if has_validation:
-        temperature = fit_temperature(_predict(trainer, splits["validation"]), [int(x) for x in splits["validation"].with_format(None)["label"]])
+        temperature = fit_temperature(_predict(trainer, *views["validation"]), [int(x) for x in splits["validation"].with_format(None)["label"]])
     eval_ds = splits[eval_name]
-    logits = _predict(trainer, eval_ds)
+    logits = _predict(trainer, *views[eval_name]) if eval_name in views else _predict(trainer, eval_ds, np.arange(len(eval_ds)))
     raw = eval_ds.with_format(None)
     y_true = [int(x) for x in raw["label"]]
     if len(y_true) != len(logits):
@@ -587,7 +628,7 @@ def cross_validate(
         "per_fold": per_fold, "spread": spread,
         "data": {"data_dir": report.root, "dataset": dataset_facts(report.root), "counts": dict(Counter(labels[i] for i in y))},
         "recipe": {"image_size": model_args.image_size, **recipe(run_args),
-                   "preprocessing": asdict(UltrasoundPreprocessor(crop=data_args.crop, mask_text=data_args.mask_text))},
+                   "preprocessing": asdict(data_args.preprocessor())},
     }
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
