@@ -16,7 +16,11 @@ the number to report is `train.py --cv`'s.
 `--shifts` also scores each held-out fold, after the last epoch, under fixed simulated machine
 differences (`thyroid_classifier.augment.device_shifts`: gain, depth gain, resolution, speckle,
 pixel aspect, burned-in calipers and text), beside the clean score; `--no-device_augment` trains
-without train.py's machine-difference augmentation, to compare.
+without train.py's machine-difference augmentation, to compare. `--no-split_views` trains and scores
+whole split-screen frames instead of their views (train.py's `--no_split_views`). Every run ends with
+a layout report: the pooled AUC on single-view frames and on split screens alone, and how well the
+score tells split screens from single views among malignant frames (DDTI's split screens are 41% of
+its malignant frames and 10% of its benign ones, so a model can score the layout, not the nodule).
 
 Options that are not (yet) in train.py, kept here because the resolve notes report them:
 `--hw HxW` (non-square input that keeps the frames' aspect), `--tirads_targets` (train on the six
@@ -24,7 +28,10 @@ TI-RADS levels of DDTI's manifest, score P(malignant) = P(4a) + ... + P(5)), `--
 the horizontally flipped image), `--roi_margin M` (train and test on the radiologist's nodule box
 from DDTI's outlines, widened by M a side: an oracle-localisation experiment), `--aux_weight W`
 (auxiliary heads on DDTI's per-case findings: composition, echogenicity, margins, calcifications,
-TI-RADS), `--freeze_bn` (BatchNorm statistics kept at their ImageNet values).
+TI-RADS), `--freeze_bn` (BatchNorm statistics kept at their ImageNet values), `--square_views`
+(each view at its own aspect: random near-square crops in training, the centred square at test),
+`--layout_weights` (training frames weighted by P(layout) / P(layout | class), so the layout is
+independent of the class in the weighted data).
 """
 
 from __future__ import annotations

@@ -96,3 +96,20 @@ def test_ddti_audit(ddti_dir, tmp_path):
     report = json.loads(out.read_text())
     assert report["counts"] == {"all": {"benign": 61, "malignant": 288}}
     assert report["unreadable"] == []
+    # DDTI's split screens: 6 of 61 benign frames, 117 of 288 malignant ones, a cue of the protocol.
+    assert report["split_screens"] == {"benign": 6, "malignant": 117}
+    assert report["class_cues"] == {"split screen": {"benign": round(6 / 61, 3), "malignant": round(117 / 288, 3)}}
+
+
+def test_frame_properties_that_differ_by_class_are_reported(sample_dir, tmp_path, capsys):
+    """A size or a screen layout that one class has far more often than another is reported; the
+    sample's split screens (every second case of every class) are not."""
+    assert audit_folder(sample_dir, progress=False).class_cues() == {}
+    root = tmp_path / "data"
+    for i in range(6):
+        write_image(root / "benign" / f"b{i}_1.png", seed=i, size=(48, 64))
+        write_image(root / "malignant" / f"m{i}_1.png", seed=10 + i, size=(48, 64) if i < 2 else (60, 80))
+    cues = audit_folder(root, progress=False).class_cues()
+    assert cues == {"size 64x48": {"benign": 1.0, "malignant": round(2 / 6, 3)}, "size 80x60": {"benign": 0.0, "malignant": round(4 / 6, 3)}}
+    assert main([str(root), "--quiet"]) == 0
+    assert "size 80x60: benign 0%, malignant 67%" in capsys.readouterr().out

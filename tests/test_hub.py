@@ -79,8 +79,12 @@ def test_card_cites_ddti_and_states_tirads(short_run, tmp_path):
     metrics["data"]["data_dir"] = "/data/shared/data/ddti/images"
     metrics["data"].pop("dataset", None)  # as in a run on DDTI: recognised from its folder
     (folder / "metrics.json").write_text(json.dumps(metrics))
+    audit = json.loads((out / "tiny-resnet" / "audit.json").read_text())
+    audit["class_cues"] = {"split screen": {"benign": 0.098, "malignant": 0.406}}  # what DDTI's audit finds
+    (folder / "audit.json").write_text(json.dumps(audit))
     text = render_card(folder).content
     assert "Pedraza L" in text and "doi:10.1117/12.2073532" in text and "TI-RADS" in text
+    assert "instead of the nodule: split screen (benign 10%, malignant 41%)" in text
 
 
 def test_push_uploads_exactly_the_publishable_files(short_run, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from scipy.fft import dctn
 from tqdm.auto import tqdm
 
 from .data import FileEntry, FolderScan, load_image_folder, scan_folder
-from .preprocess import MAX_PIXELS, UltrasoundPreprocessor, to_rgb
+from .preprocess import MAX_PIXELS, UltrasoundPreprocessor, find_views, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_NEAR_THRESHOLD = 8
 #: The split name of files left out of training (dropped duplicates).
 EXCLUDED = "excluded"
+#: A frame property whose rate differs by at least this much between two classes is reported.
+CUE_GAP = 0.2
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ImageInfo:
     mode: str = ""
     sha256: str = ""
     phash: int = 0
+    views: int = 0  # 2 for a split screen (preprocess.find_views)
 
 
 def perceptual_hash(image: Image.Image, crop: bool = True) -> int:
@@ -79,7 +82,9 @@ def inspect_file(path: Path, label: str, split: str) -> ImageInfo:
             probe.verify()  # structure and checksums
         with Image.open(path) as image:
             image.load()  # the pixels themselves: catches truncated JPEGs
-            info.phash = perceptual_hash(to_rgb(image))
+            region = UltrasoundPreprocessor(crop=True).apply(to_rgb(image))[0]
+            info.phash = perceptual_hash(region, crop=False)
+            info.views = len(find_views(np.asarray(region.convert("L"))))
     except Exception as exc:  # noqa: BLE001 - every failure is reported, none is fatal
         info.error = f"{type(exc).__name__}: {exc}"
     return info
@@ -147,6 +152,26 @@ class AuditReport:
         found += [{"a": a.path, "b": b.path, "kind": "near"} for a, b in self.near_pairs() if leaks(a, b)]
         return found
 
+    def class_cues(self) -> dict[str, dict[str, float]]:
+        """Properties of the frame, not of the nodule, whose rate differs between classes by at
+        least :data:`CUE_GAP` (share of each class's images): a model can learn them instead.
+        Checked: split screens and each image size held by at least 5% of the images."""
+        by_label: dict[str, list[ImageInfo]] = defaultdict(list)
+        for info in self.readable:
+            by_label[info.label].append(info)
+        if len(by_label) < 2:
+            return {}
+        sizes = Counter(f"{i.width}x{i.height}" for i in self.readable)
+        cues = {"split screen": lambda i: i.views == 2}
+        cues.update({f"size {size}": (lambda i, size=size: f"{i.width}x{i.height}" == size)
+                     for size, n in sizes.items() if n >= 0.05 * len(self.readable) and len(sizes) > 1})
+        found = {}
+        for name, has in cues.items():
+            shares = {label: sum(map(has, items)) / len(items) for label, items in sorted(by_label.items())}
+            if max(shares.values()) - min(shares.values()) >= CUE_GAP:
+                found[name] = {label: round(v, 3) for label, v in shares.items()}
+        return found
+
     def conflicts(self) -> list[list[str]]:
         """Byte-identical images filed under two or more labels."""
         return [[i.path for i in g] for g in self.exact_groups() if len({i.label for i in g}) > 1]
@@ -192,6 +217,8 @@ class AuditReport:
             "near_conflicts": self.near_conflicts(),
             "sizes": dict(Counter(f"{i.width}x{i.height}" for i in readable).most_common()),
             "modes": dict(Counter(i.mode for i in readable).most_common()),
+            "split_screens": dict(Counter(i.label for i in readable if i.views == 2)),
+            "class_cues": self.class_cues(),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -218,6 +245,8 @@ class AuditReport:
             ("LEAKAGE across splits", [f"[{x['kind']}] {x['a']} <-> {x['b']}" for x in d["leakage"]]),
             ("CONFLICTS: same image, different labels", [" | ".join(g) for g in d["conflicts"]]),
             ("near duplicates with different labels", [" | ".join(g) for g in d["near_conflicts"]]),
+            ("frame properties whose rate differs by class (a model can learn them instead of the nodule)",
+             [f"{cue}: " + ", ".join(f"{label} {share:.0%}" for label, share in shares.items()) for cue, shares in d["class_cues"].items()]),
         )
         for title, items in sections:
             lines.append(f"  {title}: {len(items)}")

@@ -102,7 +102,7 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
         "training_overlap": overlap,
         "device_shifts": {name: {key: classification_metrics(y, np.asarray(v), predictor.labels)[key] for key in ("roc_auc", "balanced_accuracy")}
                           for name, v in shifted.items()},
-        "audit": {k: v for k, v in report.to_dict().items() if k in ("counts", "exact_duplicates", "near_duplicates", "conflicts", "sizes", "modes")},
+        "audit": {k: v for k, v in report.to_dict().items() if k in ("counts", "exact_duplicates", "near_duplicates", "conflicts", "sizes", "modes", "split_screens", "class_cues")},
     }
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     with (out_dir / "predictions.csv").open("w", newline="") as f:

@@ -209,7 +209,10 @@ def _audit_text(path: Path) -> str:
     audit = json.loads(path.read_text())
     return (f"{len(audit.get('unreadable', []))} unreadable file(s) skipped; {len(audit.get('exact_duplicates', []))} group(s) of "
             f"byte-identical images and {len(audit.get('near_duplicates', []))} of near duplicates, each kept within one split; "
-            f"{len(audit.get('leakage', []))} leakage pair(s) across splits; {len(audit.get('conflicts', []))} label conflict(s).")
+            f"{len(audit.get('leakage', []))} leakage pair(s) across splits; {len(audit.get('conflicts', []))} label conflict(s)."
+            + "".join(f" Frame property whose rate differs by class, which a model can learn instead of the nodule: {cue} ("
+                      + ", ".join(f"{label} {share:.0%}" for label, share in shares.items()) + ")."
+                      for cue, shares in audit.get("class_cues", {}).items()))
 
 
 def write_card(folder: str | Path, repo_id: str | None = None) -> Path:
