@@ -16,8 +16,8 @@ the number to report is `train.py --cv`'s.
 `--shifts` also scores each held-out fold, after the last epoch, under fixed simulated machine
 differences (`thyroid_classifier.augment.device_shifts`: gain, depth gain, resolution, speckle,
 pixel aspect, burned-in calipers and text), beside the clean score; `--no-device_augment` trains
-without train.py's machine-difference augmentation, to compare. `--no-split_views` trains and scores
-whole split-screen frames instead of their views (train.py's `--no_split_views`). Every run ends with
+without train.py's machine-difference augmentation, to compare. `--split_views` trains and scores
+the views of split screens instead of whole frames (train.py's `--split_views`). Every run ends with
 a layout report: the pooled AUC on single-view frames and on split screens alone, and how well the
 score tells split screens from single views among malignant frames (DDTI's split screens are 41% of
 its malignant frames and 10% of its benign ones, so a model can score the layout, not the nodule).
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device_augment", action=argparse.BooleanOptionalAction, default=True,
                    help="randomise gain, depth gain, resolution, speckle and burned-in marks while training (train.py's default)")
     p.add_argument("--shifts", action="store_true", help="after the last epoch, also score each held-out fold under fixed device shifts (thyroid_classifier.augment.device_shifts)")
-    p.add_argument("--split_views", action=argparse.BooleanOptionalAction, default=True,
-                   help="split a split-screen frame into its views: train on one at random, average both at test (train.py's default)")
+    p.add_argument("--split_views", action="store_true",
+                   help="split a split-screen frame into its views: train on one at random, average both at test (train.py --split_views)")
     p.add_argument("--square_views", action="store_true", help="keep each view's aspect: random near-square crops in training, the centred square at test")
     p.add_argument("--layout_weights", action="store_true", help="weight training frames so that the screen layout (split or single) is independent of the class")
     p.add_argument("--freeze_bn", action="store_true", help="keep BatchNorm running statistics at their pretrained values")
@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     oof_ema = np.full_like(oof, np.nan)
     shifts = device_shifts(a.seed) if a.shifts else {}
     oof_shift = {name: np.full((len(y), len(labels)), np.nan) for name in shifts}
+    # Screen layout of every frame (1: single view, 2: split screen), whatever the model is shown.
+    layout_of = {path: len(find_views(np.asarray(UltrasoundPreprocessor()(Image.open(path)).convert("L")))) for path in raw["path"]}
     started = time.time()
     for k, (pool, held) in enumerate(folds[: a.folds], start=1):
         torch.manual_seed(a.seed + k)
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
             # Weight each training frame by P(layout) / P(layout | class): in the weighted data the
             # screen layout says nothing about the class (importance weights, as for any confounder).
             paths = train.with_format(None)["path"]
-            layouts = np.array([train_transforms.count_views(p_) for p_ in paths])
+            layouts = np.array([layout_of[p_] for p_ in paths])
             for c in set(train_y):
                 for lay in set(layouts.tolist()):
                     in_c = np.array(train_y) == c
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, probs in oof_shift.items():
             print(f"  {name}: {macro_auc(y[done], probs[done]):.3f} ({macro_auc(y[done], probs[done]) - clean:+.3f})")
     # Screen layout: is the score about the nodule, or about whether the frame is a split screen?
-    split = np.array([len(find_views(np.asarray(UltrasoundPreprocessor()(Image.open(path)).convert("L")))) == 2 for path in raw["path"]])
+    split = np.array([layout_of[path] == 2 for path in raw["path"]])
     last, sick = oof[-1][:, malignant], y == malignant
     for name, part in (("single-view frames", done & ~split), ("split screens", done & split)):
         if len(set(y[part])) == 2:

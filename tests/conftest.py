@@ -77,7 +77,7 @@ def short_run(tiny_models, sample_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("run")
     results = run(
-        DataArguments(data_dir=str(sample_dir)),
+        DataArguments(data_dir=str(sample_dir), split_views=True),  # the sample's split screens as views: that path end to end
         ModelArguments(model=[str(p) for p in tiny_models.values()], image_size=32),
         RunArguments(output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=8, bootstrap_resamples=50, early_stopping_patience=0,
                      learning_rate=3e-4),  # a tiny random model needs a bolder rate than fine-tuning a real one

@@ -65,6 +65,7 @@ def test_card_parses_back_and_its_numbers_are_metrics_json(short_run, name):
                     "## Calibration", "## Where the model looks", "## Plots", "## Limitations and bias", "## How to use"):
         assert section in text
     assert "not a diagnostic device" in text and "SYNTHETIC" in text
+    assert metrics["training"]["preprocessing"]["split_views"] and "split into its views" in text  # short_run splits them
     low, high = metrics["test"]["roc_auc"]["ci"]
     assert f"[{low:.3f}, {high:.3f}]" in text
 

@@ -76,7 +76,7 @@ def test_settings_round_trip(tmp_path):
     p = UltrasoundPreprocessor(crop=True, mask_text=True, threshold=9)
     p.save_pretrained(tmp_path)
     assert UltrasoundPreprocessor.from_pretrained(tmp_path) == p
-    assert UltrasoundPreprocessor.from_pretrained(tmp_path / "nothing") == UltrasoundPreprocessor(crop=False, split_views=False)
+    assert UltrasoundPreprocessor.from_pretrained(tmp_path / "nothing") == UltrasoundPreprocessor(crop=False)
 
 
 def test_split_screens_are_split_at_the_seam(sample_dir):
@@ -87,7 +87,7 @@ def test_split_screens_are_split_at_the_seam(sample_dir):
     for r in rows:
         image = Image.open(sample_dir / r["file"])
         region, (left, top, right, bottom) = UltrasoundPreprocessor().apply(image)
-        views, boxes = UltrasoundPreprocessor().views(image)
+        views, boxes = UltrasoundPreprocessor(split_views=True).views(image)
         if r["layout"] == "single":
             assert boxes == [(left, top, right, bottom)] and views[0].size == region.size
             continue
@@ -97,16 +97,16 @@ def test_split_screens_are_split_at_the_seam(sample_dir):
         assert len(boxes) == 2 and abs(boxes[0][2] - seam) <= 1, (r["file"], boxes, seam)
         assert boxes[0][2] == boxes[1][0] and boxes[0][0] == left and boxes[1][2] == right
         assert [v.size for v in views] == [(b[2] - b[0], b[3] - b[1]) for b in boxes]
-    # Off, or for a plain image that is not wide enough: one view.
+    # Off (the default), or for a plain image that is not wide enough: one view.
     image = Image.open(sample_dir / "malignant" / "3001_1.png")
-    assert len(UltrasoundPreprocessor(split_views=False).views(image)[0]) == 1
+    assert len(UltrasoundPreprocessor().views(image)[0]) == 1
     assert len(find_views(np.zeros((100, 140), np.uint8))) == 1
 
 
 @pytest.mark.parametrize("name, n", [("malignant/101_1.jpg", 2), ("benign/127_1.jpg", 2), ("benign/130_1.jpg", 1)])
 def test_real_split_screens(ddti_dir, name, n):
     image = Image.open(ddti_dir / "images" / name)
-    views, boxes = UltrasoundPreprocessor().views(image)
+    views, boxes = UltrasoundPreprocessor(split_views=True).views(image)
     assert len(views) == n
     if n == 2:  # DDTI's two views are equal halves
         assert abs((boxes[0][2] - boxes[0][0]) - (boxes[1][2] - boxes[1][0])) <= 4
@@ -115,5 +115,5 @@ def test_real_split_screens(ddti_dir, name, n):
 def test_folders_saved_before_views_were_split_keep_whole_frames(tmp_path):
     (tmp_path / "ultrasound_preprocessing.json").write_text('{"crop": true, "mask_text": false, "threshold": 12}')
     assert UltrasoundPreprocessor.from_pretrained(tmp_path).split_views is False
-    UltrasoundPreprocessor().save_pretrained(tmp_path)
+    UltrasoundPreprocessor(split_views=True).save_pretrained(tmp_path)
     assert UltrasoundPreprocessor.from_pretrained(tmp_path).split_views is True

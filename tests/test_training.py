@@ -302,8 +302,8 @@ def test_device_augment_trains_only_the_training_split_and_is_recorded(tiny_mode
     assert metrics["training"]["device_augment"] is True
     card = (tmp_path / "tiny-resnet" / "README.md").read_text()
     assert "device_augment" in card and "Training randomised gain" in card
-    # Split screens (the sample has them) are split by default, and the card says so.
-    assert metrics["training"]["preprocessing"]["split_views"] is True and "split into its views" in card
+    # Split screens (the sample has them) stay whole by default; short_run's models split them (card: test_hub).
+    assert metrics["training"]["preprocessing"]["split_views"] is False and "split into its views" not in card
 
 
 @pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
@@ -337,7 +337,7 @@ def test_training_draws_one_view_and_evaluation_reads_every_view(tiny_models, sa
 
     _, processor = build_model(get_spec(str(tiny_models["tiny-resnet"])), ["benign", "malignant"], "pretrained", 32)
     split, single = str(sample_dir / "malignant" / "3001_1.png"), str(sample_dir / "malignant" / "3000_1.png")
-    train = ImageTransforms(UltrasoundPreprocessor(), processor, 32, train=True)
+    train = ImageTransforms(UltrasoundPreprocessor(split_views=True), processor, 32, train=True)
     train.augment = lambda image: torch.as_tensor(np.asarray(image).copy())  # no augmentation: see the view itself
     views = [torch.as_tensor(np.asarray(v)) for v in train._load(split)]
     assert len(views) == 2 and views[0].shape == (32, 32, 3)
@@ -345,7 +345,7 @@ def test_training_draws_one_view_and_evaluation_reads_every_view(tiny_models, sa
     drawn = [train({"path": [split], "label": [1]})["pixel_values"][0] for _ in range(20)]
     assert {next(i for i, v in enumerate(views) if torch.equal(d, v)) for d in drawn} == {0, 1}
 
-    evaluation = ImageTransforms(UltrasoundPreprocessor(), processor, 32, train=False)
+    evaluation = ImageTransforms(UltrasoundPreprocessor(split_views=True), processor, 32, train=False)
     frames = Dataset.from_dict({"path": [single, split], "label": [1, 1]})
     rows, owner = expand_views(frames, evaluation)
     assert owner.tolist() == [0, 1, 1] and rows["view"] == [0, 0, 1]

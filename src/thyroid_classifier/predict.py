@@ -74,7 +74,7 @@ class Predictor:
         saved = local and (Path(name_or_path) / "preprocessor_config.json").is_file()
         processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs, **({"image_processor_filename": "preprocessor_config.json"} if saved else {}))
         folder = Path(name_or_path) if local else _hub_folder(name_or_path, local_only)
-        preprocessor = UltrasoundPreprocessor.from_pretrained(folder) if folder else UltrasoundPreprocessor(crop=False, split_views=False)
+        preprocessor = UltrasoundPreprocessor.from_pretrained(folder) if folder else UltrasoundPreprocessor(crop=False)
         info = json.loads((folder / "metrics.json").read_text()) if folder and (folder / "metrics.json").is_file() else {}
         temperature = getattr(model.config, "calibration_temperature", 1.0) if calibrated else 1.0
         if device:

@@ -10,10 +10,10 @@ them can learn the scanner instead of the thyroid, so the transform
 3. optionally masks burned-in text and caliper marks inside it (saturated white or coloured thin
    marks, filled by inpainting). Off by default: it is conservative, but any mask risks touching
    bright microcalcifications, a malignancy feature;
-4. splits a split-screen frame (two views of the nodule side by side) into its views, which are
-   predicted one at a time and averaged: squashed into one square, a split screen looks unlike any
-   single view, and on DDTI that layout alone tells the classes apart (41% of malignant frames,
-   10% of benign ones), a cue of the protocol that a model must not learn.
+4. optionally (``split_views``) splits a split-screen frame (two views of the nodule side by side)
+   into its views, which are predicted one at a time and averaged: on DDTI the layout alone tells
+   the classes apart (41% of malignant frames are split screens, 10% of benign ones). Off by
+   default: measured on DDTI, it did not remove the cue and lowered the AUC on single views too.
 
 :meth:`UltrasoundPreprocessor.apply` also returns the crop box so heatmaps can be mapped back onto
 the image the user gave.
@@ -171,8 +171,9 @@ class UltrasoundPreprocessor:
     mask_text: bool = False
     threshold: int = 12
     #: Predict a split-screen frame's two views one at a time and average them (the layout itself
-    #: is a property of the scanner and the protocol, not of the nodule).
-    split_views: bool = True
+    #: is a property of the scanner and the protocol, not of the nodule). Off by default: on DDTI
+    #: it did not stop the model from telling the layouts apart and it scored worse (README).
+    split_views: bool = False
 
     def apply(self, image: Image.Image) -> tuple[Image.Image, Box]:
         """The preprocessed RGB image and its crop box in the (upright, RGB) input's pixels."""
@@ -210,7 +211,6 @@ class UltrasoundPreprocessor:
         """Read the saved settings; a folder without them (e.g. a plain Hub model) gets no-op settings."""
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
-            return cls(crop=False, mask_text=False, split_views=False)
+            return cls(crop=False, mask_text=False)
         fields = json.loads(path.read_text())
-        fields.setdefault("split_views", False)  # folders saved before views were split saw whole frames
         return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})

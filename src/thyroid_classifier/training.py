@@ -68,7 +68,7 @@ class DataArguments:
     near_threshold: int = field(default=DEFAULT_NEAR_THRESHOLD, metadata={"help": "Hamming distance (of 64 bits) under which two images are near duplicates."})
     crop: bool = field(default=True, metadata={"help": "Crop each frame to the ultrasound region (drops borders and settings panels)."})
     mask_text: bool = field(default=False, metadata={"help": "Also mask burned-in text and caliper marks inside the region (inpainting)."})
-    split_views: bool = field(default=True, metadata={"help": "Split a split-screen frame into its two views: training sees one at random, prediction averages both (--no_split_views: whole frames). The layout is the protocol's, not the nodule's."})
+    split_views: bool = field(default=False, metadata={"help": "Split a split-screen frame into its two views: training sees one at random, evaluation and prediction average both. Off by default: on DDTI it scored worse and the model still told the layouts apart (README, 'Preprocessing')."})
 
     def preprocessor(self) -> UltrasoundPreprocessor:
         return UltrasoundPreprocessor(crop=self.crop, mask_text=self.mask_text, split_views=self.split_views)
