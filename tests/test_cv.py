@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from conftest import write_image
 from thyroid_classifier.data import cv_folds
@@ -62,6 +63,15 @@ def test_cv_writes_pooled_metrics_equal_to_a_manual_computation(cv_run, sample_d
     ci = bootstrap_intervals(y, probs, labels, groups=[r["group"] for r in rows], n_resamples=50, seed=42)
     assert cv["pooled"]["roc_auc"]["ci"] == pytest.approx(ci["roc_auc"], abs=1e-3)  # resampled by patient
     assert cv["spread"]["roc_auc"]["min"] <= cv["spread"]["roc_auc"]["mean"] <= cv["spread"]["roc_auc"]["max"]
+    # The layout report: the sample's split screens (manifest) and AUCs recomputed by hand.
+    layout = {r["file"].split("/")[-1]: r["layout"] for r in csv.DictReader((sample_dir / "manifest.csv").open())}
+    split = np.array([layout[r["path"].split("/")[-1]] == "split" for r in rows])
+    by_layout = cv["by_layout"]
+    assert by_layout["split_screen"]["n"] == split.sum() == 18 and by_layout["single_view"]["n"] == 18
+    y = np.array(y)
+    assert by_layout["single_view"]["roc_auc"] == pytest.approx(classification_metrics(y[~split], probs[~split], labels)["roc_auc"], abs=1e-6)
+    k = labels.index("malignant")
+    assert by_layout["layout_auc"]["malignant"] == pytest.approx(roc_auc_score(split[y == k], probs[y == k, k]), abs=1e-6)
 
 
 def test_external_evaluation_flags_shared_images_and_unknown_classes(short_run, sample_dir, tmp_path, capsys):
@@ -109,3 +119,20 @@ def test_external_evaluation_scores_simulated_machine_shifts(short_run, sample_d
     probs = np.array([[res.probabilities[c] for c in predictor.labels] for res in results])
     assert report["device_shifts"][name]["roc_auc"] == pytest.approx(classification_metrics(y, probs, predictor.labels)["roc_auc"], abs=1e-6)
     assert "Simulated machine differences" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_cv_final_model_carries_the_cv_numbers_into_its_card(tiny_models, sample_dir, tmp_path):
+    """--cv_final: a model trained on all the data whose card states the cross-validation numbers,
+    the layout report included (the sample has split screens)."""
+    run(
+        DataArguments(data_dir=str(sample_dir)),
+        ModelArguments(model=[str(tiny_models["tiny-resnet"])], image_size=32),
+        RunArguments(output_dir=str(tmp_path), num_train_epochs=1, cv=2, cv_final=True, bootstrap_resamples=20, per_device_train_batch_size=8),
+    )
+    cv = json.loads((tmp_path / "tiny-resnet" / "cv_metrics.json").read_text())
+    metrics = json.loads((tmp_path / "tiny-resnet" / "metrics.json").read_text())
+    assert metrics["cross_validation"]["pooled"] == cv["pooled"] and metrics["cross_validation"]["by_layout"] == cv["by_layout"]
+    card = (tmp_path / "tiny-resnet" / "README.md").read_text()
+    auc = cv["pooled"]["roc_auc"]
+    assert f"2-fold, grouped by patient, pooled out-of-fold macro ROC AUC {auc['value']:.3f} [{auc['ci'][0]:.3f}, {auc['ci'][1]:.3f}]" in card
+    assert f"On single-view frames alone (n = {cv['by_layout']['single_view']['n']})" in card

@@ -238,7 +238,10 @@ def group_holdout(labels: Sequence[str], groups: Sequence[str], fraction: float,
     n_groups = len(set(groups))
     if n_groups < 2:
         raise DataError("cannot split: all images belong to one group (patient / case)")
-    n_splits = int(min(max(2, round(1 / fraction)), n_groups))
+    # Very small data: at most as many splits as the largest class has members (sklearn refuses
+    # more), so the held-out share grows rather than the run failing.
+    largest = max(Counter(labels).values())
+    n_splits = int(max(2, min(round(1 / fraction), n_groups, largest)))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     _, held = next(splitter.split(np.zeros(len(labels)), labels, groups))
     mask = np.zeros(len(labels), dtype=bool)

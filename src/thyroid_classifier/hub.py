@@ -164,6 +164,12 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         pooled = cv["pooled"]
         cv_text = (f"{cv['k']}-fold, grouped by patient, pooled out-of-fold macro ROC AUC {_fmt(pooled['roc_auc']['value'])} "
                    f"{_ci(pooled['roc_auc']['ci'])}, balanced accuracy {_fmt(pooled['balanced_accuracy']['value'])} {_ci(pooled['balanced_accuracy']['ci'])}.")
+        layout = cv.get("by_layout")
+        if layout:  # the screen layout can stand in for the label: say how much the score follows it
+            cv_text += (f" On single-view frames alone (n = {layout['single_view']['n']}) the pooled AUC is {_fmt(layout['single_view']['roc_auc'])}, "
+                        f"on split screens alone (n = {layout['split_screen']['n']}) {_fmt(layout['split_screen']['roc_auc'])}; within a class, the "
+                        "score tells split screens from single views with AUC " + ", ".join(f"{label} {_fmt(v)}" for label, v in layout["layout_auc"].items())
+                        + " (0.5 would mean not at all).")
     calibration = metrics.get("calibration", {})
     kwargs = dict(
         model_name=f"thyroid-{metrics['model']}",

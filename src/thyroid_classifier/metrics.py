@@ -74,6 +74,24 @@ def macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else math.nan
 
 
+def layout_breakdown(y_true: Sequence[int], probs: np.ndarray, split: np.ndarray, label_names: Sequence[str]) -> dict:
+    """Does the score follow the screen layout? Macro AUC on single-view frames and on split screens
+    alone, and, within each class, how well that class's probability tells split screens from
+    single views (AUC; 0.5: not at all, a model that scores the nodule only stays near it)."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p, split = np.asarray(y_true), np.asarray(probs, dtype=np.float64), np.asarray(split, dtype=bool)
+    out: dict = {}
+    for name, part in (("single_view", ~split), ("split_screen", split)):
+        out[name] = {"n": int(part.sum()), "roc_auc": macro_auc(y[part], p[part]) if len(set(y[part].tolist())) > 1 else math.nan}
+    out["layout_auc"] = {}
+    for k, label in enumerate(label_names):
+        mine = y == k
+        if len(set(split[mine].tolist())) == 2:
+            out["layout_auc"][label] = float(roc_auc_score(split[mine], p[mine, k]))
+    return out
+
+
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, label_names: Sequence[str]) -> dict:
     """All point estimates for one set of predictions (``probs``: n x classes, rows sum to 1)."""
     y = np.asarray(y_true, dtype=np.int64)

@@ -37,6 +37,7 @@ from .metrics import (
     expected_calibration_error,
     fit_temperature,
     frame_logits,
+    layout_breakdown,
     softmax,
     with_intervals,
 )
@@ -630,6 +631,11 @@ def cross_validate(
         "recipe": {"image_size": model_args.image_size, **recipe(run_args),
                    "preprocessing": asdict(data_args.preprocessor())},
     }
+    # Split screens can stand in for the label (on DDTI they do): report how the score follows them.
+    views_of = {info.path: info.views for info in report.images}
+    split = np.array([views_of.get(p) == 2 for p in paths])
+    if split.any() and not split.all():
+        cv["by_layout"] = layout_breakdown(y, oof, split, labels)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cv_metrics.json").write_text(json.dumps(cv, indent=2, default=float) + "\n")
@@ -643,13 +649,18 @@ def cross_validate(
         print(f"{spec.name}: {run_args.cv}-fold CV pooled macro ROC AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] "
               f"(folds {spread['roc_auc']['mean']:.3f} ± {spread['roc_auc']['sd']:.3f}), balanced accuracy "
               f"{cv['pooled']['balanced_accuracy']['value']:.3f}, n={len(y)}, {wall / 60:.1f} min -> {out / 'cv_metrics.json'}")
+        if "by_layout" in cv:
+            b = cv["by_layout"]
+            print(f"{spec.name}: split screens {b['split_screen']['n']} of {len(y)} frames; AUC on single-view frames {b['single_view']['roc_auc']:.3f}, "
+                  f"on split screens {b['split_screen']['roc_auc']:.3f}; within each class the score tells split screens from single views with AUC "
+                  + ", ".join(f"{label} {v:.2f}" for label, v in b["layout_auc"].items()) + " (0.5: it does not)")
     if run_args.cv_final:
         final_data = with_validation(full, data_args, run_args.seed)
         result = train_one(spec, final_data, report, data_args, model_args, run_args, callbacks, cache=cache)
         if state.is_main_process:
             path = out / "metrics.json"
             metrics = json.loads(path.read_text())
-            metrics["cross_validation"] = {k: cv[k] for k in ("k", "n", "groups", "pooled", "spread")}
+            metrics["cross_validation"] = {k: cv[k] for k in ("k", "n", "groups", "pooled", "spread", "by_layout") if k in cv}
             path.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
             write_card(out)
         del result
