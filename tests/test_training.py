@@ -132,6 +132,18 @@ def test_metrics_equal_sklearn():
     assert ThyroidMetrics(["normal", "benign", "malignant"]).compute(predictions=probs, references=y)["roc_auc"] == pytest.approx(ours["roc_auc"])
 
 
+def test_frame_logits_average_view_probabilities():
+    from thyroid_classifier.metrics import frame_logits
+
+    z = np.random.default_rng(0).normal(size=(5, 3)) * 20  # very confident views too
+    owner = np.array([0, 1, 1, 2, 3])
+    frames = frame_logits(z, owner, 4)
+    p = softmax(z)
+    np.testing.assert_allclose(softmax(frames), np.stack([p[0], (p[1] + p[2]) / 2, p[3], p[4]]), atol=1e-12)
+    # One view per frame: the same probabilities at any temperature (a per-row shift of the logits).
+    np.testing.assert_allclose(softmax(frames[[0, 2, 3]], 2.5), softmax(z[[0, 3, 4]], 2.5), atol=1e-12)
+
+
 def test_ece_and_temperature():
     # Perfectly calibrated by construction: confidence 0.8 and 80% correct -> ECE 0.
     y = np.array([0] * 8 + [1] * 2)

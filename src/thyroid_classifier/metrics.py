@@ -38,10 +38,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 def frame_logits(view_logits: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     """A frame's logits from its views': the log of the views' mean probability, so that softmax
     gives the average (the Predictor does the same)."""
-    probs = softmax(view_logits)
-    total = np.zeros((n, probs.shape[1]))
-    np.add.at(total, owner, probs)
-    return np.log(np.clip(total / np.bincount(owner, minlength=n)[:, None], 1e-12, None))
+    z = np.asarray(view_logits, dtype=np.float64)
+    m = z.max(axis=1, keepdims=True)
+    log_p = z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))  # log-softmax, stable
+    total = np.full((n, z.shape[1]), -np.inf)
+    np.logaddexp.at(total, owner, log_p)  # log of the sum of each frame's view probabilities
+    return total - np.log(np.bincount(owner, minlength=n))[:, None]
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
