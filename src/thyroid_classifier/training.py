@@ -174,7 +174,9 @@ class ImageTransforms:
     def __call__(self, batch: dict) -> dict:
         loaded = [self._load(p) for p in batch["path"]]
         if self.train:
-            pixels = [self.augment(views[int(torch.randint(len(views), ()))]) for views in loaded]
+            # A random view of a split screen; a single view draws nothing (the augmentation's random
+            # stream, and so a seeded run, stays what it was before views existed).
+            pixels = [self.augment(views[int(torch.randint(len(views), ()))] if len(views) > 1 else views[0]) for views in loaded]
         else:
             chosen = batch.get("view") or [0] * len(loaded)
             pixels = [views[v] for views, v in zip(loaded, chosen, strict=True)]
