@@ -448,7 +448,7 @@ def train_one(
         model=model,
         args=_training_arguments(run_args, checkpoints, has_validation),
         train_dataset=splits["train"],
-        eval_dataset=views["validation"][0] if has_validation else None,  # per view: the epoch curves
+        eval_dataset=views["validation"][0] if has_validation else None,  # a row per view; compute_metrics scores frames
         data_collator=collate,
         processing_class=processor,
         compute_metrics=make_compute_metrics(labels, views["validation"][1] if has_validation else None),
