@@ -45,7 +45,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from datasets import concatenate_datasets
 from timm.utils import ModelEmaV3
 from transformers import get_cosine_schedule_with_warmup
@@ -55,9 +54,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from thyroid_classifier.audit import audited_dataset  # noqa: E402
 from thyroid_classifier.augment import device_shifts  # noqa: E402
 from thyroid_classifier.data import GroupSpec, cv_folds  # noqa: E402
-from thyroid_classifier.metrics import frame_logits, macro_auc, softmax  # noqa: E402
+from thyroid_classifier.metrics import frame_logits, layout_breakdown, macro_auc, softmax  # noqa: E402
 from thyroid_classifier.models import build_model, get_spec  # noqa: E402
-from thyroid_classifier.preprocess import UltrasoundPreprocessor, find_views  # noqa: E402
+from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
 from thyroid_classifier.training import (  # noqa: E402
     DataArguments,
     ImageTransforms,
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help=".npz with the per-epoch out-of-fold probabilities")
     a = p.parse_args(argv)
 
-    dataset, _ = audited_dataset(a.data_dir, drop_duplicates="none", near_threshold=8, progress=False,
+    dataset, report = audited_dataset(a.data_dir, drop_duplicates="none", near_threshold=8, progress=False,
                                  validation_size=0.0, test_size=0.0, seed=a.seed, groups=GroupSpec())
     full = concatenate_datasets(list(dataset.values())) if len(dataset) > 1 else dataset["train"]
     raw = full.with_format(None)
@@ -238,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     oof_ema = np.full_like(oof, np.nan)
     shifts = device_shifts(a.seed) if a.shifts else {}
     oof_shift = {name: np.full((len(y), len(labels)), np.nan) for name in shifts}
-    # Screen layout of every frame (1: single view, 2: split screen), whatever the model is shown.
-    layout_of = {path: len(find_views(np.asarray(UltrasoundPreprocessor()(Image.open(path)).convert("L")))) for path in raw["path"]}
+    # Screen layout of every frame (1: single view, 2: split screen), whatever the model is shown: the audit found it.
+    layout_of = {info.path: info.views for info in report.images}
     started = time.time()
     for k, (pool, held) in enumerate(folds[: a.folds], start=1):
         torch.manual_seed(a.seed + k)
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
                                           weight=weights, label_smoothing=a.label_smoothing, reduction="none")
                     w = batch["weight"].to(per.dtype)
                     loss = (per * w).sum() / (weights[batch["labels"]] * w).sum()
-                else:
+                else:  # kept as it was, so earlier runs' numbers repeat to the last digit
                     loss = F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"],
                                            weight=weights, label_smoothing=a.label_smoothing)
                 if a.aux_weight:
@@ -369,15 +368,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name}: {macro_auc(y[done], probs[done]):.3f} ({macro_auc(y[done], probs[done]) - clean:+.3f})")
     # Screen layout: is the score about the nodule, or about whether the frame is a split screen?
     split = np.array([layout_of[path] == 2 for path in raw["path"]])
-    last, sick = oof[-1][:, malignant], y == malignant
-    for name, part in (("single-view frames", done & ~split), ("split screens", done & split)):
-        if len(set(y[part])) == 2:
-            print(f"last epoch, pooled AUC on {name} only: {macro_auc(y[part], oof[-1, part]):.3f} (n={part.sum()}, benign {(part & ~sick).sum()})")
-    if (done & sick & split).any() and (done & sick & ~split).any():
-        from sklearn.metrics import roc_auc_score
-
+    layout = layout_breakdown(y[done], oof[-1, done], split[done], labels)
+    for key, name in (("single_view", "single-view frames"), ("split_screen", "split screens")):
+        if not np.isnan(layout[key]["roc_auc"]):  # one class only (a single fold can have no benign split screen)
+            print(f"last epoch, pooled AUC on {name} only: {layout[key]['roc_auc']:.3f} (n={layout[key]['n']})")
+    if "malignant" in layout["layout_auc"]:
         print(f"layout in the score: among malignant frames, P(malignant) tells split screens from single views with AUC "
-              f"{roc_auc_score(split[done & sick], last[done & sick]):.3f} (0.5: not at all)")
+              f"{layout['layout_auc']['malignant']:.3f} (0.5: not at all)")
     print(f"wall {time.time() - started:.0f} s")
 
 

@@ -159,12 +159,12 @@ def make_sample_dataset(
             case = f"{li + 1}{c:03d}"
             rng = np.random.default_rng([seed, li, c])
             nodule = _case_nodule(rng, label, size)
+            split = split_screen_every > 0 and c % split_screen_every == split_screen_every - 1  # a case's frames share a layout
             for frame in range(1, frames_per_case + 1):
                 # A second frame: the probe moved a little; the same nodule, new speckle.
                 jitter = rng.normal(0, 3, 2) if frame > 1 else np.zeros(2)
                 frame_nodule = None if nodule is None else Nodule(nodule.cx + jitter[0], nodule.cy + jitter[1], nodule.rx, nodule.ry)
                 view = ("DER", "IZQ")[frame % 2]
-                split = split_screen_every > 0 and c % split_screen_every == split_screen_every - 1
                 if split:
                     image, frame_nodule = _split_frame(rng, label, frame_nodule, size, view)
                 else:
