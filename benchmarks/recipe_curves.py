@@ -31,7 +31,10 @@ from DDTI's outlines, widened by M a side: an oracle-localisation experiment), `
 TI-RADS), `--freeze_bn` (BatchNorm statistics kept at their ImageNet values), `--square_views`
 (each view at its own aspect: random near-square crops in training, the centred square at test),
 `--layout_weights` (training frames weighted by P(layout) / P(layout | class), so the layout is
-independent of the class in the weighted data).
+independent of the class in the weighted data), `--seg_weight W` (an auxiliary 1x1-conv head that
+outlines the nodule from DDTI's radiologist outlines on the last feature map, or at stride 16 with
+`--seg_stride 16`; the classifier alone is scored), `--layer_decay D` (layer-wise learning-rate decay:
+each block below the top learns D times slower than the one above it).
 """
 
 from __future__ import annotations
@@ -136,6 +139,60 @@ class SquareViewTransforms(ImageTransforms):
         return cached
 
 
+class OutlineTransforms(ImageTransforms):
+    """ImageTransforms whose training examples also carry the radiologist's nodule outline as a mask
+    (``outline``: 1 x H x W in [0, 1], all -1 where the frame has no usable outline), moved by the same
+    crop, flip and rotation as the image: the target of ``--seg_weight``'s auxiliary head."""
+
+    def __init__(self, preprocessor, processor, size: int, train: bool, cache: dict, xml_dir: Path, device_augment: bool) -> None:
+        from torchvision.transforms import v2
+
+        super().__init__(preprocessor, processor, size, train, cache, device_augment=device_augment)
+        self.xml_dir = xml_dir
+        steps = self.augment.transforms
+        self.geometric = v2.Compose(steps[:4])  # ToImage, RandomResizedCrop, flip, rotation: image and mask together
+        self.photometric = v2.Compose(steps[4:])  # gain, dtype, device shifts, normalise: image only
+
+    def _masks(self, path: str) -> list:
+        from PIL import Image
+
+        from thyroid_classifier.explain import ddti_outlines, frame_number, outline_mask
+
+        key = (path, "outline")
+        if key not in self._cache:
+            with self._open(path) as image:
+                width, height = image.size
+                boxes = self.preprocessor.views(image)[1]
+            frame = frame_number(path)
+            xml = self.xml_dir / f"{frame[0]}.xml" if frame else None
+            polygons = ddti_outlines(xml).get(frame[1]) if xml is not None and xml.is_file() else None
+            masks = []
+            for box in boxes:
+                if polygons:
+                    full = Image.fromarray(outline_mask(polygons, (width, height)).astype(np.uint8) * 255)
+                    masks.append(full.crop(box).resize(self.train_size, Image.Resampling.BILINEAR))
+                else:
+                    masks.append(None)
+            self._cache[key] = masks
+        return self._cache[key]
+
+    def __call__(self, batch: dict) -> dict:
+        if not self.train:
+            return super().__call__(batch)
+        from torchvision import tv_tensors
+
+        pixels, outlines = [], []
+        for path in batch["path"]:
+            views, masks = self._load(path), self._masks(path)
+            i = int(torch.randint(len(views), ())) if len(views) > 1 else 0
+            mask = masks[i]
+            target = tv_tensors.Mask(torch.from_numpy(np.asarray(mask if mask is not None else np.zeros(views[i].size[::-1], np.uint8))).unsqueeze(0))
+            image, target = self.geometric(views[i], target)
+            pixels.append(self.photometric(image))
+            outlines.append(target.float() / 255 if mask is not None else torch.full(target.shape, -1.0))
+        return {"pixel_values": pixels, "labels": batch["label"], "outline": outlines}
+
+
 #: DDTI's per-case findings grouped into ordered levels (benign-looking first); "" = not reported.
 FINDINGS = {
     "composition": {"cystic": 0, "spongiform": 0, "predominantly cystic": 0, "predominantly solid": 1, "solid": 2, "dense": 2},
@@ -178,6 +235,8 @@ def collate_findings(examples):
     out = collate(examples)
     if "findings" in examples[0]:
         out["findings"] = torch.tensor([e["findings"] for e in examples], dtype=torch.long)
+    if "outline" in examples[0]:
+        out["outline"] = torch.stack([e["outline"] for e in examples])
     if "weight" in examples[0]:
         out["weight"] = torch.tensor([e["weight"] for e in examples], dtype=torch.float32)
     return out
@@ -211,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="split a split-screen frame into its views: train on one at random, average both at test (train.py --split_views)")
     p.add_argument("--square_views", action="store_true", help="keep each view's aspect: random near-square crops in training, the centred square at test")
     p.add_argument("--layout_weights", action="store_true", help="weight training frames so that the screen layout (split or single) is independent of the class")
+    p.add_argument("--seg_weight", type=float, default=0.0, help="weight of an auxiliary 1x1-conv head that outlines the nodule on the last feature map (DDTI's outlines; dropped after training)")
+    p.add_argument("--seg_stride", type=int, default=32, choices=[16, 32], help="feature map the outline head reads: the last (stride 32) or stride 16")
+    p.add_argument("--layer_decay", type=float, default=None, help="layer-wise learning-rate decay (timm's param_groups_layer_decay): each block below the top gets this factor more; the classifier keeps lr x head_lr_multiplier")
     p.add_argument("--freeze_bn", action="store_true", help="keep BatchNorm running statistics at their pretrained values")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
@@ -264,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
             lambda train_: ImageTransforms(prep, processor, a.size, train_, cache, device_augment=a.device_augment and train_))
         if a.square_views:
             make = lambda train_: SquareViewTransforms(prep, processor, a.size, train_, cache, device_augment=a.device_augment and train_)  # noqa: E731
+        if a.seg_weight:
+            make = lambda train_: OutlineTransforms(prep, processor, a.size, train_, cache, Path(a.xml_dir), a.device_augment and train_)  # noqa: E731
         if a.roi_margin is not None:
             make = lambda train_: RoiTransforms(prep, processor, a.size, train_, cache, Path(a.xml_dir), a.roi_margin)  # noqa: E731
         train_transforms = make(True)
@@ -291,7 +355,16 @@ def main(argv: list[str] | None = None) -> None:
         test_views, owner = expand_views(test, test_transforms)
         test_views.set_transform(test_transforms, columns=["path", "label", *(["view"] if "view" in test_views.column_names else [])])
         optimizer = make_optimizer(model, run_args, a.head_lr_multiplier if a.init == "pretrained" else 1.0)
-        loader = torch.utils.data.DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=collate_findings if a.aux_weight or a.layout_weights else collate)
+        if a.layer_decay:
+            from timm.optim import param_groups_layer_decay
+
+            groups = param_groups_layer_decay(model.timm_model, weight_decay=a.weight_decay, layer_decay=a.layer_decay)
+            top = max(g["lr_scale"] for g in groups)  # the classifier's group
+            for g in groups:
+                g["lr"] = a.lr * (a.head_lr_multiplier if g["lr_scale"] == top else g["lr_scale"])
+            optimizer = torch.optim.AdamW(groups, lr=a.lr)
+            print("layer-wise learning rates: " + ", ".join(f"{g['lr']:.2g}" for g in groups[::2]), flush=True)
+        loader = torch.utils.data.DataLoader(train, batch_size=a.batch, shuffle=True, collate_fn=collate_findings if a.aux_weight or a.layout_weights or a.seg_weight else collate)
         pooled: dict = {}
         heads = torch.nn.ModuleList()
         if a.aux_weight:
@@ -299,6 +372,17 @@ def main(argv: list[str] | None = None) -> None:
             classifier.register_forward_hook(lambda m, inp, out: pooled.__setitem__("x", inp[0]))
             heads = torch.nn.ModuleList(torch.nn.Linear(classifier.in_features, len(v) if k == "tirads" else 3) for k, v in FINDINGS.items())
             optimizer.add_param_group({"params": list(heads.parameters()), "lr": a.lr * a.head_lr_multiplier, "weight_decay": a.weight_decay})
+        feature_map: dict = {}
+        seg_head = None
+        if a.seg_weight:
+            timm_model = model.timm_model
+            tap = timm_model.bn2 if a.seg_stride == 32 else timm_model.blocks[-3]
+            tap.register_forward_hook(lambda m, inp, out: feature_map.__setitem__("x", out))
+            timm_model.eval()
+            with torch.no_grad():
+                timm_model.forward_features(torch.zeros(1, 3, a.size, a.size))
+            seg_head = torch.nn.Conv2d(feature_map["x"].shape[1], 1, 1)
+            optimizer.add_param_group({"params": list(seg_head.parameters()), "lr": a.lr * a.head_lr_multiplier, "weight_decay": a.weight_decay})
         steps = a.epochs * len(loader)
         schedule = get_cosine_schedule_with_warmup(optimizer, int(a.warmup_ratio * steps), steps)  # Trainer's "cosine"
         ema = ModelEmaV3(model, decay=a.ema_decay)  # what train.py --ema_decay uses
@@ -346,6 +430,13 @@ def main(argv: list[str] | None = None) -> None:
                         target = batch["findings"][:, j]
                         if (target >= 0).any():
                             loss = loss + a.aux_weight * F.cross_entropy(head(pooled["x"]), target, ignore_index=-100)
+                if a.seg_weight:
+                    fm = feature_map["x"]
+                    target = F.adaptive_avg_pool2d(batch["outline"], fm.shape[-2:])  # share of each cell inside the outline
+                    known = (batch["outline"][:, 0, 0, 0] >= 0)
+                    if known.any():
+                        logit = seg_head(fm.float())[known]
+                        loss = loss + a.seg_weight * F.binary_cross_entropy_with_logits(logit, target[known])
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
