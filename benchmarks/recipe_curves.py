@@ -34,7 +34,9 @@ TI-RADS), `--freeze_bn` (BatchNorm statistics kept at their ImageNet values), `-
 independent of the class in the weighted data), `--seg_weight W` (an auxiliary 1x1-conv head that
 outlines the nodule from DDTI's radiologist outlines on the last feature map, or at stride 16 with
 `--seg_stride 16`; the classifier alone is scored), `--layer_decay D` (layer-wise learning-rate decay:
-each block below the top learns D times slower than the one above it).
+each block below the top learns D times slower than the one above it), `--plain --constant_lr` (the
+issue's plain fine-tuning loop for comparison: whole frames, flips only; see `--plain`'s help for the
+settings that go with it).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from thyroid_classifier.training import (  # noqa: E402
     expand_views,
     make_optimizer,
     with_validation,
+    write_cv_predictions,
 )
 
 TIRADS = ["2", "3", "4a", "4b", "4c", "5"]  # 2-3: benign, 4a-5: malignant (DDTI's convention)
@@ -273,10 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seg_weight", type=float, default=0.0, help="weight of an auxiliary 1x1-conv head that outlines the nodule on the last feature map (DDTI's outlines; dropped after training)")
     p.add_argument("--seg_stride", type=int, default=32, choices=[16, 32], help="feature map the outline head reads: the last (stride 32) or stride 16")
     p.add_argument("--layer_decay", type=float, default=None, help="layer-wise learning-rate decay (timm's param_groups_layer_decay): each block below the top gets this factor more; the classifier keeps lr x head_lr_multiplier")
+    p.add_argument("--plain", action="store_true", help="the issue's plain fine-tuning loop: whole frame (no ultrasound crop), horizontal flips only; pair with --lr 3e-4 --head_lr_multiplier 1 --label_smoothing 0 --weight_decay 0.01 --warmup_ratio 0 --constant_lr")
+    p.add_argument("--constant_lr", action="store_true", help="no schedule: the learning rate stays where it starts")
     p.add_argument("--freeze_bn", action="store_true", help="keep BatchNorm running statistics at their pretrained values")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", required=True, help=".npz with the per-epoch out-of-fold probabilities")
+    p.add_argument("--out", required=True, help=".npz with the per-epoch out-of-fold probabilities (and, when every fold ran, a .csv beside it with the last epoch's, for thyroid_classifier.compare)")
     a = p.parse_args(argv)
 
     dataset, report = audited_dataset(a.data_dir, drop_duplicates="none", near_threshold=8, progress=False,
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         if hw:
             processor.size = {"height": hw[0], "width": hw[1]}
         model = model.to(memory_format=torch.channels_last)
-        prep = UltrasoundPreprocessor(split_views=a.split_views)
+        prep = UltrasoundPreprocessor(split_views=a.split_views, crop=not a.plain)
         make = (lambda train_: NonSquareTransforms(prep, processor, hw, train_, cache)) if hw else (
             lambda train_: ImageTransforms(prep, processor, a.size, train_, cache, device_augment=a.device_augment and train_))
         if a.square_views:
@@ -331,6 +336,11 @@ def main(argv: list[str] | None = None) -> None:
         if a.roi_margin is not None:
             make = lambda train_: RoiTransforms(prep, processor, a.size, train_, cache, Path(a.xml_dir), a.roi_margin)  # noqa: E731
         train_transforms = make(True)
+        if a.plain:
+            from torchvision.transforms import v2
+
+            train_transforms.augment = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                                                   v2.Normalize(processor.image_mean, processor.image_std)])
         layout_weight = {}
         if a.layout_weights:
             # Weight each training frame by P(layout) / P(layout | class): in the weighted data the
@@ -384,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
             seg_head = torch.nn.Conv2d(feature_map["x"].shape[1], 1, 1)
             optimizer.add_param_group({"params": list(seg_head.parameters()), "lr": a.lr * a.head_lr_multiplier, "weight_decay": a.weight_decay})
         steps = a.epochs * len(loader)
-        schedule = get_cosine_schedule_with_warmup(optimizer, int(a.warmup_ratio * steps), steps)  # Trainer's "cosine"
+        schedule = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0) if a.constant_lr
+                    else get_cosine_schedule_with_warmup(optimizer, int(a.warmup_ratio * steps), steps))  # Trainer's "cosine"
         ema = ModelEmaV3(model, decay=a.ema_decay)  # what train.py --ema_decay uses
         test_loader = torch.utils.data.DataLoader(test_views, batch_size=64, collate_fn=collate)
 
@@ -449,6 +460,11 @@ def main(argv: list[str] | None = None) -> None:
         for name, shift in shifts.items():
             oof_shift[name][held] = predict(model, shift)
     np.savez(a.out, oof=oof, oof_ema=oof_ema, y=y, **{f"shift {k}": v for k, v in oof_shift.items()})
+    if a.folds == len(folds):  # every frame scored: the last epoch's predictions for thyroid_classifier.compare
+        fold_of = np.zeros(len(y), dtype=int)
+        for k, (_, held) in enumerate(folds, start=1):
+            fold_of[held] = k
+        write_cv_predictions(Path(a.out).with_suffix(".csv"), list(raw["path"]), list(raw["group"]), fold_of, labels, y, oof[-1])
     done = ~np.isnan(oof[0, :, 0])
     print("pooled AUC per epoch:", " ".join(f"{macro_auc(y[done], oof[e, done]):.3f}" for e in range(a.epochs)))
     print("pooled AUC per epoch (EMA):", " ".join(f"{macro_auc(y[done], oof_ema[e, done]):.3f}" for e in range(a.epochs)))

@@ -642,11 +642,7 @@ def cross_validate(
         out.mkdir(parents=True, exist_ok=True)
         (out / "cv_metrics.json").write_text(json.dumps(cv, indent=2, default=float) + "\n")
         plot_cv_roc(y, oof, fold_of, labels, out / "cv_roc.png", f"{spec.name}, {run_args.cv}-fold CV")
-        with (out / "cv_predictions.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "group", "fold", "label", *[f"p_{name}" for name in labels]])
-            for i in range(len(y)):
-                writer.writerow([paths[i], groups[i], int(fold_of[i]), labels[y[i]], *[f"{v:.6f}" for v in oof[i]]])
+        write_cv_predictions(out / "cv_predictions.csv", paths, groups, fold_of, labels, y, oof)
         a = cv["pooled"]["roc_auc"]
         print(f"{spec.name}: {run_args.cv}-fold CV pooled macro ROC AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] "
               f"(folds {spread['roc_auc']['mean']:.3f} ± {spread['roc_auc']['sd']:.3f}), balanced accuracy "
@@ -667,6 +663,16 @@ def cross_validate(
             write_card(out)
         del result
     return cv
+
+
+def write_cv_predictions(path: Path, paths: Sequence[str], groups: Sequence[str], fold_of: np.ndarray, labels: Sequence[str],
+                         y: np.ndarray, oof: np.ndarray) -> None:
+    """Out-of-fold predictions, a row per image (what ``python -m thyroid_classifier.compare`` reads)."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "group", "fold", "label", *[f"p_{name}" for name in labels]])
+        for i in range(len(y)):
+            writer.writerow([paths[i], groups[i], int(fold_of[i]), labels[y[i]], *[f"{v:.6f}" for v in oof[i]]])
 
 
 def with_validation(pool, data_args: DataArguments, seed: int):
