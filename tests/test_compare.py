@@ -108,3 +108,22 @@ def test_cli_refuses_disagreeing_labels_and_foreign_files(tmp_path: Path, capsys
         read_predictions(foreign)
     assert main([str(a), str(tmp_path / "empty_folder_that_is_missing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_three_classes_use_macro_auc(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    labels = ["normal", "benign", "malignant"]
+    y = np.tile([0, 1, 2], 30)
+    groups = [f"case{i // 3}" for i in range(len(y))]
+    a = rng.dirichlet(np.ones(3), len(y))
+    b = 0.5 * a + 0.5 * np.eye(3)[y]
+    for name, probs in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        write_cv_predictions(tmp_path / name / "cv_predictions.csv", [f"/d/{i}.jpg" for i in range(len(y))], groups,
+                             np.ones(len(y), dtype=int), labels, y, probs)
+    out = tmp_path / "r.json"
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--bootstrap", "200", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["classes"] == labels
+    assert result["roc_auc"]["a"] == pytest.approx(macro_auc(y, a), abs=1e-4)
+    assert result["roc_auc"]["b"] == pytest.approx(macro_auc(y, b), abs=1e-4) and result["roc_auc"]["ci"][0] > 0
