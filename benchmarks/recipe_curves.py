@@ -156,28 +156,25 @@ class OutlineTransforms(ImageTransforms):
         self.geometric = v2.Compose(steps[:4])  # ToImage, RandomResizedCrop, flip, rotation: image and mask together
         self.photometric = v2.Compose(steps[4:])  # gain, dtype, device shifts, normalise: image only
 
-    def _masks(self, path: str) -> list:
+    def _crop(self, path: str, image) -> list:
+        # The outline masks are cut from the same boxes as the views, in the same decode.
+        views, boxes = self.preprocessor.views(image)
+        if self.train:
+            self._cache[(path, "outline")] = self._masks(path, image.size, boxes)
+        return views
+
+    def _masks(self, path: str, size: tuple[int, int], boxes: list) -> list:
         from PIL import Image
 
         from thyroid_classifier.explain import ddti_outlines, frame_number, outline_mask
 
-        key = (path, "outline")
-        if key not in self._cache:
-            with self._open(path) as image:
-                width, height = image.size
-                boxes = self.preprocessor.views(image)[1]
-            frame = frame_number(path)
-            xml = self.xml_dir / f"{frame[0]}.xml" if frame else None
-            polygons = ddti_outlines(xml).get(frame[1]) if xml is not None and xml.is_file() else None
-            masks = []
-            for box in boxes:
-                if polygons:
-                    full = Image.fromarray(outline_mask(polygons, (width, height)).astype(np.uint8) * 255)
-                    masks.append(full.crop(box).resize(self.train_size, Image.Resampling.BILINEAR))
-                else:
-                    masks.append(None)
-            self._cache[key] = masks
-        return self._cache[key]
+        frame = frame_number(path)
+        xml = self.xml_dir / f"{frame[0]}.xml" if frame else None
+        polygons = ddti_outlines(xml).get(frame[1]) if xml is not None and xml.is_file() else None
+        if not polygons:
+            return [None] * len(boxes)
+        full = Image.fromarray(outline_mask(polygons, size).astype(np.uint8) * 255)
+        return [full.crop(box).resize(self.train_size, Image.Resampling.BILINEAR) for box in boxes]
 
     def __call__(self, batch: dict) -> dict:
         if not self.train:
@@ -186,7 +183,7 @@ class OutlineTransforms(ImageTransforms):
 
         pixels, outlines = [], []
         for path in batch["path"]:
-            views, masks = self._load(path), self._masks(path)
+            views, masks = self._load(path), self._cache[(path, "outline")]  # _load filled both
             i = int(torch.randint(len(views), ())) if len(views) > 1 else 0
             mask = masks[i]
             target = tv_tensors.Mask(torch.from_numpy(np.asarray(mask if mask is not None else np.zeros(views[i].size[::-1], np.uint8))).unsqueeze(0))
@@ -275,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layout_weights", action="store_true", help="weight training frames so that the screen layout (split or single) is independent of the class")
     p.add_argument("--seg_weight", type=float, default=0.0, help="weight of an auxiliary 1x1-conv head that outlines the nodule on the last feature map (DDTI's outlines; dropped after training)")
     p.add_argument("--seg_stride", type=int, default=32, choices=[16, 32], help="feature map the outline head reads: the last (stride 32) or stride 16")
-    p.add_argument("--layer_decay", type=float, default=None, help="layer-wise learning-rate decay (timm's param_groups_layer_decay): each block below the top gets this factor more; the classifier keeps lr x head_lr_multiplier")
+    p.add_argument("--layer_decay", type=float, default=None, help="layer-wise learning-rate decay (timm's param_groups_layer_decay): each layer group learns this factor slower than the one above it; the classifier keeps lr x head_lr_multiplier")
     p.add_argument("--plain", action="store_true", help="the issue's plain fine-tuning loop: whole frame (no ultrasound crop), horizontal flips only; pair with --lr 3e-4 --head_lr_multiplier 1 --label_smoothing 0 --weight_decay 0.01 --warmup_ratio 0 --constant_lr")
     p.add_argument("--constant_lr", action="store_true", help="no schedule: the learning rate stays where it starts")
     p.add_argument("--freeze_bn", action="store_true", help="keep BatchNorm running statistics at their pretrained values")
@@ -304,8 +301,6 @@ def main(argv: list[str] | None = None) -> None:
     oof_ema = np.full_like(oof, np.nan)
     shifts = device_shifts(a.seed) if a.shifts else {}
     oof_shift = {name: np.full((len(y), len(labels)), np.nan) for name in shifts}
-    # Screen layout of every frame (1: single view, 2: split screen), whatever the model is shown: the audit found it.
-    layout_of = {info.path: info.views for info in report.images}
     started = time.time()
     for k, (pool, held) in enumerate(folds[: a.folds], start=1):
         torch.manual_seed(a.seed + k)
@@ -346,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             # Weight each training frame by P(layout) / P(layout | class): in the weighted data the
             # screen layout says nothing about the class (importance weights, as for any confounder).
             paths = train.with_format(None)["path"]
-            layouts = np.array([layout_of[p_] for p_ in paths])
+            layouts = 1 + report.split_screens(paths)  # views per frame, whatever the model is shown
             for c in set(train_y):
                 for lay in set(layouts.tolist()):
                     in_c = np.array(train_y) == c
@@ -474,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, probs in oof_shift.items():
             print(f"  {name}: {macro_auc(y[done], probs[done]):.3f} ({macro_auc(y[done], probs[done]) - clean:+.3f})")
     # Screen layout: is the score about the nodule, or about whether the frame is a split screen?
-    split = np.array([layout_of[path] == 2 for path in raw["path"]])
+    split = report.split_screens(raw["path"])
     layout = layout_breakdown(y[done], oof[-1, done], split[done], labels)
     for key, name in (("single_view", "single-view frames"), ("split_screen", "split screens")):
         if not np.isnan(layout[key]["roc_auc"]):  # one class only (a single fold can have no benign split screen)

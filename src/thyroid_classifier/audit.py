@@ -152,6 +152,11 @@ class AuditReport:
         found += [{"a": a.path, "b": b.path, "kind": "near"} for a, b in self.near_pairs() if leaks(a, b)]
         return found
 
+    def split_screens(self, paths: Sequence[str]) -> np.ndarray:
+        """Which of ``paths`` are split screens (two views side by side), as the audit found them."""
+        views = {info.path: info.views for info in self.images}
+        return np.array([views.get(p) == 2 for p in paths], dtype=bool)
+
     def class_cues(self) -> dict[str, dict[str, float]]:
         """Properties of the frame, not of the nodule, whose rate differs between classes by at
         least :data:`CUE_GAP` (share of each class's images): a model can learn them instead.

@@ -82,8 +82,6 @@ def layout_breakdown(y_true: Sequence[int], probs: np.ndarray, split: np.ndarray
     """Does the score follow the screen layout? Macro AUC on single-view frames and on split screens
     alone, and, within each class, how well that class's probability tells split screens from
     single views (AUC; 0.5: not at all, a model that scores the nodule only stays near it)."""
-    from sklearn.metrics import roc_auc_score
-
     y, p, split = np.asarray(y_true), np.asarray(probs, dtype=np.float64), np.asarray(split, dtype=bool)
     out: dict = {}
     for name, part in (("single_view", ~split), ("split_screen", split)):

@@ -634,8 +634,7 @@ def cross_validate(
                    "preprocessing": asdict(data_args.preprocessor())},
     }
     # Split screens can stand in for the label (on DDTI they do): report how the score follows them.
-    views_of = {info.path: info.views for info in report.images}
-    split = np.array([views_of.get(p) == 2 for p in paths])
+    split = report.split_screens(paths)
     if split.any() and not split.all():
         cv["by_layout"] = layout_breakdown(y, oof, split, labels)
     if state.is_main_process:
