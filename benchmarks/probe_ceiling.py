@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from thyroid_classifier.audit import audited_dataset  # noqa: E402
 from thyroid_classifier.data import GroupSpec, cv_folds  # noqa: E402
-from thyroid_classifier.explain import ddti_outlines, frame_number, outline_mask  # noqa: E402
+from thyroid_classifier.explain import frame_outline, outline_mask  # noqa: E402
 from thyroid_classifier.metrics import bootstrap_intervals, macro_auc  # noqa: E402
 from thyroid_classifier.models import build_model, get_spec  # noqa: E402
 from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
@@ -55,9 +55,7 @@ STAGES = ("s1", "s2", "s3", "s4", "head")  # strides 4, 8, 16, 32; the pooled, p
 
 def outline_in_crop(path: str, xml_dir: Path, frame_size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray | None:
     """The radiologist's outline of this frame as a boolean mask of the crop ``box``; None when the case has none."""
-    key = frame_number(path)
-    xml = xml_dir / f"{key[0]}.xml" if key else None
-    polygons = ddti_outlines(xml).get(key[1]) if xml is not None and xml.is_file() else None
+    polygons = frame_outline(path, xml_dir)
     if not polygons:
         return None
     mask = outline_mask(polygons, frame_size)[box[1] : box[3], box[0] : box[2]]

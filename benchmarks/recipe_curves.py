@@ -99,11 +99,9 @@ class RoiTransforms(ImageTransforms):
         self.xml_dir, self.margin = xml_dir, margin
 
     def _box(self, path: str, width: int, height: int):
-        from thyroid_classifier.explain import ddti_outlines, frame_number
+        from thyroid_classifier.explain import frame_outline
 
-        key = frame_number(path)
-        xml = self.xml_dir / f"{key[0]}.xml" if key else None
-        polygons = ddti_outlines(xml).get(key[1]) if xml is not None and xml.is_file() else None
+        polygons = frame_outline(path, self.xml_dir)
         if not polygons:
             return None
         pts = np.concatenate([np.asarray(q, dtype=float) for q in polygons])
@@ -166,11 +164,9 @@ class OutlineTransforms(ImageTransforms):
     def _masks(self, path: str, size: tuple[int, int], boxes: list) -> list:
         from PIL import Image
 
-        from thyroid_classifier.explain import ddti_outlines, frame_number, outline_mask
+        from thyroid_classifier.explain import frame_outline, outline_mask
 
-        frame = frame_number(path)
-        xml = self.xml_dir / f"{frame[0]}.xml" if frame else None
-        polygons = ddti_outlines(xml).get(frame[1]) if xml is not None and xml.is_file() else None
+        polygons = frame_outline(path, self.xml_dir)
         if not polygons:
             return [None] * len(boxes)
         full = Image.fromarray(outline_mask(polygons, size).astype(np.uint8) * 255)

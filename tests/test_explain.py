@@ -15,6 +15,7 @@ from thyroid_classifier.explain import (
     centred_gaussian,
     ddti_outlines,
     energy_inside,
+    frame_outline,
     freeze,
     gradcam,
     outline_mask,
@@ -159,6 +160,10 @@ def test_localisation_functions():
 def test_ddti_outlines_and_localize_cli(ddti_dir, short_run, tmp_path, capsys):
     outlines = ddti_outlines(ddti_dir / "xml" / "100.xml")
     assert 1 in outlines and len(outlines[1]) == 2  # a dual-view frame: one outline per view
+    assert frame_outline(ddti_dir / "images" / "malignant" / "100_1.jpg", ddti_dir / "xml") == outlines[1]
+    assert frame_outline(tmp_path / "100_99.jpg", ddti_dir / "xml") is None  # no such frame in the case
+    assert frame_outline(tmp_path / "no-frame-number.jpg", ddti_dir / "xml") is None
+    assert frame_outline(tmp_path / "100_1.jpg", tmp_path) is None  # no case file
     images = tmp_path / "frames"
     images.mkdir()
     for name in ("100_1.jpg", "101_1.jpg", "102_1.jpg"):

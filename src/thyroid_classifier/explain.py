@@ -178,6 +178,16 @@ def ddti_outlines(xml_path: str | Path) -> dict[int, list[list[tuple[float, floa
     return out
 
 
+def frame_outline(path: str | Path, xml_dir: str | Path) -> list[list[tuple[float, float]]] | None:
+    """The radiologist's outline polygons of one ``<case>_<frame>`` image from ``xml_dir/<case>.xml``;
+    None when the name has no frame number, the case has no file, or the frame no outline."""
+    key = frame_number(path)
+    xml = Path(xml_dir) / f"{key[0]}.xml" if key else None
+    if xml is None or not xml.is_file():
+        return None
+    return ddti_outlines(xml).get(key[1]) or None
+
+
 def outline_mask(polygons: Sequence[Sequence[tuple[float, float]]], size: tuple[int, int]) -> np.ndarray:
     """Boolean mask (height, width) of the union of the polygons."""
     canvas = Image.new("L", size, 0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .explain import centred_gaussian, ddti_outlines, energy_inside, frame_number, outline_mask, pointing_hit
+from .explain import centred_gaussian, energy_inside, frame_outline, outline_mask, pointing_hit
 from .predict import Predictor, list_files
 from .preprocess import ImageError, open_image
 
@@ -36,12 +36,9 @@ def localization_scores(predictor: Predictor, images: Sequence[Path], xml_dir: P
     """Pointing game and energy inside the outline, for the model and the centred-Gaussian baseline."""
     outlined = []
     for path in images:
-        key = frame_number(path)
-        xml = xml_dir / f"{key[0]}.xml" if key else None
-        if xml is not None and xml.is_file():
-            polygons = ddti_outlines(xml).get(key[1])
-            if polygons:
-                outlined.append((path, polygons))
+        polygons = frame_outline(path, xml_dir)
+        if polygons:
+            outlined.append((path, polygons))
     rows = []
     for start in tqdm(range(0, len(outlined), batch_size), desc="localisation", disable=not progress):
         chunk = outlined[start : start + batch_size]
