@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import concatenate_datasets
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -47,7 +46,7 @@ from thyroid_classifier.explain import frame_outline, outline_mask  # noqa: E402
 from thyroid_classifier.metrics import bootstrap_intervals, macro_auc  # noqa: E402
 from thyroid_classifier.models import build_model, get_spec  # noqa: E402
 from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
-from thyroid_classifier.training import write_cv_predictions  # noqa: E402
+from thyroid_classifier.training import pooled_folds, write_cv_predictions  # noqa: E402
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 STAGES = ("s1", "s2", "s3", "s4", "head")  # strides 4, 8, 16, 32; the pooled, pre-logits head features
@@ -155,15 +154,8 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset, _ = audited_dataset(a.data_dir, drop_duplicates="none", near_threshold=8, progress=False,
                                  validation_size=0.0, test_size=0.0, seed=a.seed, groups=GroupSpec())
-    full = concatenate_datasets(list(dataset.values())) if len(dataset) > 1 else dataset["train"]
-    raw = full.with_format(None)
-    y = np.array([int(v) for v in raw["label"]])
-    labels = full.features["label"].names
-    groups, paths = list(raw["group"]), list(raw["path"])
-    folds = cv_folds(y, groups, 5, a.seed)
-    fold_of = np.zeros(len(y), dtype=int)
-    for k, (_, held) in enumerate(folds, start=1):
-        fold_of[held] = k
+    cv = pooled_folds(dataset, 5, a.seed)
+    y, labels, groups, paths, folds, fold_of = cv.y, cv.labels, cv.groups, cv.paths, cv.folds, cv.fold_of
 
     started = time.time()
     features, has = extract(paths, a.model, a.size, Path(a.xml_dir))

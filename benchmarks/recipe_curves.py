@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import concatenate_datasets
 from timm.utils import ModelEmaV3
 from transformers import get_cosine_schedule_with_warmup
 
@@ -58,7 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from thyroid_classifier.audit import audited_dataset  # noqa: E402
 from thyroid_classifier.augment import device_shifts  # noqa: E402
-from thyroid_classifier.data import GroupSpec, cv_folds  # noqa: E402
+from thyroid_classifier.data import GroupSpec  # noqa: E402
 from thyroid_classifier.metrics import frame_logits, layout_breakdown, macro_auc, softmax  # noqa: E402
 from thyroid_classifier.models import build_model, get_spec  # noqa: E402
 from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
@@ -70,6 +69,7 @@ from thyroid_classifier.training import (  # noqa: E402
     collate,
     expand_views,
     make_optimizer,
+    pooled_folds,
     with_validation,
     write_cv_predictions,
 )
@@ -279,12 +279,9 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset, report = audited_dataset(a.data_dir, drop_duplicates="none", near_threshold=8, progress=False,
                                  validation_size=0.0, test_size=0.0, seed=a.seed, groups=GroupSpec())
-    full = concatenate_datasets(list(dataset.values())) if len(dataset) > 1 else dataset["train"]
-    raw = full.with_format(None)
-    y = np.array([int(v) for v in raw["label"]])
-    labels = full.features["label"].names
+    cv = pooled_folds(dataset, 5, a.seed)
+    full, y, labels, folds = cv.full, cv.y, cv.labels, cv.folds
     malignant = labels.index("malignant")
-    folds = cv_folds(y, list(raw["group"]), 5, a.seed)
     spec = get_spec(a.model)
     run_args = RunArguments(learning_rate=a.lr, weight_decay=a.weight_decay, head_lr_multiplier=a.head_lr_multiplier)
     tirads = {}
@@ -452,10 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             oof_shift[name][held] = predict(model, shift)
     np.savez(a.out, oof=oof, oof_ema=oof_ema, y=y, **{f"shift {k}": v for k, v in oof_shift.items()})
     if a.folds == len(folds):  # every frame scored: the last epoch's predictions for thyroid_classifier.compare
-        fold_of = np.zeros(len(y), dtype=int)
-        for k, (_, held) in enumerate(folds, start=1):
-            fold_of[held] = k
-        write_cv_predictions(Path(a.out).with_suffix(".csv"), list(raw["path"]), list(raw["group"]), fold_of, labels, y, oof[-1])
+        write_cv_predictions(Path(a.out).with_suffix(".csv"), cv.paths, cv.groups, cv.fold_of, labels, y, oof[-1])
     done = ~np.isnan(oof[0, :, 0])
     print("pooled AUC per epoch:", " ".join(f"{macro_auc(y[done], oof[e, done]):.3f}" for e in range(a.epochs)))
     print("pooled AUC per epoch (EMA):", " ".join(f"{macro_auc(y[done], oof_ema[e, done]):.3f}" for e in range(a.epochs)))
@@ -465,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, probs in oof_shift.items():
             print(f"  {name}: {macro_auc(y[done], probs[done]):.3f} ({macro_auc(y[done], probs[done]) - clean:+.3f})")
     # Screen layout: is the score about the nodule, or about whether the frame is a split screen?
-    split = report.split_screens(raw["path"])
+    split = report.split_screens(cv.paths)
     layout = layout_breakdown(y[done], oof[-1, done], split[done], labels)
     for key, name in (("single_view", "single-view frames"), ("split_screen", "split screens")):
         if not np.isnan(layout[key]["roc_auc"]):  # one class only (a single fold can have no benign split screen)

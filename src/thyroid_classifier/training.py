@@ -567,6 +567,40 @@ def check_models_reachable(specs: Sequence[ModelSpec], init: str) -> None:
             check_hub_model(spec.checkpoint, what_to_do=HUB_HELP)
 
 
+@dataclass
+class PooledFolds:
+    """Every split of a data set pooled into one, with K folds stratified by class and grouped by
+    patient: what ``--cv`` trains on, and what the benchmarks reuse to score on the same folds."""
+
+    full: object  # datasets.Dataset
+    labels: list[str]
+    y: np.ndarray
+    groups: list[str]
+    paths: list[str]
+    folds: list[tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def fold_of(self) -> np.ndarray:
+        """The fold (1..K) in which each example is held out."""
+        out = np.zeros(len(self.y), dtype=int)
+        for k, (_, held) in enumerate(self.folds, start=1):
+            out[held] = k
+        return out
+
+
+def pooled_folds(dataset, k: int, seed: int) -> PooledFolds:
+    """``dataset`` (a DatasetDict) pooled, with ``data.cv_folds(labels, groups, k, seed)``."""
+    from datasets import concatenate_datasets
+
+    from .data import cv_folds
+
+    full = concatenate_datasets(list(dataset.values())) if len(dataset) > 1 else dataset["train"]
+    raw = full.with_format(None)
+    y = np.array([int(v) for v in raw["label"]])
+    groups = list(raw["group"])
+    return PooledFolds(full, full.features["label"].names, y, groups, list(raw["path"]), cv_folds(y, groups, k, seed))
+
+
 def cross_validate(
     spec: ModelSpec,
     dataset,
@@ -584,21 +618,11 @@ def cross_validate(
     """
     import shutil
 
-    from datasets import concatenate_datasets
-
-    from .data import cv_folds
-
     state = distributed_state()
     out = Path(run_args.output_dir) / spec.name
-    full = concatenate_datasets([ds for ds in dataset.values()]) if len(dataset) > 1 else dataset["train"]
-    raw = full.with_format(None)
-    labels = full.features["label"].names
-    y = np.array([int(v) for v in raw["label"]])
-    groups = list(raw["group"])
-    paths = list(raw["path"])
-    folds = cv_folds(y, groups, run_args.cv, run_args.seed)
+    cv_set = pooled_folds(dataset, run_args.cv, run_args.seed)
+    full, labels, y, groups, paths, folds = cv_set.full, cv_set.labels, cv_set.y, cv_set.groups, cv_set.paths, cv_set.folds
     oof = np.full((len(y), len(labels)), np.nan)
-    fold_of = np.zeros(len(y), dtype=int)
     per_fold = []
     cache: dict = {}
     started = time.time()
@@ -610,7 +634,6 @@ def cross_validate(
         fold_dir = out / "cv" / f"fold-{k}"
         result = train_one(spec, fold_data, report, data_args, model_args, run_args, callbacks, out=fold_dir, write=False, cache=cache)
         oof[held] = result.probs
-        fold_of[held] = k
         m = result.metrics["test"]
         per_fold.append({"fold": k, "n": m["n"], **{key: m[key]["value"] for key in HEADLINE},
                          "recall": {label: v["recall"] for label, v in m["per_class"].items()},
@@ -620,6 +643,7 @@ def cross_validate(
                   f"{result.metrics['training']['epochs_run']:.0f} epochs", flush=True)
             shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)  # optimizer state of a fold is not needed again
     wall = time.time() - started
+    fold_of = cv_set.fold_of
     pooled = classification_metrics(y, oof, labels)
     intervals = bootstrap_intervals(y, oof, labels, groups=groups, n_resamples=run_args.bootstrap_resamples, seed=run_args.seed)
     spread = {key: {"mean": float(np.nanmean([f[key] for f in per_fold])), "sd": float(np.nanstd([f[key] for f in per_fold], ddof=1)),
