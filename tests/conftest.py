@@ -83,3 +83,44 @@ def short_run(tiny_models, sample_dir, tmp_path_factory):
                      learning_rate=3e-4),  # a tiny random model needs a bolder rate than fine-tuning a real one
     )
     return out, results
+
+
+def shift_source(src: Path, dst: Path, drop_every: dict[str, int] | None = None) -> Path:
+    """A copy of a sample folder as another machine would show it: higher gain, smoother and coarser speckle
+    (blur, then multiplicative noise); ``drop_every={label: k}`` keeps only every k-th case of a class, so the
+    new source has another class balance (a source-class confound once the sources are pooled)."""
+    import csv
+
+    import cv2
+
+    rng = np.random.default_rng(1)
+    dst.mkdir(parents=True, exist_ok=True)
+    with (src / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept = []
+    for row in rows:
+        label, case = row["label"], row["case"]
+        if drop_every and label in drop_every and int(case[1:]) % drop_every[label]:
+            continue
+        gray = np.asarray(Image.open(src / row["file"]).convert("L"), dtype=np.float32) / 255
+        # Multiplicative: the black background stays black, so the crop finds the same region.
+        gray = 1.6 * cv2.GaussianBlur(gray, (3, 3), 0) * (1 + 0.3 * rng.normal(size=gray.shape))
+        out = dst / row["file"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.uint8(np.clip(gray, 0, 1) * 255)).convert("RGB").save(out)
+        kept.append(row)
+    with (dst / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def two_sources(tmp_path_factory) -> tuple[Path, Path]:
+    """Two synthetic sources: ``site_a`` as made, ``site_b`` another draw shown as another machine
+    would (other gain and texture) with fewer benign cases (a source-class confound)."""
+    root = tmp_path_factory.mktemp("sources")
+    site_a = make_sample_dataset(root / "site_a", cases_per_class=6, size=(96, 128), seed=11)
+    drawn = make_sample_dataset(root / "drawn_b", cases_per_class=6, size=(96, 128), seed=12)
+    return site_a, shift_source(drawn, root / "site_b", drop_every={"benign": 2})

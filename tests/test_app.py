@@ -40,12 +40,24 @@ def _ultrasound(sample_dir: Path) -> Image.Image:
     return Image.open(sample_dir / "malignant" / "3000_1.png").convert("RGB")
 
 
+def answered(message: str) -> bool:
+    """The message carries one of the three answers: a label, "cannot tell", or "not reliable"."""
+    return "Predicted **" in message or "cannot tell" in message or "Not reliable" in message
+
+
 def _check_result(result, size: tuple[int, int]):
     label, slider, message = result[:3]
     confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert set(confidences) == {"normal", "benign", "malignant"}
     assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-3)
-    assert label["label"] == max(confidences, key=confidences.get)
+    top = max(confidences, key=confidences.get)
+    # The top class is headlined only when the answer is reliable; otherwise the headline says why not.
+    if label["label"] == "Not reliable":
+        assert "unlike the images the model learned from" in message
+    elif label["label"].endswith(": cannot tell"):
+        assert "cannot rule out" in message and top in label["label"]
+    else:
+        assert label["label"] == top and f"Predicted **{top}**" in message
     original, heat = (Image.open(item) if isinstance(item, str) else Image.open(item["path"]) for item in slider)
     assert heat.size == size and original.size == size
     return message
@@ -56,7 +68,7 @@ def test_api_predict(client, sample_dir, tmp_path):
     _ultrasound(sample_dir).save(path)
     size = _ultrasound(sample_dir).size
     message = _check_result(ask(client, path), size)
-    assert "Predicted" in message
+    assert answered(message)
     assert "colour" not in message  # a grey frame gets no warning
     _check_result(ask(client, path, model="tiny-vgg"), size)  # side by side: the second model
 
@@ -168,7 +180,7 @@ def test_identical_uploads_at_the_same_time_all_succeed(server, sample_dir, tmp_
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda c: ask(c, path), clients))
     for label, slider, message in (r[:3] for r in results):
-        assert "Predicted" in message and len(slider) == 2
+        assert answered(message) and len(slider) == 2
         assert sum(c["confidence"] for c in label["confidences"]) == pytest.approx(1.0, abs=1e-3)
 
 
@@ -176,4 +188,6 @@ def test_metrics_markdown_shows_card_numbers(server):
     _, predictors = server
     text = metrics_markdown(predictors["tiny-resnet"].info)
     assert "macro ROC AUC" in text and "95%" in text
+    # Where each number holds: in-source, and no unseen source measured for this model.
+    assert "In-source evaluation" in text and "Not measured on any unseen source" in text
     assert metrics_markdown({}) == "_No evaluation found for this model._"

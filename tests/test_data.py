@@ -32,7 +32,7 @@ def test_flat_layout_makes_three_stratified_group_splits(sample_dir):
     ds = load_image_folder(sample_dir, seed=1)
     assert list(ds) == ["train", "validation", "test"]
     assert ds["train"].features["label"].names == ["normal", "benign", "malignant"]
-    assert set(ds["train"].column_names) == {"image", "label", "path", "group"}
+    assert set(ds["train"].column_names) == {"image", "label", "path", "group", "source"}
     assert sum(len(d) for d in ds.values()) == 36
     _assert_no_group_on_two_sides(ds)
     counts = label_counts(ds)

@@ -20,6 +20,7 @@ from thyroid_classifier.training import main as train_main
 EXPECTED = {
     "model.safetensors", "config.json", "preprocessor_config.json", "ultrasound_preprocessing.json", "README.md",
     "metrics.json", "fingerprints.json", "loss.png", "auc.png", "roc.png", "confusion_matrix.png",
+    "reliability.json", "guard.safetensors",  # the Predictor of a Hub model flags and sets answers as the local one does
 }
 
 

@@ -110,6 +110,21 @@ def test_interrupted_run_resumes(tiny_models, sample_dir, tmp_path):
     # Epoch 1 is not re-run: its validation loss is the one the interrupted run logged.
     logged = next(e["eval_loss"] for e in first_epoch if "eval_loss" in e)
     assert history[0]["eval_loss"] == pytest.approx(logged)
+    # The resumed run started at the checkpoint's step and did only the steps left (a run restarted
+    # from scratch would do every step again), ending where an uninterrupted run ends, with its weights.
+    start = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
+    final = json.loads((tmp_path / "tiny-resnet" / "checkpoints" / "checkpoint-{}".format(2 * start) / "trainer_state.json").read_text())
+    steps_after_resume = [e["step"] for e in final["log_history"] if "loss" in e and e["step"] > start]
+    assert steps_after_resume and final["global_step"] == 2 * start
+    straight = tmp_path / "straight"
+    run(*_args(sample_dir, [tiny_models["tiny-resnet"]], straight))
+    uninterrupted = json.loads(next((straight / "tiny-resnet" / "checkpoints").glob(f"checkpoint-{2 * start}")).joinpath("trainer_state.json").read_text())
+    assert uninterrupted["global_step"] == final["global_step"]
+    from safetensors.torch import load_file
+
+    resumed_w, straight_w = load_file(tmp_path / "tiny-resnet" / "model.safetensors"), load_file(straight / "tiny-resnet" / "model.safetensors")
+    for key, value in straight_w.items():
+        torch.testing.assert_close(resumed_w[key], value, atol=1e-5, rtol=1e-4)
 
 
 def test_metrics_equal_sklearn():

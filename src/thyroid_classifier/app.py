@@ -24,6 +24,7 @@ import numpy as np
 
 from .explain import overlay
 from .preprocess import ImageError, open_image
+from .reliability import set_text
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,24 @@ NOTICE = (
 )
 DEFAULT_MODELS = ("outputs/sample/resnet50",)
 MAX_FILE_SIZE = "10mb"
+
+
+def _answer_component(num_top_classes: int):
+    """``gr.Label`` whose headline can be a sentence ("Not reliable", "benign or malignant: cannot
+    tell") while the bars still show every class's confidence."""
+    import gradio as gr
+    from gradio.components.label import LabelConfidence, LabelData
+
+    class AnswerLabel(gr.Label):
+        is_template = True  # render with gr.Label's front end
+
+        def postprocess(self, value):
+            if isinstance(value, dict) and "headline" in value:
+                ranked = sorted(value["confidences"].items(), key=lambda kv: kv[1], reverse=True)
+                return LabelData(label=str(value["headline"]), confidences=[LabelConfidence(label=k, confidence=v) for k, v in ranked])
+            return super().postprocess(value)
+
+    return AnswerLabel(num_top_classes=num_top_classes, label="Answer and confidence per class")
 
 
 def _upload_component():
@@ -57,25 +76,54 @@ def _upload_component():
     )
 
 
+def _interval(m: Mapping) -> str:
+    return f"{m['value']:.2f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if not math.isnan(m["value"]) else "n/a"
+
+
 def metrics_markdown(info: Mapping) -> str:
-    """The key test metrics from a model's ``metrics.json`` (its card's numbers)."""
+    """The key test metrics from a model's ``metrics.json`` (its card's numbers), each saying where it holds."""
     split = info.get("split")
     test = info.get(split) if split else None
     if not test:
         return "_No evaluation found for this model._"
-
-    def fmt(key: str) -> str:
-        m = test[key]
-        return f"{m['value']:.2f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if not math.isnan(m["value"]) else "n/a"
-
     recall = ", ".join(f"{label} {v['recall']:.2f}" for label, v in test.get("per_class", {}).items())
-    data = info.get("data", {}).get("data_dir", "")
-    return (
-        f"**Evaluation** on {info.get('n')} held-out {split} images ({Path(data).name or 'unknown data'}), "
-        f"95% intervals: macro ROC AUC {fmt('roc_auc')}, balanced accuracy {fmt('balanced_accuracy')}, "
-        f"accuracy {fmt('accuracy')}. Recall per class: {recall}. "
+    data = info.get("data", {})
+    sources = list(data.get("sources") or {}) or [Path(data.get("data_dir", "")).name or "unknown data"]
+    text = (
+        f"**In-source evaluation** (held-out {split} images of the sources it was trained on: {', '.join(sources)}; n = {info.get('n')}), "
+        f"95% intervals: macro ROC AUC {_interval(test['roc_auc'])}, balanced accuracy {_interval(test['balanced_accuracy'])}, "
+        f"accuracy {_interval(test['accuracy'])}. Recall per class: {recall}. "
         f"Initialisation: {info.get('init', '?')}."
     )
+    loso = info.get("leave_one_source_out")
+    if loso:
+        rows = [f"{name} (trained on {'+'.join(r['trained_on'])}): macro ROC AUC {_interval(r['metrics']['roc_auc'])}"
+                for name, r in loso["held_out"].items()]
+        text += "\n\n**On a source it never saw** (leave-one-source-out): " + "; ".join(rows) + "."
+    else:
+        text += "\n\n**Not measured on any unseen source**: on images from another hospital or scanner it may do much worse."
+    return text
+
+
+def answer(result) -> tuple[dict, str]:
+    """What the page headlines for one prediction, and the sentence under it.
+
+    A flagged image (unlike the training images) is headlined "Not reliable"; a prediction set with
+    several classes reads "A or B: cannot tell"; only a single-label set (or a model without sets)
+    headlines a label. The probabilities are always there, never as the headline of an unsure answer."""
+    confidences = dict(result.probabilities)
+    if result.flagged:
+        headline = "Not reliable"
+        text = ("**Not reliable: this image is unlike the images the model learned from.** Another scanner, site or kind of "
+                "image: the confidences below are what the model computes, not an answer.")
+    elif len(result.prediction_set) > 1:
+        headline = set_text(result.prediction_set)
+        text = (f"**{headline}.** At the model's confidence level it cannot rule out {' or '.join(result.prediction_set)}; "
+                "the highest score is not an answer.")
+    else:
+        headline = result.label
+        text = f"Predicted **{result.label}**" + (" (the only class its prediction set holds)." if result.prediction_set else ".")
+    return {"headline": headline, "confidences": confidences}, text
 
 
 class UploadJanitor:
@@ -147,13 +195,14 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
         for note in notes:
             gr.Warning(note)
         original = np.asarray(image)
+        value, headline = answer(result)
         message = (
-            f"Predicted **{result.label}**; the heatmap shows the regions that raised the score of "
-            f"*{result.explained}*." + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
+            f"{headline} The heatmap shows the regions that raised the score of *{result.explained}*."
+            + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
         )
         # Kept per browser session for the opacity slider only (uint8 map: a quarter of float32).
         state = {"original": original, "heatmap": np.uint8(np.round(result.heatmap * 255))}
-        return result.probabilities, (original, result.overlay), message, state
+        return value, (original, result.overlay), message, state
 
     def reblend(state: dict | None, opacity: float):
         if not state:
@@ -171,7 +220,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
                 if examples:
                     gr.Examples(list(examples), inputs=[image], label="Examples (synthetic unless stated)")
             with gr.Column():
-                label = gr.Label(num_top_classes=max(len(p.labels) for p in predictors.values()), label="Confidence per class")
+                label = _answer_component(max(len(p.labels) for p in predictors.values()))
                 slider = gr.ImageSlider(label="Original | Grad-CAM", format="png", type="numpy")
                 message = gr.Markdown()
                 card = gr.Markdown(metrics_markdown(predictors[names[0]].info))

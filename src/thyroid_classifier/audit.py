@@ -28,7 +28,7 @@ from PIL import Image
 from scipy.fft import dctn
 from tqdm.auto import tqdm
 
-from .data import FileEntry, FolderScan, load_image_folder, scan_folder
+from .data import FileEntry, FolderScan, load_image_folder, scan_sources
 from .preprocess import MAX_PIXELS, UltrasoundPreprocessor, find_views, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class ImageInfo:
     sha256: str = ""
     phash: int = 0
     views: int = 0  # 2 for a split screen (preprocess.find_views)
+    source: str = ""  # the data folder it came from (data.scan_sources)
 
 
 def perceptual_hash(image: Image.Image, crop: bool = True) -> int:
@@ -67,9 +68,9 @@ def perceptual_hash(image: Image.Image, crop: bool = True) -> int:
     return int(sum(1 << i for i, b in enumerate(bits) if b))
 
 
-def inspect_file(path: Path, label: str, split: str) -> ImageInfo:
+def inspect_file(path: Path, label: str, split: str, source: str = "") -> ImageInfo:
     """Open, fully decode and fingerprint one file; any failure becomes ``error``, never an exception."""
-    info = ImageInfo(path=str(path), label=label, split=split)
+    info = ImageInfo(path=str(path), label=label, split=split, source=source)
     try:
         data = path.read_bytes()
         if not data:
@@ -98,6 +99,8 @@ class AuditReport:
     images: list[ImageInfo]
     unreadable: list[dict[str, str]] = field(default_factory=list)
     near_threshold: int = DEFAULT_NEAR_THRESHOLD
+    #: source name -> folder (one entry for a single folder)
+    sources: dict[str, str] = field(default_factory=dict)
     _near_pairs: list | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- derived views -------------------------------------------------------------------
@@ -110,6 +113,18 @@ class AuditReport:
         for (split, label), n in sorted(Counter((i.split, i.label) for i in self.readable).items()):
             out[split][label] = n
         return dict(out)
+
+    def source_counts(self) -> dict[str, dict[str, int]]:
+        """``{source: {label: n}}`` of the readable images."""
+        out: dict[str, dict[str, int]] = defaultdict(dict)
+        for (source, label), n in sorted(Counter((i.source, i.label) for i in self.readable).items()):
+            out[source][label] = n
+        return dict(out)
+
+    def cross_source_duplicates(self) -> list[list[str]]:
+        """Exact or near duplicate groups whose members come from more than one source (the same
+        frame published twice: it would make an "unseen" source partly seen)."""
+        return [[i.path for i in g] for g in self.exact_groups() + self.near_groups() if len({i.source for i in g}) > 1]
 
     def exact_groups(self) -> list[list[ImageInfo]]:
         by_hash: dict[str, list[ImageInfo]] = defaultdict(list)
@@ -224,6 +239,8 @@ class AuditReport:
             "modes": dict(Counter(i.mode for i in readable).most_common()),
             "split_screens": dict(Counter(i.label for i in readable if i.views == 2)),
             "class_cues": self.class_cues(),
+            "sources": {name: {"folder": folder, "counts": self.source_counts().get(name, {})} for name, folder in self.sources.items()},
+            "cross_source_duplicates": self.cross_source_duplicates(),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -238,7 +255,11 @@ class AuditReport:
 
     def summary(self) -> str:
         d = self.to_dict()
-        lines = [f"Audit of {self.root}", f"  files: {d['n_files']}, readable images: {d['n_readable']}"]
+        lines = [f"Audit of {self.root}" if len(self.sources) <= 1 else f"Audit of {len(self.sources)} sources", f"  files: {d['n_files']}, readable images: {d['n_readable']}"]
+        if len(self.sources) > 1:
+            for name, facts in d["sources"].items():
+                counts = facts["counts"]
+                lines.append(f"  source {name} ({facts['folder']}): " + ", ".join(f"{label}: {n}" for label, n in counts.items()) + f"  (total {sum(counts.values())})")
         for split, per_label in d["counts"].items():
             lines.append(f"  {split:<10} " + ", ".join(f"{label}: {n}" for label, n in per_label.items()) + f"  (total {sum(per_label.values())})")
         lines.append("  sizes: " + ", ".join(f"{s} ×{n}" for s, n in list(d["sizes"].items())[:5]) + (" …" if len(d["sizes"]) > 5 else ""))
@@ -250,6 +271,8 @@ class AuditReport:
             ("LEAKAGE across splits", [f"[{x['kind']}] {x['a']} <-> {x['b']}" for x in d["leakage"]]),
             ("CONFLICTS: same image, different labels", [" | ".join(g) for g in d["conflicts"]]),
             ("near duplicates with different labels", [" | ".join(g) for g in d["near_conflicts"]]),
+            *((("duplicates ACROSS sources (an unseen source would be partly seen)", [" ~ ".join(g) for g in d["cross_source_duplicates"]]),)
+              if len(self.sources) > 1 else ()),
             ("frame properties whose rate differs by class (a model can learn them instead of the nodule)",
              [f"{cue}: " + ", ".join(f"{label} {share:.0%}" for label, share in shares.items()) for cue, shares in d["class_cues"].items()]),
         )
@@ -288,23 +311,25 @@ def audit_scan(scan: FolderScan, *, near_threshold: int = DEFAULT_NEAR_THRESHOLD
     """Audit every file of a scanned folder. Flat folders are reported as the split ``all``."""
     infos = []
     for entry in tqdm(scan.images, desc="audit", unit="img", disable=not progress, leave=False):
-        infos.append(inspect_file(entry.path, entry.label, entry.split or "all"))
+        infos.append(inspect_file(entry.path, entry.label, entry.split or "all", entry.source))
     unreadable = [{"path": i.path, "error": i.error} for i in infos if i.error]
     unreadable += [{"path": str(e.path), "error": f"not an image file ({e.path.suffix or 'no extension'})"} for e in scan.non_images]
-    return AuditReport(root=str(scan.root), images=infos, unreadable=unreadable, near_threshold=near_threshold)
+    return AuditReport(root=str(scan.root), images=infos, unreadable=unreadable, near_threshold=near_threshold,
+                       sources={name: str(root) for name, root in scan.roots.items()})
 
 
-def audit_folder(data_dir: str | Path, **kwargs) -> AuditReport:
-    """Scan and audit ``data_dir`` (either layout)."""
-    return audit_scan(scan_folder(data_dir), **kwargs)
+def audit_folder(data_dir: str | Path | Sequence[str | Path], source_names: Sequence[str] | None = None, **kwargs) -> AuditReport:
+    """Scan and audit ``data_dir`` (either layout; one folder or several sources)."""
+    return audit_scan(scan_sources(data_dir, source_names), **kwargs)
 
 
 def audited_dataset(
-    data_dir: str | Path,
+    data_dir: str | Path | Sequence[str | Path],
     *,
     drop_duplicates: str = "none",
     near_threshold: int = DEFAULT_NEAR_THRESHOLD,
     progress: bool = True,
+    source_names: Sequence[str] | None = None,
     **load_kwargs,
 ):
     """What training starts with: audit, then load without the unreadable files (and, on request,
@@ -312,7 +337,7 @@ def audited_dataset(
 
     Returns ``(DatasetDict, AuditReport)``; the report's splits are the final ones.
     """
-    report = audit_folder(data_dir, near_threshold=near_threshold, progress=progress)
+    report = audit_folder(data_dir, source_names, near_threshold=near_threshold, progress=progress)
     for item in report.unreadable:
         logger.warning("skipping %s: %s", item["path"], item["error"])
     exclude = [u["path"] for u in report.unreadable]
@@ -320,7 +345,7 @@ def audited_dataset(
         dropped = report.duplicates_to_drop(drop_duplicates)
         logger.info("dropping %d %s duplicate(s) from the data", len(dropped), drop_duplicates)
         exclude += dropped
-    dataset = load_image_folder(data_dir, exclude=exclude, links=report.links(), **load_kwargs)
+    dataset = load_image_folder(data_dir, exclude=exclude, links=report.links(), source_names=source_names, **load_kwargs)
     report.with_splits({p: split for split, ds in dataset.items() for p in ds["path"]}, others=EXCLUDED)
     return dataset, report
 
@@ -330,14 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m thyroid_classifier.audit",
         description="Audit an image folder: unreadable files, duplicates, leakage across splits, label conflicts.",
     )
-    parser.add_argument("data_dir", type=Path, help="DATA/<class>/* or DATA/{train,validation,test}/<class>/*")
+    parser.add_argument("data_dir", type=Path, nargs="+", help="DATA/<class>/* or DATA/{train,validation,test}/<class>/*; several folders: one source each")
+    parser.add_argument("--source_names", nargs="+", default=None, help="a name per data folder (default: the folder's name)")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 on leakage or label conflicts")
     parser.add_argument("--near_threshold", type=int, default=DEFAULT_NEAR_THRESHOLD, help="Hamming distance (of 64 bits) for near duplicates")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        report = audit_folder(args.data_dir, near_threshold=args.near_threshold, progress=not args.quiet)
+        report = audit_folder(args.data_dir, args.source_names, near_threshold=args.near_threshold, progress=not args.quiet)
     except ValueError as exc:  # DataError: a folder that cannot be used at all
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ import numpy as np
 from .metrics import paired_difference
 
 #: Prediction files this project writes, looked for in this order inside a folder.
-PREDICTION_FILES = ("cv_predictions.csv", "predictions_test.csv", "predictions.csv")
+PREDICTION_FILES = ("cv_predictions.csv", "loso_predictions.csv", "predictions_test.csv", "predictions.csv")
 
 
 @dataclass

@@ -6,7 +6,9 @@ Two layouts are accepted::
     DATA/{train,validation,test}/<class>/*      splits given (missing ones are carved from train)
 
 Class folder names are normalised by :mod:`thyroid_classifier.labels`. Each example carries its
-``path`` and its ``group`` (patient / case) so that no group ever straddles two splits.
+``path``, its ``group`` (patient / case) so that no group ever straddles two splits, and its
+``source``: several folders (hospitals, scanners, public sets) can be loaded together, each one a
+source, and splits are then stratified by source x class so every source is in every split.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class FileEntry:
     path: Path
     folder: str  # the class folder's own name, as on disk
     split: str | None  # "train" / "validation" / "test" when the layout gives it
+    source: str = ""  # the data folder it came from (see :func:`scan_sources`)
 
     @property
     def label(self) -> str:
@@ -70,33 +73,48 @@ class FolderScan:
     layout: str  # "flat" or "split"
     images: list[FileEntry] = field(default_factory=list)
     non_images: list[FileEntry] = field(default_factory=list)  # files in class folders
+    #: source name -> its folder; one entry for a single folder
+    roots: dict[str, Path] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
         return sort_labels(entry.label for entry in self.images)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.roots)
 
 
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def _class_files(class_dir: Path, split: str | None, scan: FolderScan) -> None:
+def source_name(data_dir: str | Path) -> str:
+    """A source's default name: its folder's, or the parent's when the folder is a generic one
+    (``ddti/images`` -> ``ddti``)."""
+    path = Path(data_dir).expanduser().resolve()
+    generic = {"images", "data", "dataset", "imgs", "frames"}
+    return path.parent.name if path.name.lower() in generic and path.parent.name else path.name
+
+
+def _class_files(class_dir: Path, split: str | None, scan: FolderScan, source: str) -> None:
     for path in sorted(p for p in class_dir.iterdir() if _visible(p)):
         if path.is_dir():
             logger.warning("ignoring nested folder %s (images must sit directly in a class folder)", path)
             continue
-        entry = FileEntry(path=path.resolve(), folder=class_dir.name, split=split)
+        entry = FileEntry(path=path.resolve(), folder=class_dir.name, split=split, source=source)
         (scan.images if path.suffix.lower() in IMAGE_EXTENSIONS else scan.non_images).append(entry)
 
 
-def scan_folder(data_dir: str | Path) -> FolderScan:
+def scan_folder(data_dir: str | Path, source: str | None = None) -> FolderScan:
     """List the class folders and files of ``data_dir`` (either layout); nothing is decoded."""
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
+    source = source or source_name(root)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
     split_dirs = {_SPLIT_ALIASES[p.name.lower()]: p for p in subdirs if p.name.lower() in _SPLIT_ALIASES}
-    scan = FolderScan(root=root.resolve(), layout="split" if split_dirs else "flat")
+    scan = FolderScan(root=root.resolve(), layout="split" if split_dirs else "flat", roots={source: root.resolve()})
     if split_dirs:
         if "train" not in split_dirs:
             raise DataError(f"{root}: has split folders {sorted(split_dirs)} but no train/ folder")
@@ -104,10 +122,10 @@ def scan_folder(data_dir: str | Path) -> FolderScan:
             logger.warning("ignoring %s: beside train/validation/test only split folders are read", other)
         for split, split_dir in split_dirs.items():
             for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and _visible(p)):
-                _class_files(class_dir, split, scan)
+                _class_files(class_dir, split, scan, source)
     else:
         for class_dir in subdirs:
-            _class_files(class_dir, None, scan)
+            _class_files(class_dir, None, scan, source)
     if not scan.images:
         raise DataError(
             f"{root}: no images found; expected {root}/<class>/*.jpg or {root}/train/<class>/*.jpg"
@@ -115,6 +133,47 @@ def scan_folder(data_dir: str | Path) -> FolderScan:
     if len(scan.labels) < 2:
         raise DataError(f"{root}: found only the class {scan.labels}; at least two classes are needed")
     return scan
+
+
+def as_dirs(data_dir: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One folder or several, as a list."""
+    return [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
+
+
+def scan_sources(data_dirs: str | Path | Sequence[str | Path], names: Sequence[str] | None = None) -> FolderScan:
+    """Scan one or several data folders, each a *source* (named after its folder, or ``names``).
+
+    Several folders become one scan whose entries remember their source; each folder may have
+    either layout, but all of them the same one (a given test split of one source and none of
+    another would make "the test split" mean two things)."""
+    dirs = as_dirs(data_dirs)
+    if not dirs:
+        raise DataError("no data folder given")
+    if names is not None and len(names) != len(dirs):
+        raise DataError(f"--source_names gives {len(names)} name(s) for {len(dirs)} data folder(s)")
+    names = list(names) if names else [source_name(d) for d in dirs]
+    if len(set(names)) != len(names):
+        raise DataError(f"two data folders share the source name {sorted({n for n in names if names.count(n) > 1})}; "
+                        "name them with --source_names")
+    scans = [scan_folder(d, n) for d, n in zip(dirs, names, strict=True)]
+    if len(scans) == 1:
+        return scans[0]
+    layouts = {s.layout for s in scans}
+    if len(layouts) > 1:
+        raise DataError("data folders mix layouts: " + ", ".join(f"{s.root} is {s.layout}" for s in scans)
+                        + "; give every source its own train/validation/test folders, or none")
+    merged = FolderScan(root=scans[0].root, layout=scans[0].layout, roots={n: s.root for n, s in zip(names, scans, strict=True)})
+    for scan in scans:
+        merged.images += scan.images
+        merged.non_images += scan.non_images
+    return merged
+
+
+def strata(labels: Sequence, sources: Sequence[str]) -> list[str]:
+    """What splits are stratified by: the label, and the source when there are several."""
+    if len(set(sources)) <= 1:
+        return list(labels)
+    return [f"{s}|{y}" for y, s in zip(labels, sources, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +243,24 @@ def resolve_groups(scan: FolderScan, spec: GroupSpec | None = None) -> tuple[lis
 
     Order of precedence: an explicit CSV, an explicit pattern, a ``manifest.csv`` beside or above
     the folder, the ``<case>_<frame>`` file-name pattern when every file follows it, else none.
+    With several sources each is resolved on its own and its keys are prefixed with its name
+    (case "12" of one hospital is not case "12" of another).
     """
+    if len(scan.roots) > 1:
+        groups: list[str] = [""] * len(scan.images)
+        said = []
+        for name, root in scan.roots.items():
+            index = [i for i, e in enumerate(scan.images) if e.source == name]
+            part = FolderScan(root=root, layout=scan.layout, images=[scan.images[i] for i in index], roots={name: root})
+            keys, how = _resolve_one(part, spec)
+            for i, key in zip(index, keys, strict=True):
+                groups[i] = f"{name}:{key}"
+            said.append(f"{name}: {how}")
+        return groups, "; ".join(said)
+    return _resolve_one(scan, spec)
+
+
+def _resolve_one(scan: FolderScan, spec: GroupSpec | None) -> tuple[list[str], str]:
     spec = spec or GroupSpec()
     entries = scan.images
     if spec.csv_path is not None:
@@ -270,7 +346,8 @@ def assign_splits(
     seed: int = 42,
 ) -> list[str]:
     """Split names for every example: given splits are kept, missing test/validation are carved
-    from train (stratified by label, seeded, whole groups only)."""
+    from train (stratified by ``labels``, seeded, whole groups only). Pass :func:`strata` as
+    ``labels`` to stratify by source x class."""
     splits = [s if s is not None else "train" for s in given]
     present = set(splits)
     for name, size in (("test", test_size), ("validation", validation_size)):
@@ -299,7 +376,7 @@ def split_leaks(splits: Sequence[str], groups: Sequence[str]) -> dict[str, list[
 
 
 def load_image_folder(
-    data_dir: str | Path,
+    data_dir: str | Path | Sequence[str | Path],
     *,
     validation_size: float = 0.15,
     test_size: float = 0.15,
@@ -308,24 +385,27 @@ def load_image_folder(
     exclude: Iterable[str | Path] = (),
     links: Iterable[Iterable[str | Path]] = (),
     cache_dir: str | None = None,
+    source_names: Sequence[str] | None = None,
 ):
-    """Load ``data_dir`` with the ``imagefolder`` builder as a ``DatasetDict``.
+    """Load ``data_dir`` (one folder, or several: one source each) with the ``imagefolder``
+    builder as a ``DatasetDict``.
 
     Columns: ``image`` (decoded lazily), ``label`` (``ClassLabel`` of canonical names), ``path``,
-    ``group``. ``exclude`` drops files (e.g. the audit's unreadable ones) before anything is
+    ``group``, ``source``. ``exclude`` drops files (e.g. the audit's unreadable ones) before anything is
     decoded; ``links`` are sets of files that must share a split (e.g. duplicates).
     """
     from datasets import ClassLabel, DatasetDict, Image, load_dataset
 
-    scan = scan_folder(data_dir)
+    scan = scan_sources(data_dir, source_names)
     excluded = {Path(p).resolve() for p in exclude}
     scan.images = [e for e in scan.images if e.path not in excluded]
     group_keys, source = resolve_groups(scan, groups)
     paths = [e.path for e in scan.images]
     group_keys = merge_groups(group_keys, paths, links)
     labels = [e.label for e in scan.images]
+    sources = [e.source for e in scan.images]
     splits = assign_splits(
-        labels, group_keys, [e.split for e in scan.images],
+        strata(labels, sources), group_keys, [e.split for e in scan.images],
         validation_size=validation_size, test_size=test_size, seed=seed,
     )
     leaks = split_leaks(splits, group_keys)
@@ -336,7 +416,7 @@ def load_image_folder(
 
     label_names = sort_labels(labels)
     class_label = ClassLabel(names=label_names)
-    meta = {str(p): (class_label.str2int(lab), g) for p, lab, g in zip(paths, labels, group_keys, strict=True)}
+    meta = {str(p): (class_label.str2int(lab), g, src) for p, lab, g, src in zip(paths, labels, group_keys, sources, strict=True)}
     data_files = {
         split: [str(p) for p, s in zip(paths, splits, strict=True) if s == split]
         for split in SPLITS
@@ -353,6 +433,7 @@ def load_image_folder(
         ds = ds.add_column("path", stored)
         ds = ds.add_column("label", [meta[p][0] for p in stored])
         ds = ds.add_column("group", [meta[p][1] for p in stored])
+        ds = ds.add_column("source", [meta[p][2] for p in stored])
         out[split] = ds.cast_column("label", class_label)
     return DatasetDict(out)
 

@@ -1,6 +1,6 @@
 """External validation: score a trained model on any labelled folder, with the same metrics.
 
-    python -m thyroid_classifier.evaluate MODEL DATA_DIR [--out DIR] [--shifts]
+    python -m thyroid_classifier.evaluate MODEL DATA_DIR [DATA_DIR ...] [--out DIR] [--shifts]
 
 Writes ``predictions.csv``, ``report.json`` / ``report.md`` (metrics with 95% intervals resampling
 patients, per-class numbers, ROC and confusion plots) and the folder's audit. The audit includes a
@@ -9,7 +9,10 @@ an "external" set that shares images with the training data is flagged as leakag
 matched by canonical name; a class the model does not know is reported, and left out of the
 metrics rather than silently mapped. ``--shifts`` also scores the same images under simulated
 machine differences (:func:`thyroid_classifier.augment.device_shifts`), to show which cues the model
-leans on before a real second-site set is at hand.
+leans on before a real second-site set is at hand. Several folders are several sources: every
+number is also given per source. When the model carries a reliability guard and prediction sets,
+the report gives the share of images flagged as unlike the training images, the metrics on the
+accepted and on the flagged ones, and the sets' empirical coverage and mean size per source.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -27,8 +31,9 @@ from tqdm.auto import tqdm
 
 from .audit import DEFAULT_NEAR_THRESHOLD, audit_scan
 from .augment import device_shifts, shift_image
-from .data import DataError, resolve_groups, scan_folder
-from .metrics import HEADLINE, bootstrap_intervals, classification_metrics, with_intervals
+from .data import DataError, as_dirs, resolve_groups, scan_sources, source_name
+from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, macro_auc, with_intervals
+from .reliability import coverage_report
 from .plots import plot_confusion, plot_roc
 from .predict import Predictor
 from .preprocess import ImageError, open_image
@@ -51,10 +56,11 @@ def training_overlap(report, fingerprints: Sequence[dict], near_threshold: int =
     return found
 
 
-def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir: Path, out_dir: Path,
-                    batch_size: int = 8, bootstrap: int = 1000, seed: int = 0, progress: bool = True, shifts: bool = False) -> dict:
+def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir: Path | Sequence[Path], out_dir: Path,
+                    batch_size: int = 8, bootstrap: int = 1000, seed: int = 0, progress: bool = True, shifts: bool = False,
+                    source_names: Sequence[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    scan = scan_folder(data_dir)
+    scan = scan_sources(data_dir, source_names)
     report = audit_scan(scan, progress=progress)
     report.save(out_dir / "audit.json")
     overlap = training_overlap(report, fingerprints, report.near_threshold)
@@ -64,7 +70,7 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     unknown = Counter(e.label for e in scan.images if e.label not in known and str(e.path) not in unreadable)
     rows = [(e, g) for e, g in zip(scan.images, groups, strict=True) if e.label in known and str(e.path) not in unreadable]
     shift_fns = device_shifts(seed) if shifts else {}
-    probs, y, kept_groups, paths, failed = [], [], [], [], []
+    probs, y, kept_groups, paths, failed, sources, scores, flagged, sets = [], [], [], [], [], [], [], [], []
     shifted: dict[str, list] = {name: [] for name in shift_fns}
     for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", disable=not progress):
         chunk = rows[start : start + batch_size]
@@ -81,6 +87,10 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
             y.append(predictor.labels.index(entry.label))
             kept_groups.append(group)
             paths.append(str(entry.path))
+            sources.append(entry.source)
+            scores.append(math.nan if result.in_domain_score is None else result.in_domain_score)
+            flagged.append(result.flagged)
+            sets.append([label in result.prediction_set for label in predictor.labels])
         for name, fn in shift_fns.items():  # the same images as another machine might show them
             results = predictor.predict([shift_image(im, fn) for _, _, im in images], explain=False)
             shifted[name] += [[r.probabilities[label] for label in predictor.labels] for r in results]
@@ -91,12 +101,15 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     intervals = bootstrap_intervals(y, p, predictor.labels, groups=kept_groups, n_resamples=bootstrap, seed=seed)
     result = {
         "model": predictor.source,
-        "data_dir": str(data_dir),
+        "data_dir": ", ".join(str(d) for d in as_dirs(data_dir)),
+        "sources": {name: str(root) for name, root in scan.roots.items()},
         "n": len(y),
         "groups": len(set(kept_groups)),
         "group_source": group_source,
         "calibrated": predictor.temperature != 1.0,
         "external": with_intervals(metrics, intervals),
+        "by_source": by_source(y, p, predictor.labels, kept_groups, sources, bootstrap, seed),
+        "reliability": reliability_report(predictor, y, p, sources, np.asarray(scores), np.asarray(flagged, dtype=bool), np.asarray(sets, dtype=bool)),
         "unknown_classes": dict(unknown),
         "unreadable": report.unreadable + failed,
         "training_overlap": overlap,
@@ -107,13 +120,55 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     with (out_dir / "predictions.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "group", "label", "predicted", *[f"p_{label}" for label in predictor.labels]])
-        for path, group, yi, pi in zip(paths, kept_groups, y, p, strict=True):
-            writer.writerow([path, group, predictor.labels[yi], predictor.labels[int(np.argmax(pi))], *[f"{v:.6f}" for v in pi]])
+        writer.writerow(["path", "group", "source", "label", "predicted", *[f"p_{label}" for label in predictor.labels], "in_domain_score", "flagged", "prediction_set"])
+        for i, (path, group, yi, pi) in enumerate(zip(paths, kept_groups, y, p, strict=True)):
+            writer.writerow([path, group, sources[i], predictor.labels[yi], predictor.labels[int(np.argmax(pi))], *[f"{v:.6f}" for v in pi],
+                             "" if math.isnan(scores[i]) else f"{scores[i]:.4f}", int(flagged[i]),
+                             "|".join(label for label, inside in zip(predictor.labels, sets[i], strict=True) if inside)])
     plot_roc(y, p, predictor.labels, out_dir / "roc.png", "external")
     plot_confusion(metrics["confusion_matrix"], predictor.labels, out_dir / "confusion_matrix.png", "external")
     (out_dir / "report.md").write_text(report_markdown(result) + "\n")
     return result
+
+
+def reliability_report(predictor: Predictor, y: Sequence[int], probs: np.ndarray, sources: Sequence[str], scores: np.ndarray,
+                       flagged: np.ndarray, member: np.ndarray) -> dict:
+    """Guard and prediction sets on these images, overall and per source (empty parts when the model has none)."""
+    y, sources = np.asarray(y), np.asarray(sources)
+    out: dict = {}
+    names = sorted(set(sources.tolist()))
+    parts = {"all": np.ones(len(y), dtype=bool), **({n: sources == n for n in names} if len(names) > 1 else {})}
+
+    def auc(mask: np.ndarray) -> float:
+        return macro_auc(y[mask], probs[mask]) if mask.sum() and len(set(y[mask].tolist())) > 1 else math.nan
+
+    if predictor.reliability.guard is not None:
+        out["guard"] = {"threshold": predictor.reliability.guard.threshold,
+                        **{name: {"n": int(m.sum()), "share_flagged": float(flagged[m].mean()) if m.any() else math.nan,
+                                  "roc_auc_accepted": auc(m & ~flagged), "n_accepted": int((m & ~flagged).sum()),
+                                  "roc_auc_flagged": auc(m & flagged), "n_flagged": int((m & flagged).sum())} for name, m in parts.items()}}
+    if predictor.reliability.conformal is not None:
+        out["conformal"] = {"alpha": predictor.reliability.conformal.alpha,
+                            **{name: coverage_report(y[m], member[m]) for name, m in parts.items()}}
+    return out
+
+
+def reliability_lines(rel: dict) -> list[str]:
+    lines = []
+    if "guard" in rel:
+        lines += ["In-domain guard (an image is flagged when it is unlike the model's training images):", "",
+                  "| part | n | flagged | macro ROC AUC on accepted | on flagged |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {g['n']} | {g['share_flagged']:.0%} | {g['roc_auc_accepted']:.3f} (n={g['n_accepted']}) | {g['roc_auc_flagged']:.3f} (n={g['n_flagged']}) |"
+                  for name, g in rel["guard"].items() if name != "threshold"]
+        lines += [""]
+    if "conformal" in rel:
+        c = rel["conformal"]
+        lines += [f"Prediction sets (aimed at {1 - c['alpha']:.0%} coverage on images like the validation images):", "",
+                  "| part | n | coverage | mean set size | single-label sets |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {v['n']} | {v['coverage']:.3f} | {v['mean_set_size']:.2f} | {v['share_singletons']:.0%} |"
+                  for name, v in c.items() if name != "alpha"]
+        lines += [""]
+    return lines
 
 
 def report_markdown(result: dict) -> str:
@@ -124,6 +179,12 @@ def report_markdown(result: dict) -> str:
     lines += ["", "| class | recall | precision | n |", "|---|---|---|---|"]
     lines += [f"| {label} | {v['recall']:.3f} | {v['precision']:.3f} | {v['support']} |" for label, v in m["per_class"].items()]
     lines += [""]
+    if result.get("by_source"):
+        lines += ["Per source:", "", "| source | n | macro ROC AUC | balanced accuracy |", "|---|---|---|---|"]
+        lines += [f"| {name} | {v['n']} | {v['roc_auc']['value']:.3f} [{v['roc_auc']['ci'][0]:.3f}, {v['roc_auc']['ci'][1]:.3f}] | "
+                  f"{v['balanced_accuracy']['value']:.3f} |" for name, v in result["by_source"].items()]
+        lines += [""]
+    lines += reliability_lines(result.get("reliability") or {})
     if result.get("device_shifts"):
         lines += ["Simulated machine differences (the same images, each shifted one way; a large drop means the model leans on that cue):", "",
                   "| shift | macro ROC AUC | change | balanced accuracy |", "|---|---|---|---|"]
@@ -145,21 +206,23 @@ def report_markdown(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m thyroid_classifier.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a model folder written by train.py (or a Hub id)")
-    parser.add_argument("data_dir", type=Path, help="DATA/<class>/* or DATA/{train,validation,test}/<class>/*")
+    parser.add_argument("data_dir", type=Path, nargs="+", help="DATA/<class>/* or DATA/{train,validation,test}/<class>/*; several folders: one source each")
+    parser.add_argument("--source_names", nargs="+", default=None, help="a name per data folder (default: the folder's name)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: DATA_DIR's name under evaluations/)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--shifts", action="store_true", help="also score the images under simulated machine differences (gain, depth gain, resolution, speckle, aspect, burned-in marks)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    out = args.out or Path("evaluations") / args.data_dir.name
+    out = args.out or Path("evaluations") / "+".join(source_name(d) for d in args.data_dir)
     try:
         predictor = Predictor.from_pretrained(args.model)
         fingerprints_path = Path(args.model) / "fingerprints.json"
         fingerprints = json.loads(fingerprints_path.read_text()) if fingerprints_path.is_file() else []
         if not fingerprints:
             print("warning: the model carries no training fingerprints; leakage against its training data cannot be checked", file=sys.stderr)
-        result = evaluate_folder(predictor, fingerprints, args.data_dir, out, args.batch_size, args.bootstrap, progress=not args.quiet, shifts=args.shifts)
+        result = evaluate_folder(predictor, fingerprints, args.data_dir, out, args.batch_size, args.bootstrap, progress=not args.quiet, shifts=args.shifts,
+                                 source_names=args.source_names)
     except (DataError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -73,7 +73,19 @@ DDTI_CITATION = (
 #: Data sets the card recognises from their folder name, to name and cite them.
 KNOWN_DATASETS = {
     "ddti": {"name": "DDTI (Digital Database of Thyroid Ultrasound Images)", "type": "ddti", "citation": DDTI_CITATION, "tirads_labels": True},
+    "les3bdd": {"name": "LES3BDD (three merged public collections, labels of unknown provenance)", "type": "les3bdd", "citation": None, "tirads_labels": False},
 }
+
+
+def sources_facts(folders: dict[str, str]) -> dict:
+    """:func:`dataset_facts` of one folder, or of several sources together (names joined; TI-RADS
+    labels only when every source's are)."""
+    if len(folders) <= 1:
+        return dataset_facts(next(iter(folders.values()), ""))
+    each = [dataset_facts(folder) for folder in folders.values()]
+    citations = [f["citation"] for f in each if f.get("citation")]
+    return {"name": " + ".join(f["name"] for f in each), "type": "+".join(f["type"] for f in each),
+            "citation": " ".join(citations) or None, "tirads_labels": all(f["tirads_labels"] for f in each)}
 
 
 def dataset_facts(data_dir: str) -> dict:
@@ -171,7 +183,53 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
                         "score tells split screens from single views with AUC " + ", ".join(f"{label} {_fmt(v)}" for label, v in layout["layout_auc"].items())
                         + " (0.5 would mean not at all).")
     calibration = metrics.get("calibration", {})
+    sources = data.get("sources") or {}
+    source_rows = [{"name": name, "dataset": (facts_.get("dataset") or {}).get("name", name),
+                    "counts": {label: sum(c.get(label, 0) for c in facts_.get("counts", {}).values()) for label in labels}}
+                   for name, facts_ in sources.items()]
+    by_source_rows = [{"name": name, "n": v["n"], "auc": f"{_fmt(v['roc_auc']['value'])} {_ci(v['roc_auc']['ci'])}",
+                       "bacc": f"{_fmt(v['balanced_accuracy']['value'])} {_ci(v['balanced_accuracy']['ci'])}"}
+                      for name, v in (test.get("by_source") or {}).items()]
+    loso_rows = []
+    for name, r in ((metrics.get("leave_one_source_out") or {}).get("held_out") or {}).items():
+        m, g, c = r["metrics"], r.get("guard") or {}, r.get("conformal") or {}
+        loso_rows.append({
+            "name": name, "trained_on": " + ".join(r["trained_on"]), "n": r["n"],
+            "auc": f"{_fmt(m['roc_auc']['value'])} {_ci(m['roc_auc']['ci'])}",
+            "bacc": f"{_fmt(m['balanced_accuracy']['value'])} {_ci(m['balanced_accuracy']['ci'])}",
+            "ece": f"{_fmt(m['ece']['value'])} {_ci(m['ece']['ci'])}",
+            "recall": ", ".join(f"{label} {_fmt(v['recall'])}" for label, v in m["per_class"].items()),
+            "guard": _fmt(g.get("auroc_unseen_vs_in_source")), "flagged": f"{g['share_flagged']:.0%}" if g else "n/a",
+            "sets": f"{_fmt(c.get('coverage'))} / {_fmt(c.get('mean_set_size'))}" if c else "n/a",
+        })
+    reliability = metrics.get("reliability") or {}
+    guard_text = conformal_text = None
+    if reliability.get("guard"):
+        g = reliability["guard"]
+        guard_text = (f"Every prediction carries an in-domain score: how far the statistics of an early layer of the model (per-channel "
+                      f"mean and spread: how the image looks, gain, speckle, resolution) lie from those of the "
+                      f"{g['fitted_on']} (Mahalanobis distance in their top {g['components']} principal directions plus the distance "
+                      f"from them). Above the threshold ({_fmt(g['threshold'])}, set so that {g['coverage_target']:.0%} of the "
+                      f"{g['threshold_from']} pass) the answer is flagged: the app reads \"not reliable: this image is unlike the images the "
+                      "model learned from\" instead of a label. It catches images unlike the training ones; it cannot catch an image that "
+                      "looks familiar and is still misread.")
+        if split in g:
+            guard_text += f" On the {split} split {g[split]['share_flagged']:.0%} were flagged."
+    if reliability.get("conformal"):
+        c = reliability["conformal"]
+        part = c.get(split) or {}
+        conformal_text = (f"Class-conditional split-conformal sets at {1 - c['alpha']:.0%} coverage (calibrated on validation): every "
+                          "class the model cannot rule out is in the set, and a set of several classes reads \"A or B: cannot tell\" "
+                          "instead of a headline label."
+                          + (f" On the {split} split: coverage {_fmt(part.get('coverage'))}, mean set size {_fmt(part.get('mean_set_size'))}, "
+                             f"single-label sets {part.get('share_singletons', 0):.0%}." if part else "")
+                          + " Coverage holds on images like the calibration images; on an unseen source it can fall (see the table above).")
     kwargs = dict(
+        source_rows=source_rows if len(source_rows) > 1 else [],
+        by_source_rows=by_source_rows,
+        loso_rows=loso_rows,
+        guard_text=guard_text,
+        conformal_text=conformal_text,
         model_name=f"thyroid-{metrics['model']}",
         architecture=config.get("architecture") or (config.get("architectures") or ["model"])[0],
         labels=labels,
@@ -234,7 +292,8 @@ def write_card(folder: str | Path, repo_id: str | None = None) -> Path:
 #: What a model folder publishes. Never: checkpoints (optimizer state), training_args.bin (a pickle
 #: of every setting), audit.json and predictions (file names can hold patient identifiers).
 PUSH_FILES = ("model.safetensors", "config.json", "preprocessor_config.json", "ultrasound_preprocessing.json",
-              "README.md", "metrics.json", "cv_metrics.json", "fingerprints.json")
+              "README.md", "metrics.json", "cv_metrics.json", "loso_metrics.json", "fingerprints.json",
+              "reliability.json", "guard.safetensors")
 PUSH_PATTERNS = ("*.png",)
 
 
@@ -250,7 +309,9 @@ def _public_metrics(metrics: dict) -> dict:
     """metrics.json without local paths (user names, hospital folder names)."""
     clean = json.loads(json.dumps(metrics))
     if "data_dir" in clean.get("data", {}):
-        clean["data"]["data_dir"] = Path(clean["data"]["data_dir"]).name
+        clean["data"]["data_dir"] = " + ".join(Path(d).name for d in clean["data"]["data_dir"].split(" + "))
+    for facts in (clean.get("data", {}).get("sources") or {}).values():
+        facts["data_dir"] = Path(facts.get("data_dir", "")).name
     training = clean.get("training", {})
     if training.get("best_checkpoint"):
         training["best_checkpoint"] = Path(training["best_checkpoint"]).name

@@ -259,3 +259,31 @@ class ThyroidMetrics(_evaluate_metric_base()):
 
     def _compute(self, predictions, references):
         return classification_metrics(references, np.asarray(predictions), self.label_names)
+
+
+def scored(y_true: Sequence[int], probs: np.ndarray, label_names: Sequence[str], groups: Sequence[str] | None = None,
+           n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Every metric of one prediction set with its 95% interval (patients resampled when ``groups``)."""
+    metrics = classification_metrics(y_true, probs, label_names)
+    return with_intervals(metrics, bootstrap_intervals(y_true, probs, label_names, groups=groups, n_resamples=n_resamples, seed=seed))
+
+
+def by_source(y_true: Sequence[int], probs: np.ndarray, label_names: Sequence[str], groups: Sequence[str], sources: Sequence[str],
+              n_resamples: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """:func:`scored` for each source's examples alone (empty when there is only one source): a
+    pooled number can hide a source the model fails on, or one it wins on by recognising the scanner."""
+    sources = np.asarray(sources)
+    names = sorted(set(sources.tolist()))
+    if len(names) < 2:
+        return {}
+    y, p, g = np.asarray(y_true), np.asarray(probs), np.asarray(groups)
+    return {name: scored(y[sources == name], p[sources == name], label_names, list(g[sources == name]), n_resamples, seed)
+            for name in names}
+
+
+def separation_auc(in_scores: Sequence[float], out_scores: Sequence[float]) -> float:
+    """How well a score (higher: more unusual) tells ``out`` images from ``in`` ones (ROC AUC)."""
+    a, b = np.asarray(in_scores, dtype=np.float64), np.asarray(out_scores, dtype=np.float64)
+    if not len(a) or not len(b):
+        return math.nan
+    return float(roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b]))

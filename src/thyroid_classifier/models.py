@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class ModelSpec:
     name: str  # short name used for the output folder
     checkpoint: str  # Hub id or local folder of the pretrained weights
     target_layer: str | None = None  # dotted path of the Grad-CAM layer; None: found automatically
+    style_layer: str | None = None  # dotted path of the in-domain guard's early stage; None: found automatically
     config_factory: Callable | None = None  # builds the architecture offline, for --init random
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -66,6 +68,7 @@ REGISTRY: dict[str, ModelSpec] = {
         name="resnet50",
         checkpoint="microsoft/resnet-50",
         target_layer="resnet.encoder.stages.-1",
+        style_layer="resnet.encoder.stages.0",  # stride 4
         config_factory=_resnet50_config,
         model_type="resnet",
     ),
@@ -251,6 +254,56 @@ def target_layer(model: nn.Module, spec: ModelSpec | None = None) -> nn.Module:
     if not convs:
         raise ValueError(f"{type(model).__name__}: no convolutional layer found for Grad-CAM")
     return convs[-1]
+
+
+def classifier_head(model: nn.Module) -> nn.Module:
+    """The classification head (timm: ``get_classifier()``; transformers: ``.classifier``; else the last Linear).
+    Its input is the pooled feature vector every architecture computes before the logits."""
+    timm_model = getattr(model, "timm_model", None)
+    head = timm_model.get_classifier() if timm_model is not None else getattr(model, "classifier", None)
+    if head is None:
+        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return head
+
+
+def style_layer(model: nn.Module, spec: ModelSpec | None = None) -> nn.Module:
+    """An early feature stage (stride about 4) whose per-channel statistics describe how an image
+    *looks* (gain, speckle, resolution, texture: the scanner) more than what it shows: from the
+    spec; else timm's second feature stage; else the second convolution."""
+    spec = spec if spec is not None and spec.style_layer else spec_for_model(model)
+    if spec is not None and spec.style_layer:
+        return resolve_layer(model, spec.style_layer)
+    timm_model = getattr(model, "timm_model", None)
+    feature_info = getattr(timm_model, "feature_info", None)
+    if feature_info:
+        return timm_model.get_submodule(feature_info[min(1, len(feature_info) - 1)]["module"])
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__}: no convolutional layer found for the in-domain guard")
+    return convs[min(1, len(convs) - 1)]
+
+
+@contextmanager
+def guard_features(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect, for every forward pass run inside the block, each image's per-channel mean and
+    standard deviation of :func:`style_layer`'s output, (n, 2 * channels): the features the
+    in-domain guard compares, from the same pass that gives the logits (no second forward).
+
+    Why these and not the pooled features before the classifier: those are trained to keep what
+    tells the classes apart and drop the rest, including what tells the scanners apart. Measured on
+    DDTI and LES3BDD (docs/results-sources.md), early-stage statistics told an unseen source from the
+    training source's held-out images far better."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        x = output.detach().float()
+        captured.append(torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1).cpu())
+
+    handle = style_layer(model).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from .explain import freeze, gradcam, linearize_full_kernel_convs, overlay, to_original
 from .hub import check_hub_model, is_local
 from .metrics import frame_logits, softmax
-from .models import get_spec, spec_for_model, target_layer
+from .models import get_spec, guard_features, spec_for_model, target_layer
 from .preprocess import CONFIG_NAME, Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, open_image
+from .reliability import GUARD_FILE, RELIABILITY_FILE, Reliability
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +44,31 @@ class Prediction:
     box: Box | None = None  # the ultrasound region found in the image
     views: list[Box] = field(default_factory=list)  # its views (two for a split screen), averaged
     warnings: list[str] = field(default_factory=list)
+    #: how unlike the training images this image is (the guard's score; None: the model has no guard)
+    in_domain_score: float | None = None
+    #: True when the score is above the guard's threshold: the answer is not reliable
+    flagged: bool = False
+    #: the conformal prediction set (every class that cannot be ruled out at the model's level); [] without one
+    prediction_set: list[str] = field(default_factory=list)
+
+    @property
+    def reliable(self) -> bool:
+        """Not flagged by the guard and a single-label prediction set (or no set at all)."""
+        return not self.flagged and len(self.prediction_set) <= 1
 
 
 class Predictor:
     """A trained model with its preprocessing, Grad-CAM layer and calibration, ready to predict."""
 
-    def __init__(self, model, processor, preprocessor: UltrasoundPreprocessor, *, temperature: float = 1.0, info: dict | None = None, source: str = "") -> None:
+    def __init__(self, model, processor, preprocessor: UltrasoundPreprocessor, *, temperature: float = 1.0, info: dict | None = None, source: str = "",
+                 reliability: Reliability | None = None) -> None:
         self.model = linearize_full_kernel_convs(freeze(model))
         self.processor = processor
         self.preprocessor = preprocessor
         self.temperature = float(temperature)
         self.info = info or {}
         self.source = source
+        self.reliability = reliability or Reliability()
         spec = spec_for_model(model) or get_spec(source or "model")
         self.layer = target_layer(model, spec)
         self.labels: list[str] = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -79,7 +93,12 @@ class Predictor:
         temperature = getattr(model.config, "calibration_temperature", 1.0) if calibrated else 1.0
         if device:
             model.to(device)
-        return cls(model, processor, preprocessor, temperature=temperature or 1.0, info=info, source=name_or_path)
+        # The prediction sets were calibrated on calibrated probabilities: uncalibrated output gets
+        # none (their level would not hold).
+        reliability = Reliability.from_pretrained(folder)
+        if not calibrated:
+            reliability.conformal = None
+        return cls(model, processor, preprocessor, temperature=temperature or 1.0, info=info, source=name_or_path, reliability=reliability)
 
     @property
     def device(self) -> torch.device:
@@ -115,13 +134,16 @@ class Predictor:
         pixels, boxes, owner = self.prepare(pil)
         fixed = None if target is None else self.labels.index(target)
         maps = None
-        if explain and (fixed is not None or len(owner) == len(pil)):
-            # One view per image, or a given class: scores and maps from one forward pass.
-            result = gradcam(self.model, self.layer, pixels, None if fixed is None else [fixed] * len(owner))
-            view_logits, maps = result.logits.float().cpu().numpy(), result.maps
-        else:
-            view_logits = self.logits(pixels).float().cpu().numpy()
+        with guard_features(self.model) as captured:  # the guard's features, from the same pass
+            if explain and (fixed is not None or len(owner) == len(pil)):
+                # One view per image, or a given class: scores and maps from one forward pass.
+                result = gradcam(self.model, self.layer, pixels, None if fixed is None else [fixed] * len(owner))
+                view_logits, maps = result.logits.float().cpu().numpy(), result.maps
+            else:
+                view_logits = self.logits(pixels).float().cpu().numpy()
         probs = softmax(frame_logits(view_logits, owner, len(pil)), self.temperature)
+        guard_scores = self._guard_scores(captured, owner, len(pil))
+        member = self.reliability.conformal.sets(probs) if self.reliability.conformal is not None else None
         chosen = [fixed if fixed is not None else int(np.argmax(probs[i])) for i in range(len(pil))]
         if explain and maps is None:
             # Every view of a split screen explains the image's class (alone, its views may disagree).
@@ -138,10 +160,27 @@ class Predictor:
                 # Each view's map is scaled on its own (Grad-CAM's [0, 1]); views do not overlap.
                 prediction.heatmap = np.maximum.reduce([to_original(maps[j], boxes[j], image.size) for j in mine])
                 prediction.overlay = overlay(image, prediction.heatmap, opacity)
+            if guard_scores is not None:
+                prediction.in_domain_score = float(guard_scores[i])
+                prediction.flagged = bool(guard_scores[i] > self.reliability.guard.threshold)
+            if member is not None:
+                prediction.prediction_set = [label for k, label in enumerate(self.labels) if member[i, k]]
             if not looks_like_ultrasound(image):
                 prediction.warnings.append("This image has colour content and may not be a grey-scale ultrasound frame; the result is meaningless for other images.")
             out.append(prediction)
         return out
+
+    def _guard_scores(self, captured: list[torch.Tensor], owner: np.ndarray, n: int) -> np.ndarray | None:
+        """Each image's guard score from its views' pooled features (their mean, as in training)."""
+        guard = self.reliability.guard
+        if guard is None or not captured:
+            return None
+        features = torch.cat(captured[:1]).numpy().astype(np.float64)  # the first pass: the one that scored
+        if len(features) != len(owner):
+            return None
+        summed = np.zeros((n, features.shape[1]))
+        np.add.at(summed, owner, features)
+        return guard.score(summed / np.bincount(owner, minlength=n)[:, None])
 
 
 def _hub_folder(repo_id: str, local_only: bool) -> Path | None:
@@ -149,7 +188,7 @@ def _hub_folder(repo_id: str, local_only: bool) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "metrics.json"], local_files_only=local_only))
+        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "metrics.json", RELIABILITY_FILE, GUARD_FILE], local_files_only=local_only))
     except Exception as exc:  # noqa: BLE001 - the model itself loaded; these files are optional
         logger.warning("%s: no preprocessing settings found (%s); using none", repo_id, exc)
         return None
@@ -174,7 +213,7 @@ def predict_folder(predictor: Predictor, images_dir: Path, out_dir: Path, batch_
     csv_path = out_dir / "predictions.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "label", *[f"p_{label}" for label in predictor.labels], "error"])
+        writer.writerow(["file", "label", *[f"p_{label}" for label in predictor.labels], "in_domain_score", "flagged", "prediction_set", "error"])
         bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
@@ -183,11 +222,13 @@ def predict_folder(predictor: Predictor, images_dir: Path, out_dir: Path, batch_
                 try:
                     good.append((path, open_image(path, name=str(path.relative_to(images_dir)))))
                 except ImageError as exc:
-                    writer.writerow([path.relative_to(images_dir).as_posix(), "", *[""] * len(predictor.labels), str(exc)])
+                    writer.writerow([path.relative_to(images_dir).as_posix(), "", *[""] * len(predictor.labels), "", "", "", str(exc)])
             if good:
                 for (path, _), result in zip(good, predictor.predict([img for _, img in good], explain=heatmaps), strict=True):
                     rel = path.relative_to(images_dir)
-                    writer.writerow([rel.as_posix(), result.label, *[f"{result.probabilities[label]:.6f}" for label in predictor.labels], ""])
+                    writer.writerow([rel.as_posix(), result.label, *[f"{result.probabilities[label]:.6f}" for label in predictor.labels],
+                                     "" if result.in_domain_score is None else f"{result.in_domain_score:.4f}", int(result.flagged),
+                                     "|".join(result.prediction_set), ""])
                     if heatmaps:
                         target = overlays / rel.with_suffix(".png")
                         target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ same code on several GPUs or machines; evaluation gathers each example exactly o
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -28,11 +29,12 @@ from torch.nn import functional as F
 from .audit import DEFAULT_NEAR_THRESHOLD, audited_dataset
 from .augment import DeviceAugment
 from .data import GroupSpec
-from .hub import check_hub_model, check_push_access, dataset_facts, is_local, push_folder, write_card
+from .hub import check_hub_model, check_push_access, dataset_facts, is_local, push_folder, sources_facts, write_card
 from .metrics import (
     HEADLINE,
     ThyroidMetrics,
     bootstrap_intervals,
+    by_source,
     classification_metrics,
     expected_calibration_error,
     fit_temperature,
@@ -41,9 +43,10 @@ from .metrics import (
     softmax,
     with_intervals,
 )
-from .models import HUB_HELP, INIT_CHOICES, ModelSpec, build_model, count_parameters, get_spec
+from .models import HUB_HELP, INIT_CHOICES, ModelSpec, build_model, classifier_head, count_parameters, get_spec, guard_features
 from .plots import plot_auc, plot_comparison, plot_confusion, plot_cv_roc, plot_loss, plot_roc
 from .preprocess import UltrasoundPreprocessor
+from .reliability import ConformalSets, DomainGuard, Reliability, coverage_report
 from .sample import builtin_sample
 
 logger = logging.getLogger(__name__)
@@ -55,11 +58,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DataArguments:
-    data_dir: str | None = field(
+    data_dir: list[str] | None = field(
         default=None,
-        metadata={"help": "Folder of class sub-folders, optionally under train/ validation/ test/. "
+        metadata={"help": "Folder of class sub-folders, optionally under train/ validation/ test/. Several folders: each is a "
+                  "*source* (hospital, scanner, collection); splits are stratified by source x class, the loss weighs each "
+                  "source's classes equally and every metric is also given per source. "
                   "Default: the built-in SYNTHETIC sample (demonstrates the pipeline only)."},
     )
+    source_names: list[str] | None = field(default=None, metadata={"help": "A name for each --data_dir folder (default: the folder's name, or its parent's for a folder called images)."})
     validation_size: float = field(default=0.15, metadata={"help": "Share of the data for validation when the folder has no validation/ split."})
     test_size: float = field(default=0.15, metadata={"help": "Share of the data for testing when the folder has no test/ split."})
     group_csv: str | None = field(default=None, metadata={"help": "CSV mapping files to patients/cases (columns 'file' and --group_column). Default: a manifest.csv beside or above the data folder, else the <case>_<frame> file-name pattern."})
@@ -109,6 +115,9 @@ class RunArguments:
     freeze_backbone_epochs: int = field(default=0, metadata={"help": "With --init pretrained: train only the new head for this many epochs, then fine-tune everything (linear probing, then fine-tuning)."})
     cv: int = field(default=0, metadata={"help": "K-fold cross-validation (K >= 2), stratified by class and grouped by patient: writes OUTPUT_DIR/<model>/cv_metrics.json with pooled out-of-fold metrics. 0: one train/validation/test run."})
     cv_final: bool = field(default=False, metadata={"help": "With --cv: also train a final model on all the data; its card carries the cross-validation numbers."})
+    loso: bool = field(default=False, metadata={"help": "Leave-one-source-out (needs 2+ --data_dir sources): train on all sources but one, score the one left out, for each in turn; writes OUTPUT_DIR/<model>/loso_metrics.json and loso_predictions.csv. Then trains the model on every source (as without --loso) and its card carries the unseen-source numbers."})
+    conformal_alpha: float = field(default=0.1, metadata={"help": "Prediction sets cover the true class with probability 1 - alpha (class-conditional split conformal, calibrated on validation)."})
+    guard_coverage: float = field(default=0.95, metadata={"help": "Share of held-out in-source images (validation) the in-domain guard lets through; the rest, and images unlike the training ones, are flagged."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push each trained model's folder (weights, config, processor, card, plots, metrics) to the Hub after training. The token comes from HF_TOKEN or the saved login."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub, e.g. someone/thyroid-resnet50. With several models, '-<model>' is appended to it."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
@@ -180,7 +189,10 @@ class ImageTransforms:
         else:
             chosen = batch.get("view") or [0] * len(loaded)
             pixels = [views[v] for views, v in zip(loaded, chosen, strict=True)]
-        return {"pixel_values": pixels, "labels": batch["label"]}
+        out = {"pixel_values": pixels, "labels": batch["label"]}
+        if self.train and "weight" in batch:
+            out["sample_weight"] = batch["weight"]
+        return out
 
 
 def expand_views(dataset, transforms: ImageTransforms):
@@ -199,10 +211,22 @@ def recipe(run_args: RunArguments) -> dict:
 
 
 def collate(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-    return {
+    batch = {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
     }
+    if "sample_weight" in examples[0]:
+        batch["sample_weight"] = torch.tensor([e["sample_weight"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def stratum_weights(labels: Sequence[int], sources: Sequence[str]) -> np.ndarray:
+    """Per-example loss weights n / (C * n_sc), C the number of (source, class) cells present: each cell counts the
+    same in total, so neither a big source nor a class that one source has more of can win the loss
+    (pooled, DDTI is 83% malignant and LES3BDD 52%: class weights alone would still reward
+    "looks like DDTI, so malignant"). Mean weight 1."""
+    cells = Counter(zip(sources, labels, strict=True))
+    return np.array([len(labels) / (len(cells) * cells[(s, y)]) for s, y in zip(sources, labels, strict=True)], dtype=np.float64)
 
 
 def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
@@ -210,6 +234,13 @@ def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
     counts = Counter(labels)
     n = len(labels)
     return torch.tensor([n / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)], dtype=torch.float32)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, sample_weight: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy weighted per example: sum(w_i * loss_i) / sum(w_i)."""
+    per_example = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    w = sample_weight.to(device=per_example.device, dtype=per_example.dtype)
+    return (per_example * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def make_loss(weights: torch.Tensor | None, label_smoothing: float):
@@ -292,15 +323,121 @@ def _epoch_history(log_history: Sequence[dict]) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def _predict(trainer, views, owner: np.ndarray) -> np.ndarray:
-    """Frame logits of a dataset whose rows are views (:func:`expand_views`)."""
-    output = trainer.predict(views)
+@dataclass
+class FrameOutputs:
+    """A split's frame logits and the pooled features of the same forward pass (None when they
+    could not be gathered, e.g. several processes: each only sees its own shard)."""
+
+    logits: np.ndarray
+    features: np.ndarray | None
+
+
+def _predict(trainer, views, owner: np.ndarray) -> FrameOutputs:
+    """Frame logits (and features) of a dataset whose rows are views (:func:`expand_views`)."""
+    with guard_features(trainer.model) as captured:
+        output = trainer.predict(views)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
     logits = np.asarray(logits, dtype=np.float64)
     if len(logits) != len(owner):
         raise RuntimeError(f"evaluation returned {len(logits)} predictions for {len(owner)} views")
+    n = int(owner.max()) + 1 if len(owner) else 0
+    features = torch.cat(captured).numpy().astype(np.float64) if captured else None
+    if features is not None and len(features) == len(owner):
+        # A frame's features: the mean of its views' (as the Predictor does).
+        summed = np.zeros((n, features.shape[1]))
+        np.add.at(summed, owner, features)
+        features = summed / np.bincount(owner, minlength=n)[:, None]
+    else:
+        features = None
     # One view per frame: log-softmax, a per-row shift of the logits (the same softmax at any temperature).
-    return frame_logits(logits, owner, int(owner.max()) + 1 if len(owner) else 0)
+    return FrameOutputs(frame_logits(logits, owner, n), features)
+
+
+def fit_reliability(trainer, splits: dict, preprocessor, processor, image_size: int, cache, outputs: dict[str, FrameOutputs],
+                    temperature: float, run_args, eval_name: str, y_eval: Sequence[int], eval_sources: Sequence[str]) -> tuple[Reliability, dict]:
+    """The guard (fitted on the training images' features, threshold from validation) and the
+    conformal sets (calibrated on validation), and how they did on the evaluation split."""
+    reliability = Reliability()
+    checks: dict = {}
+    if "validation" not in outputs:
+        checks["note"] = "no validation split: no guard threshold and no prediction sets"
+        return reliability, checks
+    val_raw = splits["validation"].with_format(None)
+    y_val = [int(x) for x in val_raw["label"]]
+    reliability.conformal = ConformalSets.fit(softmax(outputs["validation"].logits, temperature), y_val, run_args.conformal_alpha)
+    train_eval = splits["train"].with_format(None).remove_columns([c for c in ("weight",) if c in splits["train"].column_names])
+    transforms = ImageTransforms(preprocessor, processor, image_size, train=False, cache=cache)
+    train_views, owner = expand_views(train_eval, transforms)
+    train_views.set_transform(transforms, columns=["path", "label", *(["view"] if "view" in train_views.column_names else [])])
+    train_out = _predict(trainer, train_views, owner)
+    if train_out.features is not None and outputs["validation"].features is not None:
+        guard = DomainGuard.fit(train_out.features).calibrate(outputs["validation"].features, run_args.guard_coverage)
+        reliability.guard = guard
+        checks["guard"] = {"threshold": guard.threshold, "coverage_target": guard.coverage, "components": int(len(guard.variances)),
+                           "fitted_on": f"{len(train_out.features)} training images", "threshold_from": f"{len(y_val)} validation images"}
+    else:
+        checks["note"] = "features could not be gathered (several processes): no guard"
+    out = outputs[eval_name]
+    probs = softmax(out.logits, temperature)
+    member = reliability.conformal.sets(probs)
+    checks["conformal"] = {"alpha": run_args.conformal_alpha, eval_name: coverage_report(y_eval, member),
+                           "by_source": {s: coverage_report(np.asarray(y_eval)[np.asarray(eval_sources) == s], member[np.asarray(eval_sources) == s])
+                                         for s in sorted(set(eval_sources))} if len(set(eval_sources)) > 1 else {}}
+    if reliability.guard is not None and out.features is not None:
+        flagged = reliability.guard.flags(out.features)
+        checks["guard"][eval_name] = {"n": int(len(flagged)), "share_flagged": float(flagged.mean()) if len(flagged) else math.nan}
+    reliability.facts = {"conformal": checks["conformal"], "guard": checks.get("guard")}
+    return reliability, checks
+
+
+def SampleWeightedTrainer(*, label_smoothing: float, **kwargs):  # noqa: N802 - builds a Trainer
+    """A ``transformers.Trainer`` whose training batches may carry ``sample_weight`` (several
+    sources: :func:`stratum_weights`); batches without it use ``compute_loss_func`` as usual."""
+    return _weighted_trainer_class()(label_smoothing=label_smoothing, **kwargs)
+
+
+@functools.cache
+def _weighted_trainer_class():
+    from transformers import Trainer
+
+    class _SampleWeightedTrainer(Trainer):
+        def __init__(self, *args, label_smoothing: float = 0.0, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.label_smoothing = label_smoothing
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weight = inputs.pop("sample_weight", None)
+            if weight is None:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = weighted_loss(outputs.logits, labels, weight, self.label_smoothing)
+            return (loss, outputs) if return_outputs else loss
+
+    return _SampleWeightedTrainer
+
+
+def loso_summary(loso: dict) -> dict:
+    """What the model folder's metrics.json (and so the card and the app) keep of a LOSO run."""
+    return {"held_out": {name: {k: v for k, v in r.items() if k in ("n", "trained_on", "metrics", "guard", "conformal", "wall_seconds")}
+                         for name, r in loso["held_out"].items()},
+            "pooled": loso.get("pooled"), "wall_seconds": loso.get("wall_seconds")}
+
+
+def source_facts(report, splits: dict) -> dict:
+    """Per source: its folder, the data set it is (name, citation, label provenance), and its
+    count per split and class (empty for a single source)."""
+    if len(getattr(report, "sources", {})) < 2:
+        return {}
+    out = {}
+    for name, folder in report.sources.items():
+        counts = {}
+        for split, ds in splits.items():
+            raw = ds.with_format(None)
+            names = ds.features["label"].names
+            counts[split] = dict(Counter(names[y] for y, s in zip(raw["label"], raw["source"], strict=True) if s == name))
+        out[name] = {"data_dir": folder, "dataset": dataset_facts(folder), "counts": counts}
+    return out
 
 
 def _last_checkpoint(folder: Path) -> str | None:
@@ -318,15 +455,14 @@ class TrainResult:
     y_true: list[int]
     groups: list[str]
     paths: list[str]
+    sources: list[str] = field(default_factory=list)
+    reliability: Reliability | None = None
+    outputs: dict = field(default_factory=dict)  # split -> FrameOutputs (logits, features)
 
 
 def head_parameters(model) -> set[int]:
     """ids of the new classification head's parameters (timm: get_classifier(); transformers: .classifier)."""
-    timm_model = getattr(model, "timm_model", None)
-    head = timm_model.get_classifier() if timm_model is not None else getattr(model, "classifier", None)
-    if head is None:
-        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    return {id(p) for p in head.parameters()}
+    return {id(p) for p in classifier_head(model).parameters()}
 
 
 class FreezeBackbone:
@@ -407,6 +543,7 @@ def train_one(
     out: Path | None = None,
     write: bool = True,
     cache: dict | None = None,
+    loso: dict | None = None,
 ) -> TrainResult:
     """Train one model on ``dataset`` (train / validation / test) and evaluate it; with ``write``,
     write its folder (weights, card, plots, metrics) to ``out`` (default OUTPUT_DIR/<model>)."""
@@ -434,8 +571,16 @@ def train_one(
         ds.set_transform(transforms, columns=["path", "label", *(["view"] if "view" in ds.column_names else [])])
     has_validation = "validation" in splits
     eval_name = "test" if "test" in splits else "validation" if has_validation else "train"
-    train_labels = [int(x) for x in splits["train"].with_format(None)["label"]]
+    train_raw = splits["train"].with_format(None)
+    train_labels = [int(x) for x in train_raw["label"]]
+    train_sources = list(train_raw["source"]) if "source" in train_raw.column_names else [""] * len(train_labels)
     weights = class_weights(train_labels, len(labels)) if run_args.class_weighting else None
+    if run_args.class_weighting and len(set(train_sources)) > 1:
+        # Several sources: weigh each (source, class) cell equally, per example (stratum_weights).
+        weights = None
+        splits["train"] = splits["train"].add_column("weight", stratum_weights(train_labels, train_sources).tolist())
+        splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
+                                      columns=["path", "label", "weight"])
 
     trainer_callbacks = list(callbacks)
     if run_args.freeze_backbone_epochs > 0 and model_args.init == "pretrained":
@@ -444,7 +589,8 @@ def train_one(
         trainer_callbacks.append(WeightAverage(run_args.ema_decay).callback)
     if has_validation and run_args.select_best and run_args.early_stopping_patience > 0:
         trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=run_args.early_stopping_patience))
-    trainer = Trainer(
+    trainer = SampleWeightedTrainer(
+        label_smoothing=run_args.label_smoothing,
         model=model,
         args=_training_arguments(run_args, checkpoints, has_validation),
         train_dataset=splits["train"],
@@ -466,12 +612,17 @@ def train_one(
     trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - started
 
-    # Calibration: a temperature fitted on validation, judged on the evaluation split.
+    # Calibration: a temperature fitted on validation, judged on the evaluation split; conformal sets
+    # and the in-domain guard's threshold also come from validation (never from what is scored).
     temperature = 1.0
+    outputs = {}
     if has_validation:
-        temperature = fit_temperature(_predict(trainer, *views["validation"]), [int(x) for x in splits["validation"].with_format(None)["label"]])
+        outputs["validation"] = _predict(trainer, *views["validation"])
+        temperature = fit_temperature(outputs["validation"].logits, [int(x) for x in splits["validation"].with_format(None)["label"]])
     eval_ds = splits[eval_name]
-    logits = _predict(trainer, *views[eval_name]) if eval_name in views else _predict(trainer, eval_ds, np.arange(len(eval_ds)))
+    if eval_name not in outputs:
+        outputs[eval_name] = _predict(trainer, *views[eval_name]) if eval_name in views else _predict(trainer, eval_ds, np.arange(len(eval_ds)))
+    logits = outputs[eval_name].logits
     raw = eval_ds.with_format(None)
     y_true = [int(x) for x in raw["label"]]
     if len(y_true) != len(logits):
@@ -479,6 +630,9 @@ def train_one(
     probs = softmax(logits)
     metrics = classification_metrics(y_true, probs, labels)
     intervals = bootstrap_intervals(y_true, probs, labels, groups=list(raw["group"]), n_resamples=run_args.bootstrap_resamples, seed=run_args.seed)
+    eval_sources = list(raw["source"]) if "source" in raw.column_names else [""] * len(y_true)
+    reliability, checks = fit_reliability(trainer, splits, preprocessor, processor, image_size, cache, outputs, temperature, run_args,
+                                          eval_name, y_true, eval_sources)
     history = _epoch_history(trainer.state.log_history)
     result = {
         "model": spec.name,
@@ -487,7 +641,10 @@ def train_one(
         "labels": labels,
         "split": eval_name,
         "n": len(y_true),
-        eval_name: {**with_intervals(metrics, intervals), "split": eval_name},
+        eval_name: {**with_intervals(metrics, intervals), "split": eval_name,
+                    "by_source": by_source(y_true, probs, labels, list(raw["group"]), eval_sources, run_args.bootstrap_resamples, run_args.seed)},
+        "reliability": checks,
+        **({"leave_one_source_out": loso_summary(loso)} if loso else {}),
         "calibration": {
             "temperature": temperature,
             "fitted_on": "validation" if has_validation else None,
@@ -499,9 +656,10 @@ def train_one(
             key=lambda h: h["eval_roc_auc"], default={}) or {}).items()},
         "history": history,
         "data": {
-            "data_dir": report.root,
-            "dataset": dataset_facts(report.root),
+            "data_dir": " + ".join(report.sources.values()) if len(report.sources) > 1 else report.root,
+            "dataset": sources_facts(report.sources or {"": report.root}),
             "counts": {name: dict(Counter(labels[i] for i in ds.with_format(None)["label"])) for name, ds in splits.items()},
+            "sources": source_facts(report, splits),
             "groups": len(set(g for ds in splits.values() for g in ds.with_format(None)["group"])),
         },
         "training": {
@@ -511,6 +669,10 @@ def train_one(
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "preprocessing": asdict(preprocessor),
             "class_weights": None if weights is None else [round(float(w), 4) for w in weights],
+            # Several sources: each (source, class) cell's weight per example, n / (cells * n_cell).
+            "source_class_weights": {f"{s}|{labels[y]}": round(float(w), 4) for (s, y), w in sorted(
+                {(s, y): w for s, y, w in zip(train_sources, train_labels, stratum_weights(train_labels, train_sources), strict=True)}.items())}
+            if run_args.class_weighting and len(set(train_sources)) > 1 else None,
             **recipe(run_args),
             "init": model_args.init,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -518,17 +680,19 @@ def train_one(
         },
     }
     if state.is_main_process and write:
-        _write_model_folder(trainer, preprocessor, report, result, out, raw, probs, labels, temperature)
+        _write_model_folder(trainer, preprocessor, report, result, out, raw, probs, labels, temperature, reliability)
     state.wait_for_everyone()
-    return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]))
+    return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]),
+                       sources=eval_sources, reliability=reliability, outputs=outputs)
 
 
-def _write_model_folder(trainer, preprocessor, report, result, out: Path, raw, probs, labels, temperature) -> None:
+def _write_model_folder(trainer, preprocessor, report, result, out: Path, raw, probs, labels, temperature, reliability: Reliability) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.model
     model.config.calibration_temperature = temperature  # read by the project's Predictor
     trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
     preprocessor.save_pretrained(out)
+    reliability.save_pretrained(out)
     report.save(out / "audit.json")
     (out / "fingerprints.json").write_text(json.dumps(report.fingerprints()) + "\n")
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
@@ -540,9 +704,10 @@ def _write_model_folder(trainer, preprocessor, report, result, out: Path, raw, p
     write_card(out)
     with (out / f"predictions_{split}.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "group", "label", "predicted", *[f"p_{name}" for name in labels]])
-        for path, group, y, p in zip(raw["path"], raw["group"], raw["label"], probs, strict=True):
-            writer.writerow([path, group, labels[y], labels[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
+        writer.writerow(["path", "group", "source", "label", "predicted", *[f"p_{name}" for name in labels]])
+        sources = raw["source"] if "source" in raw.column_names else [""] * len(probs)
+        for path, group, source, y, p in zip(raw["path"], raw["group"], sources, raw["label"], probs, strict=True):
+            writer.writerow([path, group, source, labels[y], labels[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
     logger.info("%s: wrote %s", result["model"], out)
 
 
@@ -578,6 +743,7 @@ class PooledFolds:
     groups: list[str]
     paths: list[str]
     folds: list[tuple[np.ndarray, np.ndarray]]
+    sources: list[str] = field(default_factory=list)
 
     @property
     def fold_of(self) -> np.ndarray:
@@ -592,13 +758,14 @@ def pooled_folds(dataset, k: int, seed: int) -> PooledFolds:
     """``dataset`` (a DatasetDict) pooled, with ``data.cv_folds(labels, groups, k, seed)``."""
     from datasets import concatenate_datasets
 
-    from .data import cv_folds
+    from .data import cv_folds, strata
 
     full = concatenate_datasets(list(dataset.values())) if len(dataset) > 1 else dataset["train"]
     raw = full.with_format(None)
     y = np.array([int(v) for v in raw["label"]])
     groups = list(raw["group"])
-    return PooledFolds(full, full.features["label"].names, y, groups, list(raw["path"]), cv_folds(y, groups, k, seed))
+    sources = list(raw["source"]) if "source" in raw.column_names else [""] * len(y)
+    return PooledFolds(full, full.features["label"].names, y, groups, list(raw["path"]), cv_folds(strata(y, sources), groups, k, seed), sources)
 
 
 def cross_validate(
@@ -652,8 +819,10 @@ def cross_validate(
         "model": spec.name, "checkpoint": spec.checkpoint, "init": model_args.init, "k": run_args.cv, "labels": labels,
         "n": int(len(y)), "groups": len(set(groups)), "wall_seconds": round(wall, 1),
         "pooled": with_intervals(pooled, intervals),
+        "by_source": by_source(y, oof, labels, groups, cv_set.sources, run_args.bootstrap_resamples, run_args.seed),
         "per_fold": per_fold, "spread": spread,
-        "data": {"data_dir": report.root, "dataset": dataset_facts(report.root), "counts": dict(Counter(labels[i] for i in y))},
+        "data": {"data_dir": " + ".join(report.sources.values()) if len(report.sources) > 1 else report.root,
+                 "dataset": sources_facts(report.sources or {"": report.root}), "counts": dict(Counter(labels[i] for i in y))},
         "recipe": {"image_size": model_args.image_size, **recipe(run_args),
                    "preprocessing": asdict(data_args.preprocessor())},
     }
@@ -670,6 +839,9 @@ def cross_validate(
         print(f"{spec.name}: {run_args.cv}-fold CV pooled macro ROC AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] "
               f"(folds {spread['roc_auc']['mean']:.3f} ± {spread['roc_auc']['sd']:.3f}), balanced accuracy "
               f"{cv['pooled']['balanced_accuracy']['value']:.3f}, n={len(y)}, {wall / 60:.1f} min -> {out / 'cv_metrics.json'}")
+        for name, m in cv["by_source"].items():
+            print(f"{spec.name}: source {name}: pooled out-of-fold macro ROC AUC {m['roc_auc']['value']:.3f} "
+                  f"[{m['roc_auc']['ci'][0]:.3f}, {m['roc_auc']['ci'][1]:.3f}], balanced accuracy {m['balanced_accuracy']['value']:.3f}, n={m['n']} (in-source)")
         if "by_layout" in cv:
             b = cv["by_layout"]
             print(f"{spec.name}: split screens {b['split_screen']['n']} of {len(y)} frames; AUC on single-view frames {b['single_view']['roc_auc']:.3f}, "
@@ -681,7 +853,7 @@ def cross_validate(
         if state.is_main_process:
             path = out / "metrics.json"
             metrics = json.loads(path.read_text())
-            metrics["cross_validation"] = {k: cv[k] for k in ("k", "n", "groups", "pooled", "spread", "by_layout") if k in cv}
+            metrics["cross_validation"] = {k: cv[k] for k in ("k", "n", "groups", "pooled", "by_source", "spread", "by_layout") if k in cv}
             path.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
             write_card(out)
         del result
@@ -703,10 +875,11 @@ def with_validation(pool, data_args: DataArguments, seed: int):
     the validation curves and, with ``--select_best``, early stopping): a cross-validation fold's training part, or all the data for a final model."""
     from datasets import DatasetDict
 
-    from .data import group_holdout
+    from .data import group_holdout, strata
 
     raw = pool.with_format(None)
-    mask = group_holdout([int(v) for v in raw["label"]], list(raw["group"]), max(0.1, data_args.validation_size), seed)
+    sources = list(raw["source"]) if "source" in raw.column_names else [""] * len(raw)
+    mask = group_holdout(strata([int(v) for v in raw["label"]], sources), list(raw["group"]), max(0.1, data_args.validation_size), seed)
     return DatasetDict({
         "train": pool.select([i for i, v in enumerate(mask) if not v]),
         "validation": pool.select([i for i, v in enumerate(mask) if v]),
@@ -758,6 +931,10 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
     # Settings first: a wrong flag should not wait for the Hub or the data.
     if run_args.cv == 1 or run_args.cv < 0:
         raise ValueError("--cv needs K >= 2 folds")
+    if run_args.loso and run_args.cv:
+        raise ValueError("--loso and --cv are two ways to validate: run them one at a time")
+    if run_args.loso and len(data_args.data_dir or []) < 2:
+        raise ValueError("--loso needs at least two --data_dir folders (one per source)")
     if run_args.ema_decay > 0 and run_args.select_best:
         raise ValueError("--ema_decay keeps the weights' average as the model; drop --select_best (a best checkpoint would replace it)")
     if not 0 <= run_args.ema_decay < 1:
@@ -782,6 +959,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
             test_size=0.0 if run_args.cv else data_args.test_size,
             seed=run_args.seed,
             groups=groups,
+            source_names=data_args.source_names,
         )
     if state.is_main_process:
         print(report.summary())
@@ -790,8 +968,13 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
     for spec in specs:
         if run_args.cv:
             results[spec.name] = cross_validate(spec, dataset, report, data_args, model_args, run_args, callbacks)
-        else:
-            results[spec.name] = train_one(spec, dataset, report, data_args, model_args, run_args, callbacks).metrics
+            continue
+        loso = None
+        if run_args.loso:
+            from .loso import leave_one_source_out
+
+            loso = leave_one_source_out(spec, dataset, report, data_args, model_args, run_args, callbacks)
+        results[spec.name] = train_one(spec, dataset, report, data_args, model_args, run_args, callbacks, loso=loso).metrics
     if run_args.cv:
         return results
     if state.is_main_process:

@@ -1,0 +1,156 @@
+"""Leave-one-source-out: how the model meets a hospital whose images it never saw.
+
+For each source in turn, the model is trained (same recipe, same code as any run) on every other
+source, with a validation share carved from them for the temperature, the conformal sets and the
+guard's threshold, and scored on the source left out. Nothing of the held-out source is seen in
+training, validation or calibration. Written to ``OUTPUT_DIR/<model>/``:
+
+* ``loso_metrics.json`` — per held-out source: accuracy, balanced accuracy, macro ROC AUC, macro
+  F1, ECE (each with a 95% interval resampling patients / cases), per-class recall; how well the
+  in-domain guard tells the unseen source from the training sources' held-out images (AUROC), the
+  AUC on the images it accepts and on those it flags; conformal coverage and set size; wall time.
+  Also the pooled out-of-source predictions' metrics.
+* ``loso_predictions.csv`` — a row per image, readable by ``python -m thyroid_classifier.compare``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import HEADLINE, macro_auc, scored, separation_auc, softmax
+
+logger = logging.getLogger(__name__)
+
+LOSO_METRICS = "loso_metrics.json"
+LOSO_PREDICTIONS = "loso_predictions.csv"
+
+
+def source_splits(sources: Sequence[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(held-out source, training rows, held-out rows)`` for each source, in sorted order."""
+    sources = np.asarray(sources)
+    names = sorted(set(sources.tolist()))
+    if len(names) < 2:
+        raise ValueError(f"leave-one-source-out needs at least two sources, found {names}")
+    return [(name, np.flatnonzero(sources != name), np.flatnonzero(sources == name)) for name in names]
+
+
+def _auc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+    return macro_auc(y, p) if len(set(y.tolist())) > 1 else math.nan
+
+
+def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args, callbacks: Sequence = ()) -> dict:
+    """Train on all sources but one and score that one, for each source; write and return the results."""
+    import shutil
+
+    from .training import distributed_state, pooled_folds, train_one, with_validation
+
+    state = distributed_state()
+    out = Path(run_args.output_dir) / spec.name
+    pool = pooled_folds(dataset, 2, run_args.seed)  # only its pooled data set is used (folds need >= 2)
+    full, labels, y, groups, paths, sources = pool.full, pool.labels, pool.y, pool.groups, pool.paths, np.asarray(pool.sources)
+    probs = np.full((len(y), len(labels)), np.nan)
+    scores = np.full(len(y), np.nan)
+    flagged = np.zeros(len(y), dtype=bool)
+    member = np.zeros((len(y), len(labels)), dtype=bool)
+    cache: dict = {}
+    held_out: dict[str, dict] = {}
+    started = time.time()
+    for name, train_rows, test_rows in source_splits(sources):
+        fold_started = time.time()
+        fold = with_validation(full.select([int(i) for i in train_rows]), data_args, run_args.seed)
+        fold["test"] = full.select([int(i) for i in test_rows])
+        trained_on = sorted(set(sources[train_rows].tolist()))
+        logger.info("%s: leave out %s; train on %s (%d train, %d validation), score %d", spec.name, name, ", ".join(trained_on),
+                    len(fold["train"]), len(fold["validation"]), len(fold["test"]))
+        folder = out / "loso" / f"held-out-{name}"
+        result = train_one(spec, fold, report, data_args, model_args, run_args, callbacks, out=folder, write=False, cache=cache)
+        temperature = result.metrics["calibration"]["temperature"]
+        p = softmax(result.outputs["test"].logits, temperature)  # what a user of this model would see
+        probs[test_rows] = p
+        yt = y[test_rows]
+        entry: dict = {
+            "n": int(len(test_rows)), "trained_on": trained_on, "temperature": temperature,
+            "metrics": scored(yt, p, labels, [groups[i] for i in test_rows], run_args.bootstrap_resamples, run_args.seed),
+        }
+        rel = result.reliability
+        if rel is not None and rel.conformal is not None:
+            sets = rel.conformal.sets(p)
+            member[test_rows] = sets
+            from .reliability import coverage_report
+
+            entry["conformal"] = {"alpha": rel.conformal.alpha, **coverage_report(yt, sets)}
+        test_features = result.outputs["test"].features
+        val_features = result.outputs.get("validation").features if result.outputs.get("validation") is not None else None
+        if rel is not None and rel.guard is not None and test_features is not None and val_features is not None:
+            s_test, s_val = rel.guard.score(test_features), rel.guard.score(val_features)
+            f = s_test > rel.guard.threshold
+            scores[test_rows], flagged[test_rows] = s_test, f
+            entry["guard"] = {
+                "auroc_unseen_vs_in_source": separation_auc(s_val, s_test),
+                "in_source_validation_passed": float((s_val <= rel.guard.threshold).mean()),
+                "share_flagged": float(f.mean()),
+                "roc_auc_accepted": _auc_or_nan(yt[~f], p[~f]), "n_accepted": int((~f).sum()),
+                "roc_auc_flagged": _auc_or_nan(yt[f], p[f]), "n_flagged": int(f.sum()),
+            }
+        entry["wall_seconds"] = round(time.time() - fold_started, 1)
+        held_out[name] = entry
+        if state.is_main_process:
+            m = entry["metrics"]["roc_auc"]
+            print(f"{spec.name}: trained on {'+'.join(trained_on)} -> unseen {name}: macro ROC AUC {m['value']:.3f} "
+                  f"[{m['ci'][0]:.3f}, {m['ci'][1]:.3f}], n={entry['n']}, {entry['wall_seconds'] / 60:.1f} min", flush=True)
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    wall = time.time() - started
+    result = {
+        "model": spec.name, "checkpoint": spec.checkpoint, "init": model_args.init, "labels": labels,
+        "sources": sorted(set(sources.tolist())), "n": int(len(y)), "wall_seconds": round(wall, 1),
+        "held_out": held_out,
+        # Pooled across held-out sources: one number, but it mixes sources (read the per-source rows first).
+        "pooled": scored(y, probs, labels, groups, run_args.bootstrap_resamples, run_args.seed),
+        "probabilities": "calibrated with each run's validation temperature",
+    }
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / LOSO_METRICS).write_text(json.dumps(result, indent=2, default=float) + "\n")
+        write_loso_predictions(out / LOSO_PREDICTIONS, paths, groups, sources, labels, y, probs, scores, flagged, member)
+        print(loso_table(result))
+        print(f"-> {out / LOSO_METRICS}, {out / LOSO_PREDICTIONS}")
+    return result
+
+
+def write_loso_predictions(path: Path, paths, groups, sources, labels, y, probs, scores, flagged, member) -> None:
+    """A row per image, scored by the run that never saw its source (``compare`` reads it)."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "group", "source", "label", *[f"p_{name}" for name in labels], "in_domain_score", "flagged", "prediction_set"])
+        for i in range(len(y)):
+            chosen = [labels[k] for k in range(len(labels)) if member[i, k]]
+            writer.writerow([paths[i], groups[i], sources[i], labels[y[i]], *[f"{v:.6f}" for v in probs[i]],
+                             "" if math.isnan(scores[i]) else f"{scores[i]:.4f}", int(flagged[i]), "|".join(chosen)])
+
+
+def loso_table(result: dict) -> str:
+    """The printed table: one row per held-out source."""
+    def cell(m: dict) -> str:
+        return f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]" if not math.isnan(m["value"]) else "n/a"
+
+    lines = [f"Leave-one-source-out, {result['model']} (each row: trained on the other sources, scored on this one, never seen)",
+             "| unseen source | n | " + " | ".join(HEADLINE) + " | recall per class | guard AUROC | flagged | AUC accepted / flagged | set coverage / size |",
+             "|---|---|" + "---|" * len(HEADLINE) + "---|---|---|---|---|"]
+    for name, r in result["held_out"].items():
+        m = r["metrics"]
+        recall = ", ".join(f"{label} {v['recall']:.2f}" for label, v in m["per_class"].items())
+        g = r.get("guard") or {}
+        c = r.get("conformal") or {}
+        guard = (f"{g['auroc_unseen_vs_in_source']:.3f} | {g['share_flagged']:.0%} | {g['roc_auc_accepted']:.3f} (n={g['n_accepted']}) / "
+                 f"{g['roc_auc_flagged']:.3f} (n={g['n_flagged']})") if g else "n/a | n/a | n/a"
+        conf = f"{c['coverage']:.2f} / {c['mean_set_size']:.2f}" if c else "n/a"
+        lines.append(f"| {name} | {r['n']} | " + " | ".join(cell(m[k]) for k in HEADLINE) + f" | {recall} | {guard} | {conf} |")
+    return "\n".join(lines)
