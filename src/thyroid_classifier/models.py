@@ -241,19 +241,25 @@ def resolve_layer(model: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def target_layer(model: nn.Module, spec: ModelSpec | None = None) -> nn.Module:
-    """The Grad-CAM layer: from the spec; else timm's last feature stage; else the last conv layer."""
-    spec = spec if spec is not None and spec.target_layer else spec_for_model(model)
-    if spec is not None and spec.target_layer:
-        return resolve_layer(model, spec.target_layer)
+def _layer(model: nn.Module, spec: ModelSpec | None, field: str, position: int, what: str) -> nn.Module:
+    """The layer a spec names in ``field``; else timm's feature stage at ``position``; else the
+    convolution at ``position`` (a non-negative position is clamped to the last one)."""
+    spec = spec if spec is not None and getattr(spec, field) else spec_for_model(model)
+    if spec is not None and getattr(spec, field):
+        return resolve_layer(model, getattr(spec, field))
     timm_model = getattr(model, "timm_model", None)
     feature_info = getattr(timm_model, "feature_info", None)
     if feature_info:
-        return timm_model.get_submodule(feature_info[-1]["module"])
+        return timm_model.get_submodule(feature_info[position if position < 0 else min(position, len(feature_info) - 1)]["module"])
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError(f"{type(model).__name__}: no convolutional layer found for Grad-CAM")
-    return convs[-1]
+        raise ValueError(f"{type(model).__name__}: no convolutional layer found for {what}")
+    return convs[position if position < 0 else min(position, len(convs) - 1)]
+
+
+def target_layer(model: nn.Module, spec: ModelSpec | None = None) -> nn.Module:
+    """The Grad-CAM layer: from the spec; else timm's last feature stage; else the last conv layer."""
+    return _layer(model, spec, "target_layer", -1, "Grad-CAM")
 
 
 def classifier_head(model: nn.Module) -> nn.Module:
@@ -270,17 +276,7 @@ def style_layer(model: nn.Module, spec: ModelSpec | None = None) -> nn.Module:
     """An early feature stage (stride about 4) whose per-channel statistics describe how an image
     *looks* (gain, speckle, resolution, texture: the scanner) more than what it shows: from the
     spec; else timm's second feature stage; else the second convolution."""
-    spec = spec if spec is not None and spec.style_layer else spec_for_model(model)
-    if spec is not None and spec.style_layer:
-        return resolve_layer(model, spec.style_layer)
-    timm_model = getattr(model, "timm_model", None)
-    feature_info = getattr(timm_model, "feature_info", None)
-    if feature_info:
-        return timm_model.get_submodule(feature_info[min(1, len(feature_info) - 1)]["module"])
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError(f"{type(model).__name__}: no convolutional layer found for the in-domain guard")
-    return convs[min(1, len(convs) - 1)]
+    return _layer(model, spec, "style_layer", 1, "the in-domain guard")
 
 
 @contextmanager
