@@ -7,7 +7,7 @@ are computed once (cached in ``--out``) and a probe is fitted per held-out sourc
 frame goes through the product's ultrasound crop, a square resize and the backbone's own
 normalisation; features are the global average of a stage's map (Lite0: stages 1-4 and the head;
 VGG19: after each max-pool). The probe is a logistic regression on standardised features, its loss
-weighted per (source, class) cell as ``train.py`` weighs its loss (``training.stratum_weights``),
+weighted per (source, class) cell as ``train.py`` weighs its loss (``weighting.stratum_weights``),
 its C chosen by grouped 4-fold CV *inside the training source(s)*: the held-out source chooses nothing.
 
 Rows are scored on the same frames, groups and sources as ``train.py --data_dir A B --loso``; each
@@ -37,7 +37,8 @@ from thyroid_classifier.data import GroupSpec, cv_folds, strata  # noqa: E402
 from thyroid_classifier.loso import loso_table, source_splits, write_loso_predictions  # noqa: E402
 from thyroid_classifier.metrics import macro_auc, paired_difference, scored  # noqa: E402
 from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
-from thyroid_classifier.training import pooled_folds, stratum_weights  # noqa: E402
+from thyroid_classifier.training import pooled_folds  # noqa: E402
+from thyroid_classifier.weighting import stratum_weights  # noqa: E402
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 BACKBONES = {"lite0": "../shared/models/efficientnet_lite0-imagenet", "vgg19": "../shared/models/vgg19-imagenet"}

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from thyroid_classifier.audit import AuditReport, ImageInfo
 from thyroid_classifier.metrics import bootstrap_intervals, softmax
-from thyroid_classifier.training import class_weights, make_loss
+from thyroid_classifier.weighting import class_weights, make_loss
 
 
 def _info(name: str, phash: int) -> ImageInfo:

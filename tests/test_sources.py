@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from thyroid_classifier.data import cv_folds, load_image_folder, scan_sources, strata
 from thyroid_classifier.metrics import separation_auc
 from thyroid_classifier.reliability import ConformalSets, DomainGuard, Reliability, coverage_report
-from thyroid_classifier.training import class_weights, stratum_weights, weighted_loss
+from thyroid_classifier.weighting import class_weights, stratum_weights, weighted_loss
 
 # --------------------------------------------------------------------------------------------
 # Data: sources named, recorded, split by source x class, groups kept apart

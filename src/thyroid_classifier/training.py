@@ -11,7 +11,6 @@ same code on several GPUs or machines; evaluation gathers each example exactly o
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
 import math
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from .audit import DEFAULT_NEAR_THRESHOLD, audited_dataset
 from .augment import DeviceAugment
@@ -48,6 +46,7 @@ from .plots import plot_auc, plot_comparison, plot_confusion, plot_cv_roc, plot_
 from .preprocess import UltrasoundPreprocessor
 from .reliability import ConformalSets, DomainGuard, Reliability, coverage_report
 from .sample import builtin_sample
+from .weighting import SampleWeightedTrainer, class_weights, make_loss, stratum_weights
 
 logger = logging.getLogger(__name__)
 
@@ -220,38 +219,6 @@ def collate(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def stratum_weights(labels: Sequence[int], sources: Sequence[str]) -> np.ndarray:
-    """Per-example loss weights n / (C * n_sc), C the number of (source, class) cells present: each cell counts the
-    same in total, so neither a big source nor a class that one source has more of can win the loss
-    (pooled, DDTI is 83% malignant and LES3BDD 52%: class weights alone would still reward
-    "looks like DDTI, so malignant"). Mean weight 1."""
-    cells = Counter(zip(sources, labels, strict=True))
-    return np.array([len(labels) / (len(cells) * cells[(s, y)]) for s, y in zip(sources, labels, strict=True)], dtype=np.float64)
-
-
-def class_weights(labels: Sequence[int], n_classes: int) -> torch.Tensor:
-    """n / (k * n_c): every class contributes equally to the loss; absent classes get weight 0."""
-    counts = Counter(labels)
-    n = len(labels)
-    return torch.tensor([n / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)], dtype=torch.float32)
-
-
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, sample_weight: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy weighted per example: sum(w_i * loss_i) / sum(w_i)."""
-    per_example = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
-    w = sample_weight.to(device=per_example.device, dtype=per_example.dtype)
-    return (per_example * w).sum() / w.sum().clamp_min(1e-12)
-
-
-def make_loss(weights: torch.Tensor | None, label_smoothing: float):
-    def loss(outputs, labels, num_items_in_batch=None):  # signature of Trainer's compute_loss_func
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-        w = weights.to(device=logits.device, dtype=logits.dtype) if weights is not None else None
-        return F.cross_entropy(logits, labels, weight=w, label_smoothing=label_smoothing)
-
-    return loss
-
-
 def make_compute_metrics(label_names: Sequence[str], owner: np.ndarray | None = None):
     """Trainer's per-epoch metrics; ``owner`` (each evaluation row's frame, :func:`expand_views`)
     scores frames, not views, as the final evaluation does."""
@@ -388,33 +355,6 @@ def fit_reliability(trainer, splits: dict, preprocessor, processor, image_size: 
         checks["guard"][eval_name] = {"n": int(len(flagged)), "share_flagged": float(flagged.mean()) if len(flagged) else math.nan}
     reliability.facts = {"conformal": checks["conformal"], "guard": checks.get("guard")}
     return reliability, checks
-
-
-def SampleWeightedTrainer(*, label_smoothing: float, **kwargs):  # noqa: N802 - builds a Trainer
-    """A ``transformers.Trainer`` whose training batches may carry ``sample_weight`` (several
-    sources: :func:`stratum_weights`); batches without it use ``compute_loss_func`` as usual."""
-    return _weighted_trainer_class()(label_smoothing=label_smoothing, **kwargs)
-
-
-@functools.cache
-def _weighted_trainer_class():
-    from transformers import Trainer
-
-    class _SampleWeightedTrainer(Trainer):
-        def __init__(self, *args, label_smoothing: float = 0.0, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.label_smoothing = label_smoothing
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            weight = inputs.pop("sample_weight", None)
-            if weight is None:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            loss = weighted_loss(outputs.logits, labels, weight, self.label_smoothing)
-            return (loss, outputs) if return_outputs else loss
-
-    return _SampleWeightedTrainer
 
 
 def loso_summary(loso: dict) -> dict:
