@@ -292,8 +292,8 @@ def guard_features(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     captured: list[torch.Tensor] = []
 
     def hook(module, args, output):
-        x = output.detach().float()
-        captured.append(torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1).cpu())
+        var, mean = torch.var_mean(output.detach().float(), dim=(2, 3))  # one pass over the map
+        captured.append(torch.cat([mean, var.sqrt()], dim=1).cpu())
 
     handle = style_layer(model).register_forward_hook(hook)
     try:
