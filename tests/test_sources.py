@@ -234,6 +234,9 @@ def test_loso_never_trains_on_the_held_out_source_and_scores_each_image_once(los
     card = (folder / "README.md").read_text()
     assert "On a source it never saw" in card and "| site_b | site_a |" in card
     assert "not measured on any unseen source" not in card
+    assert "stratified by source × class" in card
+    # A run from a local pretrained checkpoint says so (it once read "from randomly initialised weights").
+    assert "pretrained weights of `tiny-resnet`" in card and "randomly initialised" not in card
 
 
 @pytest.mark.slow

@@ -235,6 +235,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         labels=labels,
         labels_text=", ".join(f"`{label}`" for label in labels),
         base_model=base_model,
+        checkpoint_name=Path(metrics["checkpoint"]).name if is_local(metrics["checkpoint"]) else metrics["checkpoint"],
         init=metrics.get("init"),
         tirads_labels=facts["tirads_labels"],
         dataset_name=facts["name"],
