@@ -37,7 +37,7 @@ from thyroid_classifier.data import GroupSpec, cv_folds, strata  # noqa: E402
 from thyroid_classifier.loso import loso_table, source_splits, write_loso_predictions  # noqa: E402
 from thyroid_classifier.metrics import macro_auc, paired_difference, scored  # noqa: E402
 from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
-from thyroid_classifier.training import pooled_folds  # noqa: E402
+from thyroid_classifier.training import pooled  # noqa: E402
 from thyroid_classifier.weighting import stratum_weights  # noqa: E402
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
 
     dataset, _ = audited_dataset(a.data_dir, progress=False, validation_size=0.0, test_size=0.0, seed=a.seed, groups=GroupSpec())
-    pool = pooled_folds(dataset, 2, a.seed)
+    pool = pooled(dataset)
     y, labels, groups, paths, sources = pool.y, pool.labels, pool.groups, pool.paths, np.asarray(pool.sources)
     reference = None
     if a.compare_to:

@@ -355,3 +355,17 @@ def test_metrics_per_source_reveal_what_the_pooled_number_hides():
     assert per["a"]["n"] == per["b"]["n"] == 20
     assert macro_auc(y, probs) == pytest.approx(0.5)
     assert by_source(y, probs, ["benign", "malignant"], groups, ["a"] * 40) == {}
+
+
+def test_frame_mean_and_guard_report():
+    from thyroid_classifier.metrics import frame_mean
+    from thyroid_classifier.reliability import guard_report
+
+    views = np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 5.0]])  # frame 0 has two views, frame 1 one
+    np.testing.assert_allclose(frame_mean(views, np.array([0, 0, 1]), 2), [[2.0, 4.0], [5.0, 5.0]])
+    y = np.array([0, 1, 0, 1, 0, 1])
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.2], [0.3, 0.7], [0.2, 0.8], [0.9, 0.1]])  # right, right, right, right | wrong, wrong
+    report = guard_report(y, p, np.array([False, False, False, False, True, True]))
+    assert report["roc_auc_accepted"] == 1.0 and report["roc_auc_flagged"] == 0.0
+    assert (report["n_accepted"], report["n_flagged"], report["share_flagged"]) == (4, 2, pytest.approx(1 / 3))
+    assert math.isnan(guard_report(y[:2], p[:2], np.array([True, False]))["roc_auc_flagged"])  # one class only

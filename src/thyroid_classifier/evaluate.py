@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from .audit import DEFAULT_NEAR_THRESHOLD, audit_scan
 from .augment import device_shifts, shift_image
 from .data import DataError, as_dirs, resolve_groups, scan_sources, source_name
-from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, macro_auc, with_intervals
-from .reliability import coverage_report
+from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, with_intervals
+from .reliability import coverage_report, guard_report
 from .plots import plot_confusion, plot_roc
 from .predict import Predictor
 from .preprocess import ImageError, open_image
@@ -139,14 +139,9 @@ def reliability_report(predictor: Predictor, y: Sequence[int], probs: np.ndarray
     names = sorted(set(sources.tolist()))
     parts = {"all": np.ones(len(y), dtype=bool), **({n: sources == n for n in names} if len(names) > 1 else {})}
 
-    def auc(mask: np.ndarray) -> float:
-        return macro_auc(y[mask], probs[mask]) if mask.sum() and len(set(y[mask].tolist())) > 1 else math.nan
-
     if predictor.reliability.guard is not None:
         out["guard"] = {"threshold": predictor.reliability.guard.threshold,
-                        **{name: {"n": int(m.sum()), "share_flagged": float(flagged[m].mean()) if m.any() else math.nan,
-                                  "roc_auc_accepted": auc(m & ~flagged), "n_accepted": int((m & ~flagged).sum()),
-                                  "roc_auc_flagged": auc(m & flagged), "n_flagged": int((m & flagged).sum())} for name, m in parts.items()}}
+                        **{name: guard_report(y[m], probs[m], flagged[m]) for name, m in parts.items()}}
     if predictor.reliability.conformal is not None:
         out["conformal"] = {"alpha": predictor.reliability.conformal.alpha,
                             **{name: coverage_report(y[m], member[m]) for name, m in parts.items()}}

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import HEADLINE, macro_auc, scored, separation_auc, softmax
+from .metrics import HEADLINE, scored, separation_auc, softmax
+from .reliability import coverage_report, guard_report
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +43,15 @@ def source_splits(sources: Sequence[str]) -> list[tuple[str, np.ndarray, np.ndar
     return [(name, np.flatnonzero(sources != name), np.flatnonzero(sources == name)) for name in names]
 
 
-def _auc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
-    return macro_auc(y, p) if len(set(y.tolist())) > 1 else math.nan
-
-
 def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args, callbacks: Sequence = ()) -> dict:
     """Train on all sources but one and score that one, for each source; write and return the results."""
     import shutil
 
-    from .training import distributed_state, pooled_folds, train_one, with_validation
+    from .training import distributed_state, pooled, train_one, with_validation
 
     state = distributed_state()
     out = Path(run_args.output_dir) / spec.name
-    pool = pooled_folds(dataset, 2, run_args.seed)  # only its pooled data set is used (folds need >= 2)
+    pool = pooled(dataset)
     full, labels, y, groups, paths, sources = pool.full, pool.labels, pool.y, pool.groups, pool.paths, np.asarray(pool.sources)
     probs = np.full((len(y), len(labels)), np.nan)
     scores = np.full(len(y), np.nan)
@@ -84,8 +81,6 @@ def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args,
         if rel is not None and rel.conformal is not None:
             sets = rel.conformal.sets(p)
             member[test_rows] = sets
-            from .reliability import coverage_report
-
             entry["conformal"] = {"alpha": rel.conformal.alpha, **coverage_report(yt, sets)}
         test_features = result.outputs["test"].features
         val_features = result.outputs.get("validation").features if result.outputs.get("validation") is not None else None
@@ -96,9 +91,7 @@ def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args,
             entry["guard"] = {
                 "auroc_unseen_vs_in_source": separation_auc(s_val, s_test),
                 "in_source_validation_passed": float((s_val <= rel.guard.threshold).mean()),
-                "share_flagged": float(f.mean()),
-                "roc_auc_accepted": _auc_or_nan(yt[~f], p[~f]), "n_accepted": int((~f).sum()),
-                "roc_auc_flagged": _auc_or_nan(yt[f], p[f]), "n_flagged": int(f.sum()),
+                **{k: v for k, v in guard_report(yt, p, f).items() if k != "n"},
             }
         entry["wall_seconds"] = round(time.time() - fold_started, 1)
         held_out[name] = entry

@@ -48,6 +48,14 @@ def frame_logits(view_logits: np.ndarray, owner: np.ndarray, n: int) -> np.ndarr
     return total - np.log(np.bincount(owner, minlength=n))[:, None]
 
 
+def frame_mean(view_values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """A frame's row from its views' rows: their mean (the guard's features of a split screen)."""
+    values = np.asarray(view_values, dtype=np.float64)
+    summed = np.zeros((n, values.shape[1]))
+    np.add.at(summed, owner, values)
+    return summed / np.bincount(owner, minlength=n)[:, None]
+
+
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
     """Top-label ECE with equal-width confidence bins."""
     confidence = probs.max(axis=1)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .explain import freeze, gradcam, linearize_full_kernel_convs, overlay, to_original
 from .hub import check_hub_model, is_local
-from .metrics import frame_logits, softmax
+from .metrics import frame_logits, frame_mean, softmax
 from .models import get_spec, guard_features, spec_for_model, target_layer
 from .preprocess import CONFIG_NAME, Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, open_image
 from .reliability import GUARD_FILE, RELIABILITY_FILE, Reliability
@@ -178,9 +178,7 @@ class Predictor:
         features = torch.cat(captured[:1]).numpy().astype(np.float64)  # the first pass: the one that scored
         if len(features) != len(owner):
             return None
-        summed = np.zeros((n, features.shape[1]))
-        np.add.at(summed, owner, features)
-        return guard.score(summed / np.bincount(owner, minlength=n)[:, None])
+        return guard.score(frame_mean(features, owner, n))
 
 
 def _hub_folder(repo_id: str, local_only: bool) -> Path | None:

@@ -204,3 +204,19 @@ def coverage_report(y: Sequence[int], member: np.ndarray) -> dict:
         return {"n": 0, "coverage": math.nan, "mean_set_size": math.nan, "share_singletons": math.nan}
     return {"n": int(len(y)), "coverage": float(member[np.arange(len(y)), y].mean()),
             "mean_set_size": float(member.sum(1).mean()), "share_singletons": float((member.sum(1) == 1).mean())}
+
+
+def guard_report(y: Sequence[int], probs: np.ndarray, flagged: np.ndarray) -> dict:
+    """The share of images the guard flagged, and the macro ROC AUC on those it accepted and on
+    those it flagged (NaN where a part is empty or holds one class): is the guard flagging the
+    images the model gets wrong?"""
+    from .metrics import macro_auc
+
+    y, p, flagged = np.asarray(y), np.asarray(probs), np.asarray(flagged, dtype=bool)
+
+    def auc(mask: np.ndarray) -> float:
+        return macro_auc(y[mask], p[mask]) if len(set(y[mask].tolist())) > 1 else math.nan
+
+    return {"n": int(len(y)), "share_flagged": float(flagged.mean()) if len(y) else math.nan,
+            "roc_auc_accepted": auc(~flagged), "n_accepted": int((~flagged).sum()),
+            "roc_auc_flagged": auc(flagged), "n_flagged": int(flagged.sum())}

@@ -37,6 +37,7 @@ from .metrics import (
     expected_calibration_error,
     fit_temperature,
     frame_logits,
+    frame_mean,
     layout_breakdown,
     softmax,
     with_intervals,
@@ -309,13 +310,8 @@ def _predict(trainer, views, owner: np.ndarray) -> FrameOutputs:
         raise RuntimeError(f"evaluation returned {len(logits)} predictions for {len(owner)} views")
     n = int(owner.max()) + 1 if len(owner) else 0
     features = torch.cat(captured).numpy().astype(np.float64) if captured else None
-    if features is not None and len(features) == len(owner):
-        # A frame's features: the mean of its views' (as the Predictor does).
-        summed = np.zeros((n, features.shape[1]))
-        np.add.at(summed, owner, features)
-        features = summed / np.bincount(owner, minlength=n)[:, None]
-    else:
-        features = None
+    # A frame's features: the mean of its views' (as the Predictor does).
+    features = frame_mean(features, owner, n) if features is not None and len(features) == len(owner) else None
     # One view per frame: log-softmax, a per-row shift of the logits (the same softmax at any temperature).
     return FrameOutputs(frame_logits(logits, owner, n), features)
 
@@ -694,18 +690,24 @@ class PooledFolds:
         return out
 
 
-def pooled_folds(dataset, k: int, seed: int) -> PooledFolds:
-    """``dataset`` (a DatasetDict) pooled, with ``data.cv_folds(labels, groups, k, seed)``."""
+def pooled(dataset) -> PooledFolds:
+    """``dataset`` (a DatasetDict) pooled into one, without folds (leave-one-source-out splits by source)."""
     from datasets import concatenate_datasets
-
-    from .data import cv_folds, strata
 
     full = concatenate_datasets(list(dataset.values())) if len(dataset) > 1 else dataset["train"]
     raw = full.with_format(None)
     y = np.array([int(v) for v in raw["label"]])
-    groups = list(raw["group"])
     sources = list(raw["source"]) if "source" in raw.column_names else [""] * len(y)
-    return PooledFolds(full, full.features["label"].names, y, groups, list(raw["path"]), cv_folds(strata(y, sources), groups, k, seed), sources)
+    return PooledFolds(full, full.features["label"].names, y, list(raw["group"]), list(raw["path"]), [], sources)
+
+
+def pooled_folds(dataset, k: int, seed: int) -> PooledFolds:
+    """``dataset`` (a DatasetDict) pooled, with ``data.cv_folds`` stratified by source x class."""
+    from .data import cv_folds, strata
+
+    pool = pooled(dataset)
+    pool.folds = cv_folds(strata(pool.y, pool.sources), pool.groups, k, seed)
+    return pool
 
 
 def cross_validate(
