@@ -10,7 +10,11 @@ import pytest
 
 from thyroid_classifier.compare import main, read_predictions
 from thyroid_classifier.metrics import bootstrap_intervals, group_resamples, macro_auc, paired_difference
-from thyroid_classifier.training import write_cv_predictions
+from thyroid_classifier.folder import prediction_rows, write_predictions
+
+
+def write_cv_predictions(path, paths, groups, fold_of, labels, y, probs) -> None:
+    write_predictions(path, labels, prediction_rows(paths, labels, y, probs, group=groups, fold=list(fold_of)))
 
 LABELS = ["benign", "malignant"]
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from thyroid_classifier.compare import read_predictions
+from thyroid_classifier.known_data import ddti_outlines, frame_outline
 from thyroid_classifier.explain import (
     centred_gaussian,
-    ddti_outlines,
     energy_inside,
-    frame_outline,
     freeze,
     gradcam,
     outline_mask,
@@ -122,12 +122,15 @@ def test_batch_cli_with_a_corrupt_file(short_run, sample_dir, tmp_path):
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (images / "notes.txt").write_text("hello")
     assert predict_main([str(out / "tiny-resnet"), str(images), "--out", str(tmp_path / "pred"), "--batch_size", "2"]) == 0
-    rows = {r["file"]: r for r in csv.DictReader((tmp_path / "pred" / "predictions.csv").open())}
+    rows = {r["path"]: r for r in csv.DictReader((tmp_path / "pred" / "predictions.csv").open())}
     assert set(rows) == {"benign_2000_1.png", "malignant_3001_2.png", "normal_1002_1.png", "broken.jpg", "notes.txt"}
-    assert "broken.jpg" in rows["broken.jpg"]["error"] and rows["broken.jpg"]["label"] == ""
+    assert "broken.jpg" in rows["broken.jpg"]["error"] and rows["broken.jpg"]["predicted"] == ""
     assert "not an image" in rows["notes.txt"]["error"]
     good = rows["benign_2000_1.png"]
-    assert good["error"] == "" and good["label"] in {"normal", "benign", "malignant"}
+    assert good["error"] == "" and good["predicted"] in {"normal", "benign", "malignant"}
+    assert good["label"] == ""  # predict knows no true label: compare refuses the file and says why
+    with pytest.raises(ValueError, match="no true label"):
+        read_predictions(tmp_path / "pred" / "predictions.csv")
     assert sum(float(good[f"p_{c}"]) for c in ("normal", "benign", "malignant")) == pytest.approx(1.0, abs=1e-4)
     overlay = Image.open(tmp_path / "pred" / "overlays" / "benign_2000_1.png")
     assert overlay.size == Image.open(images / "benign_2000_1.png").size
@@ -169,8 +172,11 @@ def test_ddti_outlines_and_localize_cli(ddti_dir, short_run, tmp_path, capsys):
     for name in ("100_1.jpg", "101_1.jpg", "102_1.jpg"):
         shutil.copy(ddti_dir / "images" / "malignant" / name, images / name)
     out, _ = short_run
+    model = tmp_path / "model"  # a copy: --update_metrics writes into the folder, and short_run is shared
+    shutil.copytree(out / "tiny-resnet", model, ignore=shutil.ignore_patterns("checkpoints"))
+    assert "outlined frames" not in (model / "README.md").read_text()
     json_path = tmp_path / "loc.json"
-    assert localize_main([str(out / "tiny-resnet"), str(images), "--xml", str(ddti_dir / "xml"), "--json", str(json_path), "--update_metrics"]) == 0
+    assert localize_main([str(model), str(images), "--xml", str(ddti_dir / "xml"), "--json", str(json_path), "--update_metrics"]) == 0
     text = capsys.readouterr().out
     assert "pointing game" in text and "centred Gaussian" in text
     import json
@@ -179,7 +185,11 @@ def test_ddti_outlines_and_localize_cli(ddti_dir, short_run, tmp_path, capsys):
     assert result["n"] == 3
     for who in ("model", "centred_gaussian"):
         assert 0 <= result[who]["pointing_game"]["value"] <= 1
-    assert "localization" in json.loads((out / "tiny-resnet" / "metrics.json").read_text())
+    assert json.loads((model / "metrics.json").read_text())["localization"]["n"] == 3
+    # The card follows the folder: localize re-rendered it with the pointing-game number.
+    card = (model / "README.md").read_text()
+    assert "3 outlined frames" in card and f"| this model | {result['model']['pointing_game']['value']:.3f}" in card
+    assert "localization" not in json.loads((out / "tiny-resnet" / "metrics.json").read_text())
 
 
 def test_freeze_makes_no_parameter_trainable(predictors):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from thyroid_classifier.card import render_card
 from thyroid_classifier.hub import (
     HubUnreachableError,
     check_push_access,
     files_to_push,
     main as hub_main,
     push_folder,
-    render_card,
 )
 from thyroid_classifier.training import main as train_main
 

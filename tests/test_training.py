@@ -260,7 +260,7 @@ def test_two_process_run_evaluates_each_example_once(tiny_models, sample_dir, tm
 def test_discriminative_learning_rates(tiny_models):
     from transformers import AutoModelForImageClassification
 
-    from thyroid_classifier.training import head_parameters, make_optimizer
+    from thyroid_classifier.tuning import head_parameters, make_optimizer
 
     for path in tiny_models.values():
         model = AutoModelForImageClassification.from_pretrained(path)
@@ -324,7 +324,7 @@ def test_device_augment_trains_only_the_training_split_and_is_recorded(tiny_mode
     from transformers import TrainerCallback
 
     from thyroid_classifier.augment import DeviceAugment
-    from thyroid_classifier.training import ImageTransforms
+    from thyroid_classifier.transforms import ImageTransforms
 
     seen = {}
 
@@ -372,7 +372,7 @@ def test_training_draws_one_view_and_evaluation_reads_every_view(tiny_models, sa
 
     from thyroid_classifier.models import get_spec
     from thyroid_classifier.preprocess import UltrasoundPreprocessor
-    from thyroid_classifier.training import ImageTransforms, expand_views
+    from thyroid_classifier.transforms import ImageTransforms, expand_views
 
     _, processor = build_model(get_spec(str(tiny_models["tiny-resnet"])), ["benign", "malignant"], "pretrained", 32)
     split, single = str(sample_dir / "malignant" / "3001_1.png"), str(sample_dir / "malignant" / "3000_1.png")
@@ -394,3 +394,40 @@ def test_training_draws_one_view_and_evaluation_reads_every_view(tiny_models, sa
     # Without split screens nothing changes.
     same, owner = expand_views(frames.select([0]), evaluation)
     assert owner.tolist() == [0] and "view" not in same.column_names
+
+
+def test_a_view_transform_plugs_in_at_one_stage_for_evaluation_and_the_predictor(short_run):
+    """Stage 3 of the one inference path: a test-time change of each cropped view gives the same
+    probabilities through Trainer evaluation's transforms and through the Predictor, and it sees
+    views (the crop already done), not whole frames."""
+    from PIL import Image, ImageOps
+
+    from thyroid_classifier.inference import frame_probabilities
+    from thyroid_classifier.predict import Predictor
+    from thyroid_classifier.transforms import ImageTransforms
+
+    out, _ = short_run
+    predictor = Predictor.from_pretrained(str(out / "tiny-resnet"))
+    rows = list(csv.DictReader((out / "tiny-resnet" / "predictions_test.csv").open()))[:6]
+    images = [Image.open(r["path"]).convert("RGB") for r in rows]
+    seen: list[tuple[int, int]] = []
+
+    def invert(view):
+        seen.append(view.size)
+        return ImageOps.invert(view)
+
+    results = predictor.predict(images, explain=False, view_transform=invert)
+    plain = predictor.predict(images, explain=False)
+    assert seen and all(size != image.size for size, image in zip(seen, images))  # cropped views, not frames
+    assert max(abs(a.probabilities[k] - b.probabilities[k]) for a, b in zip(results, plain) for k in a.probabilities) > 1e-3
+    evaluation = ImageTransforms(predictor.preprocessor, predictor.processor, 32, train=False, view_transform=invert)
+    pixels, owner = [], []
+    for i, r in enumerate(rows):
+        views = evaluation._load(r["path"])
+        pixels += views
+        owner += [i] * len(views)
+    with torch.inference_mode():
+        logits = predictor.model(pixel_values=torch.stack(pixels)).logits.numpy()
+    probs = frame_probabilities(logits, np.asarray(owner), len(rows), predictor.temperature)
+    for result, p in zip(results, probs, strict=True):
+        assert [result.probabilities[k] for k in predictor.labels] == pytest.approx(p.tolist(), abs=1e-5)

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .folder import PREDICTION_FILES
 from .metrics import paired_difference
 
-#: Prediction files this project writes, looked for in this order inside a folder.
-PREDICTION_FILES = ("cv_predictions.csv", "loso_predictions.csv", "predictions_test.csv", "predictions.csv")
 
 
 @dataclass
@@ -64,6 +63,9 @@ def read_predictions(path: str | Path) -> Predictions:
         for line, row in enumerate(reader, start=2):
             if row["path"] in rows:
                 raise ValueError(f"{source}, line {line}: {row['path']} is listed twice")
+            if not row["label"]:
+                raise ValueError(f"{source}, line {line}: no true label (a predict output?); compare needs labelled predictions "
+                                 "(from train.py, --cv, --loso or evaluate)")
             try:
                 probs = np.array([float(row[f"p_{c}"]) for c in classes])
             except ValueError:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .known_data import CASE_FRAME_PATTERN
 from .labels import normalize_label, sort_labels
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _SPLIT_ALIASES = {
     "testing": "test",
 }
 #: ``<case>_<frame>.ext`` (DDTI's naming): everything before the last ``_<digits>``.
-DEFAULT_GROUP_PATTERN = r"^(?P<group>.+?)_\d+$"
+DEFAULT_GROUP_PATTERN = CASE_FRAME_PATTERN
 #: Files at the top of a data folder that describe it rather than belong to a class.
 _METADATA_SUFFIXES = frozenset({".csv", ".json", ".md", ".txt", ".xml", ".yaml", ".yml"})
 

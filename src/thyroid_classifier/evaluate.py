@@ -18,10 +18,11 @@ accepted and on the flagged ones, and the sets' empirical coverage and mean size
 from __future__ import annotations
 
 import argparse
-import csv
+from functools import partial
 import json
 import math
 import sys
+import types
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from .audit import DEFAULT_NEAR_THRESHOLD, audit_scan
 from .augment import device_shifts, shift_image
 from .data import DataError, as_dirs, resolve_groups, scan_sources, source_name
+from .folder import AUDIT, PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, with_intervals
 from .reliability import coverage_report, guard_report
 from .plots import plot_confusion, plot_roc
@@ -62,7 +64,7 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     scan = scan_sources(data_dir, source_names)
     report = audit_scan(scan, progress=progress)
-    report.save(out_dir / "audit.json")
+    report.save(out_dir / AUDIT)
     overlap = training_overlap(report, fingerprints, report.near_threshold)
     unreadable = {u["path"] for u in report.unreadable}
     groups, group_source = resolve_groups(scan)
@@ -92,7 +94,8 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
             flagged.append(result.flagged)
             sets.append([label in result.prediction_set for label in predictor.labels])
         for name, fn in shift_fns.items():  # the same images as another machine might show them
-            results = predictor.predict([shift_image(im, fn) for _, _, im in images], explain=False)
+            # Stage 3 of the one inference path: each cropped view as another machine might show it.
+            results = predictor.predict([im for _, _, im in images], explain=False, view_transform=partial(shift_image, shift=fn))
             shifted[name] += [[r.probabilities[label] for label in predictor.labels] for r in results]
     if not y:
         raise DataError(f"{data_dir}: no image with a label the model knows ({', '.join(predictor.labels)}); found {dict(unknown)}")
@@ -118,13 +121,9 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
         "audit": {k: v for k, v in report.to_dict().items() if k in ("counts", "exact_duplicates", "near_duplicates", "conflicts", "sizes", "modes", "split_screens", "class_cues")},
     }
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    with (out_dir / "predictions.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "group", "source", "label", "predicted", *[f"p_{label}" for label in predictor.labels], "in_domain_score", "flagged", "prediction_set"])
-        for i, (path, group, yi, pi) in enumerate(zip(paths, kept_groups, y, p, strict=True)):
-            writer.writerow([path, group, sources[i], predictor.labels[yi], predictor.labels[int(np.argmax(pi))], *[f"{v:.6f}" for v in pi],
-                             "" if math.isnan(scores[i]) else f"{scores[i]:.4f}", int(flagged[i]),
-                             "|".join(label for label, inside in zip(predictor.labels, sets[i], strict=True) if inside)])
+    sets_named = [[label for label, inside in zip(predictor.labels, row, strict=True) if inside] for row in sets]
+    write_predictions(out_dir / PREDICTIONS, predictor.labels, prediction_rows(paths, predictor.labels, y, np.asarray(p), group=kept_groups, source=sources,
+                                                                                 in_domain_score=scores, flagged=flagged, prediction_set=sets_named))
     plot_roc(y, p, predictor.labels, out_dir / "roc.png", "external")
     plot_confusion(metrics["confusion_matrix"], predictor.labels, out_dir / "confusion_matrix.png", "external")
     (out_dir / "report.md").write_text(report_markdown(result) + "\n")
@@ -212,8 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path("evaluations") / "+".join(source_name(d) for d in args.data_dir)
     try:
         predictor = Predictor.from_pretrained(args.model)
-        fingerprints_path = Path(args.model) / "fingerprints.json"
-        fingerprints = json.loads(fingerprints_path.read_text()) if fingerprints_path.is_file() else []
+        fingerprints = ModelFolder(args.model).fingerprints()
         if not fingerprints:
             print("warning: the model carries no training fingerprints; leakage against its training data cannot be checked", file=sys.stderr)
         result = evaluate_folder(predictor, fingerprints, args.data_dir, out, args.batch_size, args.bootstrap, progress=not args.quiet, shifts=args.shifts,
@@ -224,6 +222,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report_markdown(result))
     print(f"\nwritten to {out}")
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module makes it the package's ``evaluate`` attribute (Python's import system
+    does that), shadowing the public ``thyroid_classifier.evaluate`` function: calling the module
+    calls that function, so ``from thyroid_classifier import evaluate; evaluate(model, data)`` works
+    either way."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        from .api import evaluate
+
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

@@ -10,12 +10,8 @@ Hooks are released by context managers after every call, so memory stays flat.
 from __future__ import annotations
 
 import contextlib
-import json
-import re
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -156,36 +152,7 @@ def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.45) -> n
 
 
 # --------------------------------------------------------------------------------------------
-# Localisation against radiologists' outlines (DDTI XML)
-
-
-def ddti_outlines(xml_path: str | Path) -> dict[int, list[list[tuple[float, float]]]]:
-    """``{frame number: [polygon, ...]}`` from one DDTI case file (pixel coordinates); frames whose
-    outline cannot be parsed are left out."""
-    root = ET.parse(xml_path).getroot()
-    out: dict[int, list[list[tuple[float, float]]]] = {}
-    for mark in root.iter("mark"):
-        frame = int((mark.findtext("image") or "0").strip() or 0)
-        svg = (mark.findtext("svg") or "").strip()
-        if not svg:
-            continue
-        try:
-            regions = json.loads(svg)
-        except json.JSONDecodeError:
-            continue  # a few DDTI outlines are cut-off JSON: that frame has no usable outline
-        polygons = [[(p["x"], p["y"]) for p in region.get("points", [])] for region in regions]
-        out.setdefault(frame, []).extend(p for p in polygons if len(p) >= 3)
-    return out
-
-
-def frame_outline(path: str | Path, xml_dir: str | Path) -> list[list[tuple[float, float]]] | None:
-    """The radiologist's outline polygons of one ``<case>_<frame>`` image from ``xml_dir/<case>.xml``;
-    None when the name has no frame number, the case has no file, or the frame no outline."""
-    key = frame_number(path)
-    xml = Path(xml_dir) / f"{key[0]}.xml" if key else None
-    if xml is None or not xml.is_file():
-        return None
-    return ddti_outlines(xml).get(key[1]) or None
+# Localisation against radiologists' outlines (read by known_data)
 
 
 def outline_mask(polygons: Sequence[Sequence[tuple[float, float]]], size: tuple[int, int]) -> np.ndarray:
@@ -217,12 +184,6 @@ def centred_gaussian(size: tuple[int, int], box: Box | None = None, sigma: float
     cx, cy = (left + right) / 2, (top + bottom) / 2
     sx, sy = sigma * (right - left), sigma * (bottom - top)
     return np.exp(-(((xx - cx) / sx) ** 2 + ((yy - cy) / sy) ** 2) / 2)
-
-
-def frame_number(path: str | Path) -> tuple[str, int] | None:
-    """``"100_2.jpg"`` → ``("100", 2)``; None when the name is not ``<case>_<frame>``."""
-    match = re.match(r"^(.+)_(\d+)$", Path(path).stem)
-    return (match.group(1), int(match.group(2))) if match else None
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

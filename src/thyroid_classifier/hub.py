@@ -1,12 +1,14 @@
-"""Talking to the Hugging Face Hub: reachability checks that fail fast and say what to do."""
+"""Talking to the Hugging Face Hub: reachability checks that fail fast and say what to do, and
+pushing a model folder (its card rendered by :mod:`card`, its files named by :mod:`folder`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 from pathlib import Path
+
+from .folder import METRICS, PUSH_FILES, PUSH_PATTERNS
 
 logger = logging.getLogger(__name__)
 
@@ -56,246 +58,7 @@ def check_hub_model(repo_id: str, *, what_to_do: str = "", timeout: float = 10.0
 
 
 # --------------------------------------------------------------------------------------------
-# Model cards
-
-CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
-CARD_METRICS = (  # (metrics.json key, model-index metric type, display name)
-    ("accuracy", "accuracy", "Accuracy"),
-    ("roc_auc", "roc_auc", "Macro ROC AUC (one vs rest)"),
-    ("f1_macro", "f1", "Macro F1"),
-    ("balanced_accuracy", "balanced_accuracy", "Balanced accuracy"),
-)
-DDTI_CITATION = (
-    "Pedraza L, Vargas C, Narváez F, Durán O, Muñoz E, Romero E. An open access thyroid ultrasound-image "
-    "database. Proc. SPIE 9287, 10th International Symposium on Medical Information Processing and Analysis "
-    "(2015). doi:10.1117/12.2073532"
-)
-#: Data sets the card recognises from their folder name, to name and cite them.
-KNOWN_DATASETS = {
-    "ddti": {"name": "DDTI (Digital Database of Thyroid Ultrasound Images)", "type": "ddti", "citation": DDTI_CITATION, "tirads_labels": True},
-    "les3bdd": {"name": "LES3BDD (three merged public collections, labels of unknown provenance)", "type": "les3bdd", "citation": None, "tirads_labels": False},
-}
-
-
-def sources_facts(folders: dict[str, str]) -> dict:
-    """:func:`dataset_facts` of one folder, or of several sources together (names joined; TI-RADS
-    labels only when every source's are)."""
-    if len(folders) <= 1:
-        return dataset_facts(next(iter(folders.values()), ""))
-    each = [dataset_facts(folder) for folder in folders.values()]
-    citations = [f["citation"] for f in each if f.get("citation")]
-    return {"name": " + ".join(f["name"] for f in each), "type": "+".join(f["type"] for f in each),
-            "citation": " ".join(citations) or None, "tirads_labels": all(f["tirads_labels"] for f in each)}
-
-
-def dataset_facts(data_dir: str) -> dict:
-    """Name, slug, citation and label provenance of a data folder (recorded in metrics.json at training)."""
-    from .sample import SYNTHETIC_MARKER
-
-    parts = [p.lower() for p in Path(data_dir).parts]
-    for key, facts in KNOWN_DATASETS.items():
-        if key in parts:
-            return facts
-    name = Path(data_dir).name
-    if (Path(data_dir) / SYNTHETIC_MARKER).is_file():
-        return {"name": "the built-in SYNTHETIC sample (not real patients)", "type": "synthetic-sample", "citation": None, "tirads_labels": False}
-    return {"name": name, "type": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "images", "citation": None, "tirads_labels": False}
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and value != value) else f"{value:.3f}"
-
-
-def _ci(ci) -> str:
-    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
-
-
-def render_card(folder: str | Path, repo_id: str | None = None, template: str | Path | None = None):
-    """The model card for a trained model folder, every number read from its ``metrics.json``."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    folder = Path(folder)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    config = json.loads((folder / "config.json").read_text())
-    processor = json.loads((folder / "preprocessor_config.json").read_text()) if (folder / "preprocessor_config.json").is_file() else {}
-    split, labels = metrics["split"], metrics["labels"]
-    test = metrics[split]
-    data = metrics.get("data", {})
-    facts = data.get("dataset") or dataset_facts(data.get("data_dir", ""))
-    repo_id = repo_id or f"your-name/thyroid-{metrics['model']}"
-    base_model = metrics["checkpoint"] if metrics.get("init") == "pretrained" and not is_local(metrics["checkpoint"]) else None
-    eval_results = [
-        EvalResult(
-            task_type="image-classification", dataset_type=facts["type"], dataset_name=facts["name"],
-            dataset_split=split, metric_type=metric_type, metric_name=name, metric_value=round(float(test[key]["value"]), 4),
-        )
-        for key, metric_type, name in CARD_METRICS
-        if test[key]["value"] == test[key]["value"]  # NaN (undefined) is left out
-    ]
-    card_data = ModelCardData(
-        model_name=f"thyroid-{metrics['model']}",
-        base_model=base_model,
-        library_name="transformers",
-        pipeline_tag="image-classification",
-        license="apache-2.0",
-        tags=["image-classification", "medical-imaging", "ultrasound", "thyroid", "grad-cam", "research-only"],
-        metrics=["accuracy", "roc_auc", "f1", "balanced_accuracy"],
-        eval_results=eval_results,
-    )
-    counts = data.get("counts", {})
-    audit = _audit_text(folder / "audit.json")
-    training = metrics.get("training", {})
-    hyperparameters = {k: training[k] for k in (
-        "image_size", "num_train_epochs", "epochs_run", "learning_rate", "weight_decay", "warmup_ratio",
-        "per_device_train_batch_size", "label_smoothing", "class_weighting", "class_weights", "device_augment",
-        "early_stopping_patience", "seed", "device", "processes", "train_seconds") if k in training}
-    # Folders trained before --select_best existed always kept the best checkpoint.
-    selected = training.get("select_best", True)
-    if selected:
-        selection = "best validation macro ROC AUC (early stopping)"
-    else:
-        hyperparameters.pop("early_stopping_patience", None)  # no early stopping without selection
-        selection = "none: the whole schedule, last epoch's weights"
-        if training.get("ema_decay"):
-            selection += f" (moving average of the weights, decay {training['ema_decay']})"
-    hyperparameters = {"initialisation": metrics.get("init"), **hyperparameters, "optimizer": "AdamW, cosine schedule with warm-up",
-                       "selection": selection}
-    localization = metrics.get("localization")
-    loc = None
-    if localization:
-        loc = {
-            "n": localization["n"], "subset": localization.get("subset", "all outlined frames"),
-            "model_pg": f"{_fmt(localization['model']['pointing_game']['value'])} {_ci(localization['model']['pointing_game']['ci'])}",
-            "model_energy": f"{_fmt(localization['model']['energy_inside']['value'])} {_ci(localization['model']['energy_inside']['ci'])}",
-            "base_pg": f"{_fmt(localization['centred_gaussian']['pointing_game']['value'])} {_ci(localization['centred_gaussian']['pointing_game']['ci'])}",
-            "base_energy": f"{_fmt(localization['centred_gaussian']['energy_inside']['value'])} {_ci(localization['centred_gaussian']['energy_inside']['ci'])}",
-        }
-    cv = metrics.get("cross_validation")
-    cv_text = None
-    if cv:
-        pooled = cv["pooled"]
-        cv_text = (f"{cv['k']}-fold, grouped by patient, pooled out-of-fold macro ROC AUC {_fmt(pooled['roc_auc']['value'])} "
-                   f"{_ci(pooled['roc_auc']['ci'])}, balanced accuracy {_fmt(pooled['balanced_accuracy']['value'])} {_ci(pooled['balanced_accuracy']['ci'])}.")
-        layout = cv.get("by_layout")
-        if layout:  # the screen layout can stand in for the label: say how much the score follows it
-            cv_text += (f" On single-view frames alone (n = {layout['single_view']['n']}) the pooled AUC is {_fmt(layout['single_view']['roc_auc'])}, "
-                        f"on split screens alone (n = {layout['split_screen']['n']}) {_fmt(layout['split_screen']['roc_auc'])}; within a class, the "
-                        "score tells split screens from single views with AUC " + ", ".join(f"{label} {_fmt(v)}" for label, v in layout["layout_auc"].items())
-                        + " (0.5 would mean not at all).")
-    calibration = metrics.get("calibration", {})
-    sources = data.get("sources") or {}
-    source_rows = [{"name": name, "dataset": (facts_.get("dataset") or {}).get("name", name),
-                    "counts": {label: sum(c.get(label, 0) for c in facts_.get("counts", {}).values()) for label in labels}}
-                   for name, facts_ in sources.items()]
-    by_source_rows = [{"name": name, "n": v["n"], "auc": f"{_fmt(v['roc_auc']['value'])} {_ci(v['roc_auc']['ci'])}",
-                       "bacc": f"{_fmt(v['balanced_accuracy']['value'])} {_ci(v['balanced_accuracy']['ci'])}"}
-                      for name, v in (test.get("by_source") or {}).items()]
-    loso_rows = []
-    for name, r in ((metrics.get("leave_one_source_out") or {}).get("held_out") or {}).items():
-        m, g, c = r["metrics"], r.get("guard") or {}, r.get("conformal") or {}
-        loso_rows.append({
-            "name": name, "trained_on": " + ".join(r["trained_on"]), "n": r["n"],
-            "auc": f"{_fmt(m['roc_auc']['value'])} {_ci(m['roc_auc']['ci'])}",
-            "bacc": f"{_fmt(m['balanced_accuracy']['value'])} {_ci(m['balanced_accuracy']['ci'])}",
-            "ece": f"{_fmt(m['ece']['value'])} {_ci(m['ece']['ci'])}",
-            "recall": ", ".join(f"{label} {_fmt(v['recall'])}" for label, v in m["per_class"].items()),
-            "guard": _fmt(g.get("auroc_unseen_vs_in_source")), "flagged": f"{g['share_flagged']:.0%}" if g else "n/a",
-            "sets": f"{_fmt(c.get('coverage'))} / {_fmt(c.get('mean_set_size'))}" if c else "n/a",
-        })
-    reliability = metrics.get("reliability") or {}
-    guard_text = conformal_text = None
-    if reliability.get("guard"):
-        g = reliability["guard"]
-        guard_text = (f"Every prediction carries an in-domain score: how far the statistics of an early layer of the model (per-channel "
-                      f"mean and spread: how the image looks, gain, speckle, resolution) lie from those of the "
-                      f"{g['fitted_on']} (Mahalanobis distance in their top {g['components']} principal directions plus the distance "
-                      f"from them). Above the threshold ({_fmt(g['threshold'])}, set so that {g['coverage_target']:.0%} of the "
-                      f"{g['threshold_from']} pass) the answer is flagged: the app reads \"not reliable: this image is unlike the images the "
-                      "model learned from\" instead of a label. It catches images unlike the training ones; it cannot catch an image that "
-                      "looks familiar and is still misread.")
-        if split in g:
-            guard_text += f" On the {split} split {g[split]['share_flagged']:.0%} were flagged."
-    if reliability.get("conformal"):
-        c = reliability["conformal"]
-        part = c.get(split) or {}
-        conformal_text = (f"Class-conditional split-conformal sets at {1 - c['alpha']:.0%} coverage (calibrated on validation): every "
-                          "class the model cannot rule out is in the set, and a set of several classes reads \"A or B: cannot tell\" "
-                          "instead of a headline label."
-                          + (f" On the {split} split: coverage {_fmt(part.get('coverage'))}, mean set size {_fmt(part.get('mean_set_size'))}, "
-                             f"single-label sets {part.get('share_singletons', 0):.0%}." if part else "")
-                          + " Coverage holds on images like the calibration images; on an unseen source it can fall (see the table above).")
-    kwargs = dict(
-        source_rows=source_rows if len(source_rows) > 1 else [],
-        by_source_rows=by_source_rows,
-        loso_rows=loso_rows,
-        guard_text=guard_text,
-        conformal_text=conformal_text,
-        model_name=f"thyroid-{metrics['model']}",
-        architecture=config.get("architecture") or (config.get("architectures") or ["model"])[0],
-        labels=labels,
-        labels_text=", ".join(f"`{label}`" for label in labels),
-        base_model=base_model,
-        checkpoint_name=Path(metrics["checkpoint"]).name if is_local(metrics["checkpoint"]) else metrics["checkpoint"],
-        init=metrics.get("init"),
-        tirads_labels=facts["tirads_labels"],
-        dataset_name=facts["name"],
-        dataset_citation=facts["citation"],
-        n_total=sum(sum(v.values()) for v in counts.values()),
-        n_groups=data.get("groups"),
-        split_text=" / ".join(f"{k} {sum(v.values())}" for k, v in counts.items()),
-        counts=counts,
-        audit_text=audit,
-        mask_text=training.get("preprocessing", {}).get("mask_text", False),
-        split_views=training.get("preprocessing", {}).get("split_views", False),
-        device_augment=training.get("device_augment", False),
-        image_size=training.get("image_size"),
-        mean=processor.get("image_mean"), std=processor.get("image_std"),
-        hyperparameters=hyperparameters,
-        split=split,
-        n_eval=test["n"],
-        metric_rows=[{"name": name, "value": _fmt(test[key]["value"]), "ci": _ci(test[key]["ci"])} for key, _, name in CARD_METRICS]
-        + [{"name": "Expected calibration error", "value": _fmt(test["ece"]["value"]), "ci": _ci(test["ece"]["ci"])}],
-        class_rows=[{"label": label, **{k: _fmt(v[k]) for k in ("precision", "recall", "f1")}, "auc": _fmt(v["roc_auc"]), "support": v["support"]}
-                    for label, v in test["per_class"].items()],
-        confusion=test["confusion_matrix"],
-        cv_text=cv_text,
-        ece_before=_fmt(calibration.get("ece_before")), ece_after=_fmt(calibration.get("ece_after")),
-        temperature=_fmt(calibration.get("temperature")),
-        localization=loc,
-        missing_labels=", ".join(label for label in ("normal", "benign", "malignant") if label not in labels),
-        repo_id=repo_id,
-    )
-    return ModelCard.from_template(card_data, template_path=str(template or CARD_TEMPLATE), **kwargs)
-
-
-def _audit_text(path: Path) -> str:
-    if not path.is_file():
-        return "no audit report found."
-    audit = json.loads(path.read_text())
-    return (f"{len(audit.get('unreadable', []))} unreadable file(s) skipped; {len(audit.get('exact_duplicates', []))} group(s) of "
-            f"byte-identical images and {len(audit.get('near_duplicates', []))} of near duplicates, each kept within one split; "
-            f"{len(audit.get('leakage', []))} leakage pair(s) across splits; {len(audit.get('conflicts', []))} label conflict(s)."
-            + "".join(f" Frame property whose rate differs by class, which a model can learn instead of the nodule: {cue} ("
-                      + ", ".join(f"{label} {share:.0%}" for label, share in shares.items()) + ")."
-                      for cue, shares in audit.get("class_cues", {}).items()))
-
-
-def write_card(folder: str | Path, repo_id: str | None = None) -> Path:
-    """Render the card into ``folder/README.md`` (what the Hub shows)."""
-    path = Path(folder) / "README.md"
-    render_card(folder, repo_id).save(path)
-    return path
-
-
-# --------------------------------------------------------------------------------------------
 # Pushing
-
-#: What a model folder publishes. Never: checkpoints (optimizer state), training_args.bin (a pickle
-#: of every setting), audit.json and predictions (file names can hold patient identifiers).
-PUSH_FILES = ("model.safetensors", "config.json", "preprocessor_config.json", "ultrasound_preprocessing.json",
-              "README.md", "metrics.json", "cv_metrics.json", "loso_metrics.json", "fingerprints.json",
-              "reliability.json", "guard.safetensors")
-PUSH_PATTERNS = ("*.png",)
 
 
 def files_to_push(folder: str | Path) -> list[str]:
@@ -349,11 +112,13 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, api=Non
 
     api = api or HfApi()
     folder = Path(folder)
+    from .card import write_card
+
     write_card(folder, repo_id)
     names = files_to_push(folder)
     with tempfile.TemporaryDirectory(prefix="thyroid-push-") as staging:
         for name in names:
-            if name == "metrics.json":
+            if name == METRICS:
                 (Path(staging) / name).write_text(json.dumps(_public_metrics(json.loads((folder / name).read_text())), indent=2) + "\n")
             else:
                 shutil.copy2(folder / name, Path(staging) / name)
@@ -378,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     card.add_argument("--repo_id", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not (args.folder / "metrics.json").is_file():
+    if not (args.folder / METRICS).is_file():
         print(f"error: {args.folder} is not a model folder written by train.py (no metrics.json)", file=sys.stderr)
         return 2
     if args.command == "card":
+        from .card import write_card
+
         print(f"wrote {write_card(args.folder, args.repo_id)}")
         return 0
     try:

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .explain import centred_gaussian, energy_inside, frame_outline, outline_mask, pointing_hit
+from .explain import centred_gaussian, energy_inside, outline_mask, pointing_hit
+from .folder import METRICS, ModelFolder
+from .known_data import frame_outline
 from .predict import Predictor, list_files
 from .preprocess import ImageError, open_image
 
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictor = Predictor.from_pretrained(args.model)
     images = list_files(args.images_dir)
     if args.subset == "test":
-        listed = Path(args.model) / "predictions_test.csv"
+        listed = ModelFolder(args.model).predictions("test")
         if not listed.is_file():
             print(f"error: {listed} not found; --subset test needs a model folder written by train.py", file=sys.stderr)
             return 2
@@ -95,11 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.update_metrics:
-        path = Path(args.model) / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.is_file() else {}
-        metrics["localization"] = summary
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"updated {path}")
+        folder = ModelFolder(args.model)
+        folder.update_metrics(localization=summary)  # the card is re-rendered with it
+        print(f"updated {folder.file(METRICS)} and the card")
     return 0
 
 

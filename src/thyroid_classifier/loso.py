@@ -15,8 +15,6 @@ training, validation or calibration. Written to ``OUTPUT_DIR/<model>/``:
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import time
@@ -25,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .folder import LOSO_METRICS, LOSO_PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .metrics import HEADLINE, scored, separation_auc, softmax
 from .reliability import coverage_report, guard_report
 
 logger = logging.getLogger(__name__)
 
-LOSO_METRICS = "loso_metrics.json"
-LOSO_PREDICTIONS = "loso_predictions.csv"
 
 
 def source_splits(sources: Sequence[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -47,7 +44,8 @@ def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args,
     """Train on all sources but one and score that one, for each source; write and return the results."""
     import shutil
 
-    from .training import distributed_state, pooled, train_one, with_validation
+    from .cv import pooled, with_validation
+    from .fit import distributed_state, train_one
 
     state = distributed_state()
     out = Path(run_args.output_dir) / spec.name
@@ -110,23 +108,13 @@ def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args,
         "probabilities": "calibrated with each run's validation temperature",
     }
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / LOSO_METRICS).write_text(json.dumps(result, indent=2, default=float) + "\n")
-        write_loso_predictions(out / LOSO_PREDICTIONS, paths, groups, sources, labels, y, probs, scores, flagged, member)
+        ModelFolder(out).write_json(LOSO_METRICS, result)
+        sets = [[labels[k] for k in np.flatnonzero(row)] for row in member]
+        write_predictions(out / LOSO_PREDICTIONS, labels, prediction_rows(paths, labels, y, probs, group=groups, source=sources.tolist(),
+                                                                          in_domain_score=scores.tolist(), flagged=flagged.tolist(), prediction_set=sets))
         print(loso_table(result))
         print(f"-> {out / LOSO_METRICS}, {out / LOSO_PREDICTIONS}")
     return result
-
-
-def write_loso_predictions(path: Path, paths, groups, sources, labels, y, probs, scores, flagged, member) -> None:
-    """A row per image, scored by the run that never saw its source (``compare`` reads it)."""
-    with Path(path).open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "group", "source", "label", *[f"p_{name}" for name in labels], "in_domain_score", "flagged", "prediction_set"])
-        for i in range(len(y)):
-            chosen = [labels[k] for k in range(len(labels)) if member[i, k]]
-            writer.writerow([paths[i], groups[i], sources[i], labels[y[i]], *[f"{v:.6f}" for v in probs[i]],
-                             "" if math.isnan(scores[i]) else f"{scores[i]:.4f}", int(flagged[i]), "|".join(chosen)])
 
 
 def loso_table(result: dict) -> str:

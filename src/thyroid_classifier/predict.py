@@ -2,15 +2,14 @@
 
     python -m thyroid_classifier.predict MODEL IMAGES_DIR --out OUT_DIR
 
-writes ``predictions.csv`` (file, label, one probability column per class, error) and one Grad-CAM
+writes ``predictions.csv`` (the project's one prediction schema: path, predicted, one probability column per class,
+in-domain score, flag, prediction set, error) and one Grad-CAM
 overlay PNG per image. An unreadable file gets its error in the CSV and the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -23,11 +22,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .explain import freeze, gradcam, linearize_full_kernel_convs, overlay, to_original
+from .folder import INFERENCE_FILES, PREDICTIONS, ModelFolder, write_predictions
 from .hub import check_hub_model, is_local
-from .metrics import frame_logits, frame_mean, softmax
+from .inference import ViewTransform, frame_probabilities, frame_views, view_pixels
+from .metrics import frame_mean
 from .models import get_spec, guard_features, spec_for_model, target_layer
-from .preprocess import CONFIG_NAME, Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, open_image
-from .reliability import GUARD_FILE, RELIABILITY_FILE, Reliability
+from .preprocess import Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, open_image
+from .reliability import Reliability
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Predictor:
         processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs, **({"image_processor_filename": "preprocessor_config.json"} if saved else {}))
         folder = Path(name_or_path) if local else _hub_folder(name_or_path, local_only)
         preprocessor = UltrasoundPreprocessor.from_pretrained(folder) if folder else UltrasoundPreprocessor(crop=False)
-        info = json.loads((folder / "metrics.json").read_text()) if folder and (folder / "metrics.json").is_file() else {}
+        info = ModelFolder(folder).metrics() if folder else {}
         temperature = getattr(model.config, "calibration_temperature", 1.0) if calibrated else 1.0
         if device:
             model.to(device)
@@ -104,17 +105,11 @@ class Predictor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prepare(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list[Box], np.ndarray]:
-        """Crop, split into views and normalise: the same path as evaluation in training. Returns
+    def prepare(self, images: Sequence[Image.Image], view_transform: ViewTransform | None = None) -> tuple[torch.Tensor, list[Box], np.ndarray]:
+        """Stages 2-4 of the one inference path (:mod:`inference`, the same as evaluation in training):
         the views' pixels, each view's box in its image, and the image each view belongs to."""
-        views, boxes, owner = [], [], []
-        for i, image in enumerate(images):
-            crops, crop_boxes = self.preprocessor.views(image)
-            views += crops
-            boxes += crop_boxes
-            owner += [i] * len(crops)
-        pixels = self.processor(views, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device), boxes, np.asarray(owner)
+        views, boxes, owner = frame_views(images, self.preprocessor, view_transform)
+        return view_pixels(self.processor, views).to(self.device), boxes, owner
 
     @torch.inference_mode()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -127,11 +122,13 @@ class Predictor:
         explain: bool = True,
         target: str | None = None,
         opacity: float = 0.45,
+        view_transform: ViewTransform | None = None,
     ) -> list[Prediction]:
         """Probabilities (calibrated when the model carries a temperature; a split screen's views
-        averaged) and, with ``explain``, Grad-CAM of each view mapped back onto each image as given."""
+        averaged) and, with ``explain``, Grad-CAM of each view mapped back onto each image as given.
+        ``view_transform`` changes each view before it is normalised (stage 3 of :mod:`inference`)."""
         pil = [image if isinstance(image, Image.Image) else open_image(image) for image in images]
-        pixels, boxes, owner = self.prepare(pil)
+        pixels, boxes, owner = self.prepare(pil, view_transform)
         fixed = None if target is None else self.labels.index(target)
         maps = None
         with guard_features(self.model) as captured:  # the guard's features, from the same pass
@@ -141,7 +138,7 @@ class Predictor:
                 view_logits, maps = result.logits.float().cpu().numpy(), result.maps
             else:
                 view_logits = self.logits(pixels).float().cpu().numpy()
-        probs = softmax(frame_logits(view_logits, owner, len(pil)), self.temperature)
+        probs = frame_probabilities(view_logits, owner, len(pil), self.temperature)
         guard_scores = self._guard_scores(captured, owner, len(pil))
         member = self.reliability.conformal.sets(probs) if self.reliability.conformal is not None else None
         chosen = [fixed if fixed is not None else int(np.argmax(probs[i])) for i in range(len(pil))]
@@ -186,7 +183,7 @@ def _hub_folder(repo_id: str, local_only: bool) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, "metrics.json", RELIABILITY_FILE, GUARD_FILE], local_files_only=local_only))
+        return Path(snapshot_download(repo_id, allow_patterns=list(INFERENCE_FILES), local_files_only=local_only))
     except Exception as exc:  # noqa: BLE001 - the model itself loaded; these files are optional
         logger.warning("%s: no preprocessing settings found (%s); using none", repo_id, exc)
         return None
@@ -208,31 +205,29 @@ def predict_folder(predictor: Predictor, images_dir: Path, out_dir: Path, batch_
     if heatmaps:
         overlays.mkdir(exist_ok=True)
     files = list_files(images_dir)
-    csv_path = out_dir / "predictions.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "label", *[f"p_{label}" for label in predictor.labels], "in_domain_score", "flagged", "prediction_set", "error"])
-        bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            good: list[tuple[Path, Image.Image]] = []
-            for path in chunk:
-                try:
-                    good.append((path, open_image(path, name=str(path.relative_to(images_dir)))))
-                except ImageError as exc:
-                    writer.writerow([path.relative_to(images_dir).as_posix(), "", *[""] * len(predictor.labels), "", "", "", str(exc)])
-            if good:
-                for (path, _), result in zip(good, predictor.predict([img for _, img in good], explain=heatmaps), strict=True):
-                    rel = path.relative_to(images_dir)
-                    writer.writerow([rel.as_posix(), result.label, *[f"{result.probabilities[label]:.6f}" for label in predictor.labels],
-                                     "" if result.in_domain_score is None else f"{result.in_domain_score:.4f}", int(result.flagged),
-                                     "|".join(result.prediction_set), ""])
-                    if heatmaps:
-                        target = overlays / rel.with_suffix(".png")
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        Image.fromarray(result.overlay).save(target)
-            bar.update(len(chunk))
-        bar.close()
+    rows: list[dict] = []
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        good: list[tuple[Path, Image.Image]] = []
+        for path in chunk:
+            try:
+                good.append((path, open_image(path, name=str(path.relative_to(images_dir)))))
+            except ImageError as exc:
+                rows.append({"path": path.relative_to(images_dir).as_posix(), "error": str(exc)})
+        if good:
+            for (path, _), result in zip(good, predictor.predict([img for _, img in good], explain=heatmaps), strict=True):
+                rel = path.relative_to(images_dir)
+                rows.append({"path": rel.as_posix(), "predicted": result.label, "probs": [result.probabilities[label] for label in predictor.labels],
+                             "in_domain_score": result.in_domain_score, "flagged": result.flagged, "prediction_set": result.prediction_set})
+                if heatmaps:
+                    target = overlays / rel.with_suffix(".png")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(result.overlay).save(target)
+        bar.update(len(chunk))
+    bar.close()
+    # The project's one prediction schema (folder.PREDICTION_COLUMNS): no true label here.
+    csv_path = write_predictions(out_dir / PREDICTIONS, predictor.labels, rows)
     return csv_path
 
 

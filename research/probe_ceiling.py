@@ -1,6 +1,6 @@
 """How much can any model read from DDTI's frames? Frozen-feature probes, with and without the nodule's outline.
 
-    python benchmarks/probe_ceiling.py [--size 224] [--seed 42] [--out probes/]
+    python research/probe_ceiling.py [--size 224] [--seed 42] [--out probes/]
 
 Fine-tuning takes ~17 minutes per 5-fold run here, so a ceiling is cheaper to measure with the
 pretrained backbone frozen: each frame (the product's ultrasound crop, square, plus its mirror
@@ -42,11 +42,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from thyroid_classifier.audit import audited_dataset  # noqa: E402
 from thyroid_classifier.data import GroupSpec, cv_folds  # noqa: E402
-from thyroid_classifier.explain import frame_outline, outline_mask  # noqa: E402
+from thyroid_classifier.explain import outline_mask  # noqa: E402
+from thyroid_classifier.known_data import frame_outline  # noqa: E402
 from thyroid_classifier.metrics import bootstrap_intervals, macro_auc  # noqa: E402
 from thyroid_classifier.models import build_model, get_spec  # noqa: E402
 from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
-from thyroid_classifier.training import pooled_folds, write_cv_predictions  # noqa: E402
+from thyroid_classifier.cv import pooled_folds  # noqa: E402
+from thyroid_classifier.folder import prediction_rows, write_predictions  # noqa: E402
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 STAGES = ("s1", "s2", "s3", "s4", "head")  # strides 4, 8, 16, 32; the pooled, pre-logits head features
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {x.shape[1]} | {macro_auc(y, oof):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {' '.join(f'{c:g}' for c in chosen)} |", flush=True)
         if a.out:
             Path(a.out).mkdir(parents=True, exist_ok=True)
-            write_cv_predictions(Path(a.out) / f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.csv", paths, groups, fold_of, labels, y, oof)
+            write_predictions(Path(a.out) / f"{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.csv", labels,
+                              prediction_rows(paths, labels, y, oof, group=groups, fold=fold_of.tolist()))
     print(f"wall {time.time() - started:.0f} s")
 
 

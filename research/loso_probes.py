@@ -1,6 +1,6 @@
 """Leave-one-source-out with frozen backbones: which features transfer to a source never seen?
 
-    python benchmarks/loso_probes.py [--data_dir A B] [--out loso_probes/] [--compare_to OUTPUT_DIR/<model>/loso_predictions.csv]
+    python research/loso_probes.py [--data_dir A B] [--out loso_probes/] [--compare_to OUTPUT_DIR/<model>/loso_predictions.csv]
 
 Fine-tuning a backbone per held-out source costs ~10-25 minutes here; a frozen backbone's features
 are computed once (cached in ``--out``) and a probe is fitted per held-out source in a second. Each
@@ -34,10 +34,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from thyroid_classifier.audit import audited_dataset  # noqa: E402
 from thyroid_classifier.data import GroupSpec, cv_folds, strata  # noqa: E402
-from thyroid_classifier.loso import loso_table, source_splits, write_loso_predictions  # noqa: E402
+from thyroid_classifier.loso import loso_table, source_splits  # noqa: E402
 from thyroid_classifier.metrics import macro_auc, paired_difference, scored  # noqa: E402
 from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
-from thyroid_classifier.training import pooled  # noqa: E402
+from thyroid_classifier.cv import pooled  # noqa: E402
+from thyroid_classifier.folder import prediction_rows, write_predictions  # noqa: E402
 from thyroid_classifier.weighting import stratum_weights  # noqa: E402
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
@@ -148,14 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, members in ENSEMBLES.items():
         if all(m in results for m in members):
             results[name] = np.mean([results[m] for m in members], axis=0)
-    nan = np.full(len(y), np.nan)
     for name, probs in results.items():
         held = {s: {"n": int((sources == s).sum()), "trained_on": [t for t in sorted(set(sources.tolist())) if t != s],
                     "metrics": scored(y[sources == s], probs[sources == s], labels, [groups[i] for i in np.flatnonzero(sources == s)], a.resamples, a.seed)}
                 for s in sorted(set(sources.tolist()))}
         print(loso_table({"model": name, "held_out": held}))
         slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-        write_loso_predictions(out / f"{slug}.csv", paths, groups, sources, labels, y, probs, nan, np.zeros(len(y), bool), np.zeros_like(probs, bool))
+        write_predictions(out / f"{slug}.csv", labels, prediction_rows(paths, labels, y, probs, group=groups, source=list(sources)))
         if reference is not None:
             ref = np.array([reference.rows[path][2] for path in paths])
             for s in sorted(set(sources.tolist())):

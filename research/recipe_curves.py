@@ -1,6 +1,6 @@
 """Fine-tuning recipes on DDTI, seen epoch by epoch: pooled out-of-fold macro ROC AUC after every epoch.
 
-    python benchmarks/recipe_curves.py --out curves.npz [--lr 1e-4] [--epochs 25] [--size 224 | --hw 176x288]
+    python research/recipe_curves.py --out curves.npz [--lr 1e-4] [--epochs 25] [--size 224 | --hw 176x288]
                                        [--shifts] [--no-device_augment] [--tirads_targets] [--tta] [--init random]
 
 `train.py --cv 5` reports one number per recipe (each fold's final model). To *design* a
@@ -61,18 +61,12 @@ from thyroid_classifier.data import GroupSpec  # noqa: E402
 from thyroid_classifier.metrics import frame_logits, layout_breakdown, macro_auc, softmax  # noqa: E402
 from thyroid_classifier.models import build_model, get_spec  # noqa: E402
 from thyroid_classifier.preprocess import UltrasoundPreprocessor  # noqa: E402
-from thyroid_classifier.training import (  # noqa: E402
-    DataArguments,
-    ImageTransforms,
-    RunArguments,
-    class_weights,
-    collate,
-    expand_views,
-    make_optimizer,
-    pooled_folds,
-    with_validation,
-    write_cv_predictions,
-)
+from thyroid_classifier.arguments import DataArguments, RunArguments  # noqa: E402
+from thyroid_classifier.cv import pooled_folds, with_validation  # noqa: E402
+from thyroid_classifier.folder import prediction_rows, write_predictions  # noqa: E402
+from thyroid_classifier.transforms import ImageTransforms, collate, expand_views  # noqa: E402
+from thyroid_classifier.tuning import make_optimizer  # noqa: E402
+from thyroid_classifier.weighting import class_weights  # noqa: E402
 
 TIRADS = ["2", "3", "4a", "4b", "4c", "5"]  # 2-3: benign, 4a-5: malignant (DDTI's convention)
 
@@ -99,7 +93,7 @@ class RoiTransforms(ImageTransforms):
         self.xml_dir, self.margin = xml_dir, margin
 
     def _box(self, path: str, width: int, height: int):
-        from thyroid_classifier.explain import frame_outline
+        from thyroid_classifier.known_data import frame_outline
 
         polygons = frame_outline(path, self.xml_dir)
         if not polygons:
@@ -164,7 +158,8 @@ class OutlineTransforms(ImageTransforms):
     def _masks(self, path: str, size: tuple[int, int], boxes: list) -> list:
         from PIL import Image
 
-        from thyroid_classifier.explain import frame_outline, outline_mask
+        from thyroid_classifier.explain import outline_mask
+        from thyroid_classifier.known_data import frame_outline
 
         polygons = frame_outline(path, self.xml_dir)
         if not polygons:
@@ -203,7 +198,7 @@ def case_findings(xml_dir: Path, path: str) -> list[int]:
     """The case's findings as level indices, -100 (ignored by the loss) where not reported."""
     import xml.etree.ElementTree as ET
 
-    from thyroid_classifier.explain import frame_number
+    from thyroid_classifier.known_data import frame_number
 
     key = frame_number(path)
     xml = xml_dir / f"{key[0]}.xml" if key else None
@@ -449,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
             oof_shift[name][held] = predict(model, shift)
     np.savez(a.out, oof=oof, oof_ema=oof_ema, y=y, **{f"shift {k}": v for k, v in oof_shift.items()})
     if a.folds == len(folds):  # every frame scored: the last epoch's predictions for thyroid_classifier.compare
-        write_cv_predictions(Path(a.out).with_suffix(".csv"), cv.paths, cv.groups, cv.fold_of, labels, y, oof[-1])
+        write_predictions(Path(a.out).with_suffix(".csv"), labels, prediction_rows(cv.paths, labels, y, oof[-1], group=cv.groups, fold=cv.fold_of.tolist()))
     done = ~np.isnan(oof[0, :, 0])
     print("pooled AUC per epoch:", " ".join(f"{macro_auc(y[done], oof[e, done]):.3f}" for e in range(a.epochs)))
     print("pooled AUC per epoch (EMA):", " ".join(f"{macro_auc(y[done], oof_ema[e, done]):.3f}" for e in range(a.epochs)))

@@ -1,0 +1,98 @@
+"""The settings of a training run: three typed dataclasses that ``HfArgumentParser`` turns into
+``train.py --help`` (or reads from one JSON file), as transformers' own examples do."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from .audit import DEFAULT_NEAR_THRESHOLD
+from .models import INIT_CHOICES
+from .preprocess import UltrasoundPreprocessor
+
+
+@dataclass
+class DataArguments:
+    data_dir: list[str] | None = field(
+        default=None,
+        metadata={"help": "Folder of class sub-folders, optionally under train/ validation/ test/. Several folders: each is a "
+                  "*source* (hospital, scanner, collection); splits are stratified by source x class, the loss weighs each "
+                  "source's classes equally and every metric is also given per source. "
+                  "Default: the built-in SYNTHETIC sample (demonstrates the pipeline only)."},
+    )
+    source_names: list[str] | None = field(default=None, metadata={"help": "A name for each --data_dir folder (default: the folder's name, or its parent's for a folder called images)."})
+    validation_size: float = field(default=0.15, metadata={"help": "Share of the data for validation when the folder has no validation/ split."})
+    test_size: float = field(default=0.15, metadata={"help": "Share of the data for testing when the folder has no test/ split."})
+    group_csv: str | None = field(default=None, metadata={"help": "CSV mapping files to patients/cases (columns 'file' and --group_column). Default: a manifest.csv beside or above the data folder, else the <case>_<frame> file-name pattern."})
+    group_column: str = field(default="case", metadata={"help": "Column of the group CSV holding the patient/case id."})
+    group_pattern: str | None = field(default=None, metadata={"help": "Regex on the file stem with a named group 'group', e.g. '^(?P<group>P\\d+)-'."})
+    drop_duplicates: str = field(default="none", metadata={"help": "Drop duplicate images before splitting: none, exact (same bytes) or near (also perceptual-hash near duplicates). Duplicates are always kept on one side of every split.", "choices": ["none", "exact", "near"]})
+    near_threshold: int = field(default=DEFAULT_NEAR_THRESHOLD, metadata={"help": "Hamming distance (of 64 bits) under which two images are near duplicates."})
+    crop: bool = field(default=True, metadata={"help": "Crop each frame to the ultrasound region (drops borders and settings panels)."})
+    mask_text: bool = field(default=False, metadata={"help": "Also mask burned-in text and caliper marks inside the region (inpainting)."})
+    split_views: bool = field(default=False, metadata={"help": "Split a split-screen frame into its two views: training sees one at random, evaluation and prediction average both. Off by default: on DDTI it scored worse and the model still told the layouts apart (README, 'Preprocessing')."})
+
+    def preprocessor(self) -> UltrasoundPreprocessor:
+        return UltrasoundPreprocessor(crop=self.crop, mask_text=self.mask_text, split_views=self.split_views)
+
+
+@dataclass
+class ModelArguments:
+    model: list[str] = field(
+        default_factory=lambda: ["resnet50", "vgg19"],
+        metadata={"help": "Models to train: registry names (resnet50, vgg19), any Hub image-classification id, or a local checkpoint folder."},
+    )
+    init: str = field(default="pretrained", metadata={"help": "pretrained: ImageNet weights of the checkpoint (Hub or local folder); random: train from scratch, offline.", "choices": list(INIT_CHOICES)})
+    image_size: int | None = field(default=None, metadata={"help": "Square input size in pixels (default: the model's, 224). Smaller is much cheaper on CPU."})
+
+
+@dataclass
+class RunArguments:
+    output_dir: str = field(default="outputs", metadata={"help": "Where OUTPUT_DIR/<model>/ and the comparison are written."})
+    num_train_epochs: float = field(default=15, metadata={"help": "Epochs of the cosine schedule (with --select_best, early stopping may end sooner)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate (cosine schedule with warm-up); the new head gets --head_lr_multiplier times it when pretrained."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the steps used for linear warm-up."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size per device."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per device."})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy loss."})
+    class_weighting: bool = field(default=True, metadata={"help": "Weight the loss by inverse class frequency (n / (k * n_c)) so minority classes count as much as the majority."})
+    select_best: bool = field(default=False, metadata={"help": "Keep the checkpoint with the best validation macro AUC and stop early (else: the whole schedule, last epoch's weights). Off by default: on a validation share of a few dozen frames the 'best' epoch is mostly noise (see README, 'Honest numbers on small data')."})
+    device_augment: bool = field(default=True, metadata={"help": "Randomise what differs between ultrasound machines while training (gain curve, depth gain, resolution, speckle, burned-in calipers and text; thyroid_classifier.augment), so a model cannot lean on them (--no_device_augment: off). See benchmarks/recipe_curves.py --shifts."})
+    ema_decay: float = field(default=0.0, metadata={"help": "Keep an exponential moving average of the weights with this decay per step (e.g. 0.99) and use it as the final model (0: off). Not with --select_best."})
+    early_stopping_patience: int = field(default=6, metadata={"help": "Stop after this many epochs without a better validation macro AUC (0: never)."})
+    seed: int = field(default=42, metadata={"help": "Seed for the split, initialisation, augmentation and data order."})
+    resume: bool = field(default=False, metadata={"help": "Continue each model from its last checkpoint in OUTPUT_DIR/<model>/checkpoints."})
+    bootstrap_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95%% intervals (patients are resampled when groups are known)."})
+    channels_last: bool = field(default=True, metadata={"help": "Keep convolution weights in channels-last memory order while training: about 2x faster for conv nets on recent CPUs (oneDNN), and the usual choice on GPUs. Saved weights are the same."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0 keeps the decoded-image cache in one process)."})
+    head_lr_multiplier: float = field(default=10.0, metadata={"help": "Discriminative learning rates with --init pretrained: the new classification head learns this many times faster than the pretrained backbone (1: one rate for all)."})
+    freeze_backbone_epochs: int = field(default=0, metadata={"help": "With --init pretrained: train only the new head for this many epochs, then fine-tune everything (linear probing, then fine-tuning)."})
+    cv: int = field(default=0, metadata={"help": "K-fold cross-validation (K >= 2), stratified by class and grouped by patient: writes OUTPUT_DIR/<model>/cv_metrics.json with pooled out-of-fold metrics. 0: one train/validation/test run."})
+    cv_final: bool = field(default=False, metadata={"help": "With --cv: also train a final model on all the data; its card carries the cross-validation numbers."})
+    loso: bool = field(default=False, metadata={"help": "Leave-one-source-out (needs 2+ --data_dir sources): train on all sources but one, score the one left out, for each in turn; writes OUTPUT_DIR/<model>/loso_metrics.json and loso_predictions.csv. Then trains the model on every source (as without --loso) and its card carries the unseen-source numbers."})
+    conformal_alpha: float = field(default=0.1, metadata={"help": "Prediction sets cover the true class with probability 1 - alpha (class-conditional split conformal, calibrated on validation)."})
+    guard_coverage: float = field(default=0.95, metadata={"help": "Share of held-out in-source images (validation) the in-domain guard lets through; the rest, and images unlike the training ones, are flagged."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push each trained model's folder (weights, config, processor, card, plots, metrics) to the Hub after training. The token comes from HF_TOKEN or the saved login."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub, e.g. someone/thyroid-resnet50. With several models, '-<model>' is appended to it."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+
+
+def recipe(run_args: RunArguments) -> dict:
+    """The settings that shape a model (recorded in metrics.json); not where it goes or how it is published."""
+    return {k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private", "channels_last", "dataloader_num_workers")}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelArguments, RunArguments]:
+    """Command-line flags, or a single JSON file holding the same keys."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((DataArguments, ModelArguments, RunArguments), description=(
+        "Fine-tune ResNet50 and the VGG19 baseline (or any image-classification checkpoint) on a folder "
+        "of thyroid ultrasound images, and write metrics with 95% intervals, plots and Hub-ready model folders. "
+        "Pass a single .json file instead of flags to read the same settings from it."))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=argv[0])
+    return parser.parse_args_into_dataclasses(args=argv)

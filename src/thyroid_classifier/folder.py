@@ -1,0 +1,182 @@
+"""The saved model folder, owned in one place.
+
+Everything the project writes beside the weights (preprocessing, metrics, fingerprints, guard and
+calibration state, predictions, plots, card) is named here and read and written through
+:class:`ModelFolder`. The card is re-rendered from the folder whenever its metrics change, so the
+card never depends on the order in which commands ran (train, ``--cv_final``, ``localize``).
+
+One prediction-file schema serves every writer (training, cross-validation, leave-one-source-out,
+``evaluate``, ``predict``): :data:`PREDICTION_COLUMNS` with a ``p_<class>`` column per class, so
+``compare`` reads any of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import CONFIG_NAME as PREPROCESSING
+from .reliability import GUARD_FILE, RELIABILITY_FILE
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+PROCESSOR = "preprocessor_config.json"
+METRICS = "metrics.json"
+CV_METRICS = "cv_metrics.json"
+LOSO_METRICS = "loso_metrics.json"
+FINGERPRINTS = "fingerprints.json"
+AUDIT = "audit.json"
+CARD = "README.md"
+CV_PREDICTIONS = "cv_predictions.csv"
+LOSO_PREDICTIONS = "loso_predictions.csv"
+PREDICTIONS = "predictions.csv"  # evaluate and predict write this name into their output folder
+
+
+def test_predictions(split: str = "test") -> str:
+    """A trained model's predictions on its evaluation split."""
+    return f"predictions_{split}.csv"
+
+
+#: Prediction files this project writes, in the order ``compare`` looks for them inside a folder.
+PREDICTION_FILES = (CV_PREDICTIONS, LOSO_PREDICTIONS, test_predictions(), PREDICTIONS)
+#: Every prediction file's columns, in order; ``p_<class>`` columns follow ``predicted``. A value
+#: a writer does not know (no true label in ``predict``, no fold outside ``--cv``) is left empty.
+PREDICTION_COLUMNS = ("path", "group", "source", "fold", "label", "predicted")
+TRAILING_COLUMNS = ("in_domain_score", "flagged", "prediction_set", "error")
+#: What a model folder publishes to the Hub. Never: checkpoints (optimizer state),
+#: training_args.bin (a pickle of every setting), audit.json and predictions (file names can hold
+#: patient identifiers).
+PUSH_FILES = (WEIGHTS, CONFIG, PROCESSOR, PREPROCESSING, CARD, METRICS, CV_METRICS, LOSO_METRICS, FINGERPRINTS,
+              RELIABILITY_FILE, GUARD_FILE)
+PUSH_PATTERNS = ("*.png",)
+#: What the Predictor needs of a Hub model beside its weights, config and image processor.
+INFERENCE_FILES = (PREPROCESSING, METRICS, RELIABILITY_FILE, GUARD_FILE)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool | np.bool_):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return "" if value != value else f"{float(value):.6f}"
+    if isinstance(value, list | tuple):
+        return "|".join(str(v) for v in value)
+    return str(value)
+
+
+def write_predictions(path: str | Path, labels: Sequence[str], rows: Iterable[dict]) -> Path:
+    """Write prediction rows (dicts with any of :data:`PREDICTION_COLUMNS`, ``probs`` (one per
+    class, in ``labels`` order) and :data:`TRAILING_COLUMNS`) in the one schema. ``predicted`` is
+    filled from ``probs`` when not given."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*PREDICTION_COLUMNS, *[f"p_{name}" for name in labels], *TRAILING_COLUMNS])
+        for row in rows:
+            probs = row.get("probs")
+            if row.get("predicted") is None and probs is not None:
+                row = {**row, "predicted": labels[int(np.argmax(probs))]}
+            writer.writerow([*(_cell(row.get(c)) for c in PREDICTION_COLUMNS),
+                             *([_cell(float(v)) for v in probs] if probs is not None else [""] * len(labels)),
+                             *(_cell(row.get(c)) for c in TRAILING_COLUMNS)])
+    return path
+
+
+def prediction_rows(paths: Sequence[str], labels: Sequence[str], y: Sequence[int] | None, probs: np.ndarray, **columns: Sequence) -> list[dict]:
+    """Rows for :func:`write_predictions` from parallel sequences (``group=``, ``source=``, ``fold=`` ...)."""
+    return [{"path": p, "label": labels[int(y[i])] if y is not None else None, "probs": probs[i],
+             **{k: v[i] for k, v in columns.items() if v is not None}} for i, p in enumerate(paths)]
+
+
+class ModelFolder:
+    """A model folder written by ``train.py`` (or pulled from the Hub): the one place that knows
+    its file names and writes its files."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"ModelFolder({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def exists(self, name: str) -> bool:
+        return self.file(name).is_file()
+
+    # ---- JSON files
+
+    def read_json(self, name: str, default=None):
+        path = self.file(name)
+        return json.loads(path.read_text()) if path.is_file() else default
+
+    def write_json(self, name: str, content) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.file(name)
+        path.write_text(json.dumps(content, indent=2, default=float) + "\n")
+        return path
+
+    def metrics(self) -> dict:
+        """``metrics.json`` ({} when the folder has none, e.g. a foreign Hub model)."""
+        return self.read_json(METRICS, {})
+
+    def write_metrics(self, metrics: dict) -> Path:
+        """Write ``metrics.json`` and re-render the card from the folder (it reads every number from it)."""
+        path = self.write_json(METRICS, metrics)
+        self.render_card()
+        return path
+
+    def update_metrics(self, **sections) -> dict:
+        """Merge ``sections`` into ``metrics.json`` (e.g. ``localization=``, ``cross_validation=``); the card follows."""
+        metrics = {**self.metrics(), **sections}
+        self.write_metrics(metrics)
+        return metrics
+
+    def fingerprints(self) -> list:
+        return self.read_json(FINGERPRINTS, [])
+
+    def render_card(self, repo_id: str | None = None) -> Path | None:
+        """Re-render ``README.md`` when the folder holds a trained model (weights' config and metrics)."""
+        from .card import write_card
+
+        if not (self.exists(CONFIG) and "split" in self.metrics()):
+            return None
+        return write_card(self.path, repo_id)
+
+    def predictions(self, split: str = "test") -> Path:
+        return self.file(test_predictions(split))
+
+    # ---- a trained model
+
+    def save_trained(self, trainer, preprocessor, report, metrics: dict, labels: Sequence[str], rows: Sequence[dict],
+                     temperature: float, reliability) -> None:
+        """Everything a training run leaves: safetensors weights, config (labels, temperature), image
+        processor, preprocessing, guard and sets, audit, fingerprints, metrics, plots, predictions, card."""
+        from .plots import plot_auc, plot_confusion, plot_loss, plot_roc
+
+        out = self.path
+        out.mkdir(parents=True, exist_ok=True)
+        trainer.model.config.calibration_temperature = temperature  # read by the Predictor
+        trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
+        preprocessor.save_pretrained(out)
+        reliability.save_pretrained(out)
+        report.save(self.file(AUDIT))
+        self.write_json(FINGERPRINTS, report.fingerprints())
+        split, name = metrics["split"], metrics["model"]
+        probs = np.asarray([r["probs"] for r in rows])
+        plot_loss(trainer.state.log_history, out / "loss.png", name)
+        plot_auc(trainer.state.log_history, out / "auc.png", name)
+        plot_roc([labels.index(r["label"]) for r in rows], probs, labels, out / "roc.png", f"{name} ({split})")
+        plot_confusion(metrics[split]["confusion_matrix"], labels, out / "confusion_matrix.png", f"{name} ({split})")
+        write_predictions(self.predictions(split), labels, rows)
+        self.write_metrics(metrics)  # last: the card reads everything above
+        logger.info("%s: wrote %s", name, out)

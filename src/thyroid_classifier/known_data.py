@@ -1,0 +1,85 @@
+"""The public data sets the project knows by name, and DDTI's own conventions, in one place:
+names and citations for the card, DDTI's ``<case>_<frame>`` file names and its outline XML."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+#: ``<case>_<frame>.ext`` (DDTI's naming): everything before the last ``_<digits>`` is the case.
+CASE_FRAME_PATTERN = r"^(?P<group>.+?)_(?P<frame>\d+)$"
+
+DDTI_CITATION = (
+    "Pedraza L, Vargas C, Narváez F, Durán O, Muñoz E, Romero E. An open access thyroid ultrasound-image "
+    "database. Proc. SPIE 9287, 10th International Symposium on Medical Information Processing and Analysis "
+    "(2015). doi:10.1117/12.2073532"
+)
+#: Data sets the card recognises from their folder name, to name and cite them.
+KNOWN_DATASETS = {
+    "ddti": {"name": "DDTI (Digital Database of Thyroid Ultrasound Images)", "type": "ddti", "citation": DDTI_CITATION, "tirads_labels": True},
+    "les3bdd": {"name": "LES3BDD (three merged public collections, labels of unknown provenance)", "type": "les3bdd", "citation": None, "tirads_labels": False},
+}
+
+
+def sources_facts(folders: dict[str, str]) -> dict:
+    """:func:`dataset_facts` of one folder, or of several sources together (names joined; TI-RADS
+    labels only when every source's are)."""
+    if len(folders) <= 1:
+        return dataset_facts(next(iter(folders.values()), ""))
+    each = [dataset_facts(folder) for folder in folders.values()]
+    citations = [f["citation"] for f in each if f.get("citation")]
+    return {"name": " + ".join(f["name"] for f in each), "type": "+".join(f["type"] for f in each),
+            "citation": " ".join(citations) or None, "tirads_labels": all(f["tirads_labels"] for f in each)}
+
+
+def dataset_facts(data_dir: str) -> dict:
+    """Name, slug, citation and label provenance of a data folder (recorded in metrics.json at training)."""
+    from .sample import SYNTHETIC_MARKER
+
+    parts = [p.lower() for p in Path(data_dir).parts]
+    for key, facts in KNOWN_DATASETS.items():
+        if key in parts:
+            return facts
+    name = Path(data_dir).name
+    if (Path(data_dir) / SYNTHETIC_MARKER).is_file():
+        return {"name": "the built-in SYNTHETIC sample (not real patients)", "type": "synthetic-sample", "citation": None, "tirads_labels": False}
+    return {"name": name, "type": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "images", "citation": None, "tirads_labels": False}
+
+
+
+def frame_number(path: str | Path) -> tuple[str, int] | None:
+    """``"100_2.jpg"`` → ``("100", 2)``; None when the name is not ``<case>_<frame>``."""
+    match = re.match(CASE_FRAME_PATTERN, Path(path).stem)
+    return (match.group("group"), int(match.group("frame"))) if match else None
+
+
+def ddti_outlines(xml_path: str | Path) -> dict[int, list[list[tuple[float, float]]]]:
+    """``{frame number: [polygon, ...]}`` from one DDTI case file (pixel coordinates); frames whose
+    outline cannot be parsed are left out."""
+    root = ET.parse(xml_path).getroot()
+    out: dict[int, list[list[tuple[float, float]]]] = {}
+    for mark in root.iter("mark"):
+        frame = int((mark.findtext("image") or "0").strip() or 0)
+        svg = (mark.findtext("svg") or "").strip()
+        if not svg:
+            continue
+        try:
+            regions = json.loads(svg)
+        except json.JSONDecodeError:
+            continue  # a few DDTI outlines are cut-off JSON: that frame has no usable outline
+        polygons = [[(p["x"], p["y"]) for p in region.get("points", [])] for region in regions]
+        out.setdefault(frame, []).extend(p for p in polygons if len(p) >= 3)
+    return out
+
+
+def frame_outline(path: str | Path, xml_dir: str | Path) -> list[list[tuple[float, float]]] | None:
+    """The radiologist's outline polygons of one ``<case>_<frame>`` image from ``xml_dir/<case>.xml``;
+    None when the name has no frame number, the case has no file, or the frame no outline."""
+    key = frame_number(path)
+    xml = Path(xml_dir) / f"{key[0]}.xml" if key else None
+    if xml is None or not xml.is_file():
+        return None
+    return ddti_outlines(xml).get(key[1]) or None
+

@@ -1,0 +1,104 @@
+"""What a training or evaluation example becomes before the model: decode → ultrasound crop →
+views → square resize, cached once per image, then augmented (training) or normalised by the saved
+image processor (evaluation: the same :func:`preprocess.frame_pixels` stage prediction uses)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .augment import DeviceAugment
+from .inference import ViewTransform, frame_views, view_pixels
+from .preprocess import UltrasoundPreprocessor
+
+
+class ImageTransforms:
+    """Decode → ultrasound crop → views → square resize once per image (cached), then augment
+    (train) or normalise with the saved image processor (evaluation: exactly what prediction does).
+
+    A split-screen frame has two views: training draws one at random each time the frame is seen;
+    evaluation reads the view named by the example's ``view`` column (see :func:`expand_views`)."""
+
+    def __init__(self, preprocessor: UltrasoundPreprocessor, processor, image_size: int, train: bool, cache: dict | None = None,
+                 device_augment: bool = False, view_transform: ViewTransform | None = None) -> None:
+        from torchvision.transforms import v2
+        from PIL import Image
+
+        self.preprocessor, self.processor, self.train = preprocessor, processor, train
+        self.view_transform = view_transform  # a test-time change of each view (stage 3 of inference); None in training
+        self.train_size = (image_size, image_size)  # (width, height) of the cached training image
+        # Shared across the folds of a cross-validation run: each file is decoded once per run.
+        self._cache: dict = cache if cache is not None else {}
+        self._open = Image.open
+        self._resize = Image.Resampling.BILINEAR
+        mean, std = processor.image_mean, processor.image_std
+        # Ultrasound-safe augmentation: small rotation and scale, gain (brightness/contrast), left-
+        # right flip. No hue or saturation jitter (grey images) and no vertical flip (depth axis).
+        # DeviceAugment adds what differs between scanners, so none of it can carry the label.
+        self.augment = v2.Compose([
+            v2.ToImage(),
+            v2.RandomResizedCrop(image_size, scale=(0.75, 1.0), ratio=(0.8, 1.25), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(10),
+            v2.ColorJitter(brightness=0.25, contrast=0.25),
+            v2.ToDtype(torch.float32, scale=True),
+            *([DeviceAugment()] if device_augment else []),
+            v2.Normalize(mean, std),
+        ])
+
+    def _crop(self, path: str, image) -> list:
+        """The views that are resized and cached: stages 2-3 of :mod:`inference` (research scripts override it)."""
+        return frame_views([image], self.preprocessor, self.view_transform)[0]
+
+    def _load(self, path: str) -> list:
+        key = (path, self.train)
+        cached = self._cache.get(key)
+        if cached is None:
+            with self._open(path) as image:
+                views = self._crop(path, image)
+            if self.train:
+                cached = [view.resize(self.train_size, self._resize) for view in views]
+            else:
+                cached = list(view_pixels(self.processor, views))  # stage 4, as the Predictor does
+            self._cache[key] = cached
+        return cached
+
+    def count_views(self, path: str) -> int:
+        return len(self._load(path))
+
+    def __call__(self, batch: dict) -> dict:
+        loaded = [self._load(p) for p in batch["path"]]
+        if self.train:
+            # A random view of a split screen; a single view draws nothing (the augmentation's random
+            # stream, and so a seeded run, stays what it was before views existed).
+            pixels = [self.augment(views[int(torch.randint(len(views), ()))] if len(views) > 1 else views[0]) for views in loaded]
+        else:
+            chosen = batch.get("view") or [0] * len(loaded)
+            pixels = [views[v] for views, v in zip(loaded, chosen, strict=True)]
+        out = {"pixel_values": pixels, "labels": batch["label"]}
+        if self.train and "weight" in batch:
+            out["sample_weight"] = batch["weight"]
+        return out
+
+
+def expand_views(dataset, transforms: ImageTransforms):
+    """``dataset`` with one row per view (a ``view`` column) for evaluation, and each row's frame
+    index; unchanged when every frame has one view."""
+    counts = [transforms.count_views(p) for p in dataset.with_format(None)["path"]]
+    owner = np.repeat(np.arange(len(counts)), counts)
+    if all(c == 1 for c in counts):
+        return dataset, owner
+    return dataset.select(owner.tolist()).add_column("view", [v for c in counts for v in range(c)]), owner
+
+
+def collate(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    batch = {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+    }
+    if "sample_weight" in examples[0]:
+        batch["sample_weight"] = torch.tensor([e["sample_weight"] for e in examples], dtype=torch.float32)
+    return batch
+
