@@ -36,6 +36,7 @@ def test_group_resamples_draw_whole_patients() -> None:
         assert all(c % groups.count(g) == 0 for g, c in counts.items())  # a patient comes whole or not at all
 
 
+@pytest.mark.slow
 def test_paired_difference_of_a_model_with_itself_is_exactly_zero() -> None:
     y, groups, weak, _ = _data()
     result = paired_difference(y, weak, weak, groups, n_resamples=200)
@@ -44,6 +45,7 @@ def test_paired_difference_of_a_model_with_itself_is_exactly_zero() -> None:
     assert result["roc_auc"]["share_b_better"] == 0.0
 
 
+@pytest.mark.slow
 def test_paired_difference_finds_the_better_model_and_orders_a_and_b() -> None:
     y, groups, weak, good = _data()
     result = paired_difference(y, weak, good, groups, n_resamples=500)
@@ -55,6 +57,7 @@ def test_paired_difference_finds_the_better_model_and_orders_a_and_b() -> None:
     assert flipped["difference"] == pytest.approx(-auc["difference"]) and flipped["ci"][1] < 0
 
 
+@pytest.mark.slow
 def test_paired_interval_tells_a_small_consistent_gain_that_separate_intervals_cannot() -> None:
     # B = A nudged towards a good model: the two separate intervals overlap, the paired one excludes 0.
     y, groups, weak, good = _data(seed=3)
@@ -73,6 +76,7 @@ def _write(folder: Path, y, groups, probs, name: str = "cv_predictions.csv", pat
     return folder / name
 
 
+@pytest.mark.slow
 def test_cli_compares_a_folder_with_a_file_and_writes_json(tmp_path: Path, capsys) -> None:
     y, groups, weak, good = _data()
     _write(tmp_path / "plain", y, groups, weak)
@@ -114,6 +118,7 @@ def test_cli_refuses_disagreeing_labels_and_foreign_files(tmp_path: Path, capsys
     assert "no such file or folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_three_classes_use_macro_auc(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     labels = ["normal", "benign", "malignant"]

@@ -41,6 +41,7 @@ def cv_run(tiny_models, sample_dir, tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow
 def test_cv_writes_pooled_metrics_equal_to_a_manual_computation(cv_run, sample_dir):
     out, results = cv_run
     cv = json.loads((out / "tiny-resnet" / "cv_metrics.json").read_text())
@@ -124,6 +125,7 @@ def test_external_evaluation_scores_simulated_machine_shifts(short_run, sample_d
     assert "Simulated machine differences" in (tmp_path / "eval" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_cv_final_model_carries_the_cv_numbers_into_its_card(tiny_models, sample_dir, tmp_path):
     """--cv_final: a model trained on all the data whose card states the cross-validation numbers,
     the layout report included (the sample has split screens)."""

@@ -105,6 +105,7 @@ class _StepCounter(TrainerCallback):
         self.steps.append(state.global_step)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes(tiny_models, sample_dir, tmp_path):
     args = _args(sample_dir, [tiny_models["tiny-resnet"]], tmp_path)
     with pytest.raises(KeyboardInterrupt):
@@ -186,6 +187,7 @@ def test_ece_and_temperature():
     assert expected_calibration_error(y, softmax(logits * 4, t)) < expected_calibration_error(y, softmax(logits * 4))
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_cover_the_estimate_and_resample_groups():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
@@ -211,6 +213,7 @@ def test_offline_without_init_random_fails_at_once(sample_dir, tmp_path, capsys,
     assert not (tmp_path / "resnet50").exists()  # stopped before any training
 
 
+@pytest.mark.slow
 def test_random_init_builds_registry_models_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = build_model(REGISTRY["vgg19"], ["benign", "malignant"], "random", image_size=64)
@@ -225,6 +228,7 @@ def test_random_init_builds_registry_models_offline(monkeypatch):
     assert resnet.config.num_labels == 3 and target_layer(resnet) is resnet.resnet.encoder.stages[-1]
 
 
+@pytest.mark.slow
 def test_help_documents_every_option_and_json_config(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--data_dir", "--model", "--init", "--image_size", "--resume", "--seed", "--num_train_epochs", "--drop_duplicates", "--class_weighting"):
@@ -235,6 +239,7 @@ def test_help_documents_every_option_and_json_config(tmp_path):
     assert (data_args.data_dir, model_args.model, model_args.init, run_args.num_train_epochs) == ("x", ["vgg19"], "random", 3)
 
 
+@pytest.mark.slow
 def test_two_process_run_evaluates_each_example_once(tiny_models, sample_dir, tmp_path):
     """`accelerate launch` with two CPU processes: every validation and test example counted once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -275,6 +280,7 @@ def test_discriminative_learning_rates(tiny_models):
         assert seen == len(list(model.parameters())) and head
 
 
+@pytest.mark.slow
 def test_linear_probing_then_fine_tuning(tiny_models, sample_dir, tmp_path):
     """With --freeze_backbone_epochs 1 the backbone does not move in epoch 1 and does in epoch 2."""
     from transformers import AutoModelForImageClassification, TrainerCallback
@@ -292,6 +298,7 @@ def test_linear_probing_then_fine_tuning(tiny_models, sample_dir, tmp_path):
     assert not torch.equal(snapshots[1], start)
 
 
+@pytest.mark.slow
 def test_weight_average_is_the_saved_model(tiny_models, sample_dir, tmp_path):
     """--ema_decay: the saved weights are the moving average of the weights after every step."""
     from transformers import AutoModelForImageClassification, TrainerCallback
@@ -318,6 +325,7 @@ def test_weight_average_excludes_select_best(sample_dir, tmp_path):
         run(*_args(sample_dir, ["resnet50"], tmp_path, ema_decay=0.99, select_best=True))
 
 
+@pytest.mark.slow
 def test_device_augment_trains_only_the_training_split_and_is_recorded(tiny_models, sample_dir, tmp_path):
     """--device_augment puts DeviceAugment into the training batches' augmentation (evaluation images are
     never augmented) and the setting is recorded in metrics.json and the card."""

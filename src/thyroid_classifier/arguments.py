@@ -31,7 +31,7 @@ class DataArguments:
     near_threshold: int = field(default=DEFAULT_NEAR_THRESHOLD, metadata={"help": "Hamming distance (of 64 bits) under which two images are near duplicates."})
     crop: bool = field(default=True, metadata={"help": "Crop each frame to the ultrasound region (drops borders and settings panels)."})
     mask_text: bool = field(default=False, metadata={"help": "Also mask burned-in text and caliper marks inside the region (inpainting)."})
-    split_views: bool = field(default=False, metadata={"help": "Split a split-screen frame into its two views: training sees one at random, evaluation and prediction average both. Off by default: on DDTI it scored worse and the model still told the layouts apart (README, 'Preprocessing')."})
+    split_views: bool = field(default=False, metadata={"help": "Split a split-screen frame into its two views: training sees one at random, evaluation and prediction average both. Off by default: on DDTI it scored worse and the model still told the layouts apart (docs/data.md, 'Preprocessing')."})
 
     def preprocessor(self) -> UltrasoundPreprocessor:
         return UltrasoundPreprocessor(crop=self.crop, mask_text=self.mask_text, split_views=self.split_views)
@@ -58,7 +58,7 @@ class RunArguments:
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Evaluation batch size per device."})
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy loss."})
     class_weighting: bool = field(default=True, metadata={"help": "Weight the loss by inverse class frequency (n / (k * n_c)) so minority classes count as much as the majority."})
-    select_best: bool = field(default=False, metadata={"help": "Keep the checkpoint with the best validation macro AUC and stop early (else: the whole schedule, last epoch's weights). Off by default: on a validation share of a few dozen frames the 'best' epoch is mostly noise (see README, 'Honest numbers on small data')."})
+    select_best: bool = field(default=False, metadata={"help": "Keep the checkpoint with the best validation macro AUC and stop early (else: the whole schedule, last epoch's weights). Off by default: on a validation share of a few dozen frames the 'best' epoch is mostly noise (see docs/validation.md)."})
     device_augment: bool = field(default=True, metadata={"help": "Randomise what differs between ultrasound machines while training (gain curve, depth gain, resolution, speckle, burned-in calipers and text; thyroid_classifier.augment), so a model cannot lean on them (--no_device_augment: off). See benchmarks/recipe_curves.py --shifts."})
     ema_decay: float = field(default=0.0, metadata={"help": "Keep an exponential moving average of the weights with this decay per step (e.g. 0.99) and use it as the final model (0: off). Not with --select_best."})
     early_stopping_patience: int = field(default=6, metadata={"help": "Stop after this many epochs without a better validation macro AUC (0: never)."})
