@@ -126,8 +126,8 @@ def _bomb(path: Path) -> Path:
 BAD_INPUTS = {
     "text.png": (lambda d, p: (p.write_text("not an image at all"), p)[1], "not an image"),
     "truncated.jpg": (_truncated_jpeg, "truncated"),
-    "empty.png": (lambda d, p: (p.write_bytes(b""), p)[1], "not an image"),
-    "bomb.png": (lambda d, p: _bomb(p), "not an image"),
+    "empty.png": (lambda d, p: (p.write_bytes(b""), p)[1], "empty file"),
+    "bomb.png": (lambda d, p: _bomb(p), "too many pixels"),
     "tiny.png": (lambda d, p: _save(Image.new("L", (10, 10), 90), p), "too small"),
 }
 

@@ -184,7 +184,7 @@ def test_reliability_round_trips_through_the_folder(tmp_path):
 @pytest.fixture(scope="module")
 def loso_run(two_sources, tiny_models, tmp_path_factory):
     """A LOSO run on the two synthetic sources; ``seen``: the sources of each split of every model it trained."""
-    from thyroid_classifier import fit
+    from thyroid_classifier import fit, training
     from thyroid_classifier.training import DataArguments, ModelArguments, RunArguments, run
 
     seen: list[dict] = []
@@ -196,7 +196,8 @@ def loso_run(two_sources, tiny_models, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("loso")
     with pytest.MonkeyPatch.context() as mp:  # only while this run trains
-        mp.setattr(fit, "train_one", spy)
+        mp.setattr(fit, "train_one", spy)  # the LOSO runs
+        mp.setattr(training, "train_one", spy)  # the final model on every source
         results = run(
             DataArguments(data_dir=[str(p) for p in two_sources]),
             ModelArguments(model=[str(tiny_models["tiny-resnet"])], image_size=32),

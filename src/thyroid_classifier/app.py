@@ -3,8 +3,14 @@
 ``build_demo(predictors)`` returns the Blocks and loads nothing itself; :func:`main` parses the
 command line (``python app.py --help``), loads the models and launches on 127.0.0.1.
 
-Privacy: an upload is read once, deleted from the server's temporary folder a minute later (not at
-once: identical uploads share one file), and never logged; results live in the browser session only.
+Privacy: an upload is read once and deleted from the server's temporary folder a minute later (not
+at once: identical uploads share one file); every file the app or gradio keeps (rejected and
+never-analysed uploads, the images shown back) is deleted within :data:`FORGET_WITHIN` seconds by
+gradio's cache clean-up; no file name reaches the log; no run history is kept in the browser.
+
+Memory: an image's declared size is checked before decoding (``preprocess.MAX_PIXELS``), large
+legal images are decoded reduced, and the session keeps display-sized copies only; every event,
+the opacity control included, runs through the queue under one concurrency limit.
 """
 
 from __future__ import annotations
@@ -31,10 +37,32 @@ logger = logging.getLogger(__name__)
 NOTICE = (
     "**Research software, not a diagnosis.** This model was trained on a small public data set whose "
     "labels are TI-RADS risk categories, not pathology. Its output must not guide the care of a patient. "
-    "Upload a grey-scale thyroid ultrasound frame; uploads are deleted from the server within a minute of the answer."
+    "Upload a grey-scale thyroid ultrasound frame (at most 10 MB and 40 million pixels). The upload and the images "
+    "shown back are deleted from the server within two minutes; nothing is kept in your browser's history."
 )
 DEFAULT_MODELS = ("outputs/sample/resnet50",)
 MAX_FILE_SIZE = "10mb"
+#: Uploads are deleted this many seconds after they are read ...
+FORGET_UPLOAD_AFTER = 60.0
+#: ... and gradio's clean-up removes every file of the app older than AGE, every FREQUENCY seconds:
+#: nothing outlives FORGET_WITHIN = AGE + FREQUENCY (90 s: the page promises two minutes).
+CACHE_CLEANUP = (30, 60)  # (frequency, age) in seconds
+FORGET_WITHIN = sum(CACHE_CLEANUP)
+#: The longer side of what the page shows and the session keeps (the opacity control reblends it).
+DISPLAY_SIDE = 1024
+
+
+def safe_name(name: str) -> str:
+    """A file name fit to show in a message: no markup, no control characters, not too long."""
+    cleaned = "".join(c if c.isalnum() or c in "._- ()" else "_" for c in name)
+    return cleaned[:80] or "upload"
+
+
+def display_copy(image):
+    """``image`` (PIL) reduced to at most DISPLAY_SIDE a side, as a new image."""
+    shown = image.copy()
+    shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+    return shown
 
 
 def _answer_component(num_top_classes: int):
@@ -64,11 +92,15 @@ def _upload_component():
         is_template = True  # render with gr.Image's front end
 
         def preprocess(self, payload):
+            # An uploaded file's path as it is: the app's own decoder (preprocess.open_image) checks the
+            # declared size before decoding and names every problem; gradio's would open it first.
+            if payload is not None and getattr(payload, "path", None) and not (payload.url or "").startswith("data:"):
+                return payload.path
             try:
                 return super().preprocess(payload)
             except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's problem
-                name = getattr(payload, "orig_name", None) or "upload"
-                raise gr.Error(f"{name}: not an image that can be read ({type(exc).__name__}).") from None
+                name = safe_name(getattr(payload, "orig_name", None) or "upload")
+                raise gr.Error(f"{name}: not an image that can be read ({type(exc).__name__}).", print_exception=False) from None
 
     return UploadImage(
         type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
@@ -162,11 +194,13 @@ class UploadJanitor:
                 pass
 
 
-def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_limit: int = 1, forget_uploads_after: float = 60.0):
+def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_limit: int = 1, forget_uploads_after: float = FORGET_UPLOAD_AFTER,
+               cache_cleanup: tuple[int, int] = CACHE_CLEANUP):
     """The page around one or more :class:`~thyroid_classifier.predict.Predictor` (name → predictor).
 
-    Uploads are deleted ``forget_uploads_after`` seconds after they are read (gradio's cache
-    clean-up removes anything else older than five minutes)."""
+    Uploads are deleted ``forget_uploads_after`` seconds after they are read; gradio's clean-up
+    removes every other file of the app (rejected or never-analysed uploads, images shown back)
+    older than ``cache_cleanup[1]`` seconds, every ``cache_cleanup[0]`` seconds."""
     import gradio as gr
 
     if not predictors:
@@ -174,42 +208,52 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
     names = list(predictors)
     janitor = UploadJanitor(forget_uploads_after)
 
+    def fail(message: str):
+        # print_exception=False: gradio would print a traceback ending in the file name to the log.
+        return gr.Error(message, print_exception=False)
+
     def predict(path: str | None, model_name: str, opacity: float):
         if not path:
-            raise gr.Error("Upload an image first.")
+            raise fail("Upload an image first.")
+        name = safe_name(Path(path).name)
         try:
+            if not Path(path).is_file():
+                raise fail(f"{name}: the upload has expired (uploads are deleted within two minutes); upload it again.")
             try:
-                image = open_image(path, name=Path(path).name)
+                image = open_image(path, name=name)
             finally:
                 janitor.forget_later(path)  # the upload is not kept
             predictor = predictors[model_name]
-            [result] = predictor.predict([image], opacity=opacity)
+            # The map is computed on the image as decoded; the overlay is drawn at display size below.
+            [result] = predictor.predict([image], opacity=None)
         except ImageError as exc:
-            raise gr.Error(str(exc)) from None
+            raise fail(str(exc)) from None
         except gr.Error:
             raise
         except Exception as exc:  # noqa: BLE001 - never a stack trace in the page
-            logger.error("prediction failed: %s", type(exc).__name__)  # no image data in logs
-            raise gr.Error("Something went wrong while analysing this image. It is deleted from the server within a minute.") from None
+            logger.error("prediction failed: %s", type(exc).__name__)  # no image data, no file name in logs
+            raise fail("Something went wrong while analysing this image. It is deleted from the server within two minutes.") from None
         notes = list(result.warnings)
         for note in notes:
             gr.Warning(note)
-        original = np.asarray(image)
+        shown = display_copy(image)
+        heatmap = np.asarray(_as_image(np.uint8(np.round(result.heatmap * 255))).resize(shown.size))
         value, headline = answer(result)
         message = (
             f"{headline} The heatmap shows the regions that raised the score of *{result.explained}*."
             + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
         )
-        # Kept per browser session for the opacity slider only (uint8 map: a quarter of float32).
-        state = {"original": original, "heatmap": np.uint8(np.round(result.heatmap * 255))}
-        return value, (original, result.overlay), message, state
+        # Kept per browser session for the opacity control only, at display size (uint8 map).
+        original = np.asarray(shown)
+        state = {"original": original, "heatmap": heatmap}
+        return value, (original, overlay(shown, heatmap / 255.0, opacity)), message, state
 
     def reblend(state: dict | None, opacity: float):
-        if not state:
+        if not state:  # a session with no result (or a direct call): nothing to redraw
             return gr.skip()
         return (state["original"], overlay(_as_image(state["original"]), state["heatmap"] / 255.0, opacity))
 
-    with gr.Blocks(title="Thyroid ultrasound classifier (research)", delete_cache=(120, 300)) as demo:
+    with gr.Blocks(title="Thyroid ultrasound classifier (research)", delete_cache=tuple(cache_cleanup)) as demo:
         gr.Markdown("# Thyroid ultrasound classifier\n" + NOTICE)
         with gr.Row():
             with gr.Column():
@@ -221,13 +265,18 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
                     gr.Examples(list(examples), inputs=[image], label="Examples (synthetic unless stated)")
             with gr.Column():
                 label = _answer_component(max(len(p.labels) for p in predictors.values()))
-                slider = gr.ImageSlider(label="Original | Grad-CAM", format="png", type="numpy")
+                # JPEG: encoded in a few ms (PNG took ~50 ms a half at 560 x 360), and the "Original"
+                # half is a display copy, not the upload's pixels.
+                slider = gr.ImageSlider(label="Original | Grad-CAM", format="jpeg", type="numpy")
                 message = gr.Markdown()
                 card = gr.Markdown(metrics_markdown(predictors[names[0]].info))
         state = gr.State(time_to_live=600)  # forgotten after 10 minutes: memory stays bounded
-        button.click(predict, [image, model, opacity], [label, slider, message, state], api_name="predict", concurrency_limit=concurrency_limit)
-        opacity.release(reblend, [state, opacity], [slider], api_name=False, queue=False)
-        model.change(lambda name: metrics_markdown(predictors[name].info), [model], [card], api_name=False, queue=False)
+        # One concurrency slot shared by every event that touches images: the opacity control waits
+        # its turn like a prediction, so no one can bypass the limit by calling it directly.
+        slot = dict(concurrency_limit=concurrency_limit, concurrency_id="images")
+        button.click(predict, [image, model, opacity], [label, slider, message, state], api_name="predict", **slot)
+        opacity.release(reblend, [state, opacity], [slider], api_name=False, **slot)
+        model.change(lambda name: metrics_markdown(predictors[name].info), [model], [card], api_name=False)
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
     return demo
 
@@ -258,7 +307,9 @@ def default_examples() -> list[str]:
 
 def launch(demo, host: str, port: int | None, share: bool, **kwargs):
     """Launch; a share link that cannot be made is reported and the local app keeps running."""
-    common = dict(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, quiet=True, **kwargs)
+    # No run history in the browser (it would keep a thumbnail of each upload), no /monitoring dashboard.
+    common = dict(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, quiet=True, run_history=False, enable_monitoring=False,
+                  footer_links=["api", "settings"], **kwargs)
     if share:
         try:
             result = demo.launch(share=True, **common)

@@ -121,7 +121,7 @@ class Predictor:
         *,
         explain: bool = True,
         target: str | None = None,
-        opacity: float = 0.45,
+        opacity: float | None = 0.45,
         view_transform: ViewTransform | None = None,
     ) -> list[Prediction]:
         """Probabilities (calibrated when the model carries a temperature; a split screen's views
@@ -156,7 +156,8 @@ class Predictor:
                 prediction.explained = self.labels[chosen[i]]
                 # Each view's map is scaled on its own (Grad-CAM's [0, 1]); views do not overlap.
                 prediction.heatmap = np.maximum.reduce([to_original(maps[j], boxes[j], image.size) for j in mine])
-                prediction.overlay = overlay(image, prediction.heatmap, opacity)
+                if opacity is not None:  # None: the caller draws its own overlay (the app, at display size)
+                    prediction.overlay = overlay(image, prediction.heatmap, opacity)
             if guard_scores is not None:
                 prediction.in_domain_score = float(guard_scores[i])
                 prediction.flagged = bool(guard_scores[i] > self.reliability.guard.threshold)

@@ -22,6 +22,7 @@ the image the user gave.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,8 +31,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 CONFIG_NAME = "ultrasound_preprocessing.json"
-#: Refuse to decode images above this many pixels (decompression bombs).
-MAX_PIXELS = 100_000_000
+#: Refuse an image declaring more pixels than this, before decoding it. Ultrasound frames are under
+#: ~2 Mpx; a "decompression bomb" can declare 100 Mpx in a 100 KB file and cost gigabytes decoded.
+MAX_PIXELS = 40_000_000
+#: A legal image whose longer side exceeds this is decoded reduced (JPEG: at a lower DCT scale;
+#: other formats: reduced right after decoding), so no upload costs much more than a frame's worth
+#: of memory downstream. Real frames are smaller and never reduced.
+MAX_DECODE_SIDE = 2048
 #: Smaller images hold too little of the thyroid to say anything about.
 MIN_SIDE = 32
 
@@ -74,18 +80,27 @@ def open_image(source: str | Path | bytes | Image.Image, name: str | None = None
         if isinstance(source, Image.Image):
             image = source
         else:
-            data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+            try:
+                data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+            except FileNotFoundError:
+                raise ImageError(f"{label}: no such file") from None
             if not data:
                 raise ImageError(f"{label}: empty file (0 bytes)")
             image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_PIXELS:
-            raise ImageError(f"{label}: {image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} allowed")
+        if image.width * image.height > MAX_PIXELS:  # the header's size: nothing decoded yet
+            raise ImageError(f"{label}: {image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} allowed (ultrasound frames are under ~2 million)")
+        factor = math.ceil(max(image.size) / MAX_DECODE_SIDE)
+        if factor > 1 and image.format == "JPEG":
+            image.draft("RGB" if image.mode not in ("L", "RGB") else image.mode, (image.width // factor, image.height // factor))
         image.load()
         rgb = to_rgb(image)
+        factor = math.ceil(max(rgb.size) / MAX_DECODE_SIDE)
+        if factor > 1:
+            rgb = rgb.reduce(factor)
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{label}: too many pixels ({exc})") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{label}: too many pixels, more than the {MAX_PIXELS:,} allowed (ultrasound frames are under ~2 million)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for non-images and broken files
         problem = "not an image, or an image format that cannot be read" if "cannot identify" in str(exc) else f"corrupt or truncated image ({exc})"
         raise ImageError(f"{label}: {problem}") from None
