@@ -191,3 +191,30 @@ def test_metrics_markdown_shows_card_numbers(server):
     # Where each number holds: in-source, and no unseen source measured for this model.
     assert "In-source evaluation" in text and "Not measured on any unseen source" in text
     assert metrics_markdown({}) == "_No evaluation found for this model._"
+
+
+def test_module_level_demo_and_environment_defaults(short_run, monkeypatch):
+    """`gradio app.py` and a Space import app.py and serve its `demo`, built from $MODEL_ID; the
+    host and port a Space sets are honoured, and locally the app still binds loopback."""
+    import importlib.util
+
+    import gradio as gr
+
+    from thyroid_classifier.app import parse_args
+
+    out, _ = short_run
+    for name in ("MODEL_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    local = parse_args([])
+    assert local.host == "127.0.0.1" and local.port is None and local.model == ["outputs/sample/resnet50"]
+    monkeypatch.setenv("MODEL_ID", str(out / "tiny-resnet"))
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    space = parse_args([])
+    assert space.host == "0.0.0.0" and space.port == 7999 and space.model == [str(out / "tiny-resnet")]
+    assert parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"  # a flag still wins
+    spec = importlib.util.spec_from_file_location("app_module_under_test", Path(__file__).resolve().parents[1] / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert isinstance(module.demo, gr.Blocks)
+    assert any(fn.name == "predict" for fn in module.demo.fns.values())

@@ -439,3 +439,21 @@ def test_a_view_transform_plugs_in_at_one_stage_for_evaluation_and_the_predictor
     probs = frame_probabilities(logits, np.asarray(owner), len(rows), predictor.temperature)
     for result, p in zip(results, probs, strict=True):
         assert [result.probabilities[k] for k in predictor.labels] == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_trainer_flags_pass_through(tiny_models, sample_dir, tmp_path):
+    """The TrainingArguments options an ML engineer reaches for: tracking, accumulation, precision,
+    logging, and a quick subset of the data."""
+    argv = [f"--data_dir={sample_dir}", f"--model={tiny_models['tiny-resnet']}", "--image_size=32", f"--output_dir={tmp_path}",
+            "--num_train_epochs=1", "--per_device_train_batch_size=4", "--bootstrap_resamples=20", "--report_to", "none",
+            "--gradient_accumulation_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "6", "--logging_steps", "1",
+            "--bf16", "false"]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "tiny-resnet" / "metrics.json").read_text())
+    assert sum(metrics["data"]["counts"]["train"].values()) == 16
+    assert sum(metrics["data"]["counts"]["test"].values()) == 6 and sum(metrics["data"]["counts"]["validation"].values()) <= 6
+    checkpoint = next((tmp_path / "tiny-resnet" / "checkpoints").glob("checkpoint-*"))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 2  # 16 images, batches of 4, a step every 2 batches
+    assert sum(1 for entry in state["log_history"] if "loss" in entry) == 2  # logged every step, not once per epoch
+    assert metrics["training"]["gradient_accumulation_steps"] == 2 and "report_to" not in metrics["training"]

@@ -322,33 +322,58 @@ def launch(demo, host: str, port: int | None, share: bool, **kwargs):
     return demo.launch(share=False, **common)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; defaults follow the environment a Space (or ``gradio app.py``) sets:
+    ``MODEL_ID`` (model folders or Hub ids, space-separated), ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``.
+    Locally, with none set, the app binds 127.0.0.1 only."""
     parser = argparse.ArgumentParser(
         prog="python app.py",
         description="Serve trained thyroid ultrasound classifiers with Grad-CAM in a web page (research use only).",
     )
-    parser.add_argument("--model", nargs="+", default=list(DEFAULT_MODELS), help="model folders written by train.py or Hub ids (several: side by side)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: the first free one from 7860)")
+    models = os.environ.get("MODEL_ID", "").split() or list(DEFAULT_MODELS)
+    port = os.environ.get("GRADIO_SERVER_PORT")
+    parser.add_argument("--model", nargs="+", default=models, help="model folders written by train.py or Hub ids (several: side by side; default: $MODEL_ID or the quick start's)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind (default: $GRADIO_SERVER_NAME or 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=int(port) if port else None, help="port (default: $GRADIO_SERVER_PORT or the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public share link")
     parser.add_argument("--concurrency", type=int, default=1, help="predictions run at once (1 suits a 2-core CPU)")
     parser.add_argument("--examples", nargs="*", default=None, help="example images (default: the built-in synthetic sample)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)  # request lines would name upload files
+    return parser.parse_args(argv)
+
+
+def demo_from_arguments(args: argparse.Namespace):
+    """Load the models named by ``args`` and build the page; a clear error (SystemExit 2) when a model is missing."""
     for name in args.model:
         if not Path(name).exists() and name in DEFAULT_MODELS:
-            print(f"error: no model at {name}. Train one first (see the README's quick start) or pass --model FOLDER_OR_HUB_ID.", file=sys.stderr)
-            return 2
+            print(f"error: no model at {name}. Train one first (see the README's quick start), pass --model FOLDER_OR_HUB_ID "
+                  "or set MODEL_ID.", file=sys.stderr)
+            raise SystemExit(2)
     try:
         predictors = load_predictors(args.model)
     except Exception as exc:  # noqa: BLE001 - one clear line, not a stack trace
         print(f"error: cannot load a model: {exc}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     examples = args.examples if args.examples is not None else default_examples()
-    demo = build_demo(predictors, examples=examples, concurrency_limit=args.concurrency)
+    return build_demo(predictors, examples=examples, concurrency_limit=args.concurrency)
+
+
+def module_demo():
+    """The module-level ``demo`` of the top-level ``app.py`` for ``gradio app.py`` (its reload
+    mode imports the file and serves ``demo``): the models from ``MODEL_ID`` or the default folder."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    return demo_from_arguments(parse_args([]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # request lines would name upload files
+    try:
+        demo = demo_from_arguments(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
     launch(demo, args.host, args.port, args.share, prevent_thread_lock=True)
     print(f"Running on http://{args.host}:{demo.server_port} (Ctrl+C to stop)")
     demo.block_thread()

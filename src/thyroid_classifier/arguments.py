@@ -31,6 +31,8 @@ class DataArguments:
     near_threshold: int = field(default=DEFAULT_NEAR_THRESHOLD, metadata={"help": "Hamming distance (of 64 bits) under which two images are near duplicates."})
     crop: bool = field(default=True, metadata={"help": "Crop each frame to the ultrasound region (drops borders and settings panels)."})
     mask_text: bool = field(default=False, metadata={"help": "Also mask burned-in text and caliper marks inside the region (inpainting)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many training images (a seeded random subset): quick checks, debugging."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many validation and test images each (a seeded random subset)."})
     split_views: bool = field(default=False, metadata={"help": "Split a split-screen frame into its two views: training sees one at random, evaluation and prediction average both. Off by default: on DDTI it scored worse and the model still told the layouts apart (docs/data.md, 'Preprocessing')."})
 
     def preprocessor(self) -> UltrasoundPreprocessor:
@@ -77,11 +79,17 @@ class RunArguments:
     push_to_hub: bool = field(default=False, metadata={"help": "Push each trained model's folder (weights, config, processor, card, plots, metrics) to the Hub after training. The token comes from HF_TOKEN or the saved login."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub, e.g. someone/thyroid-resnet50. With several models, '-<model>' is appended to it."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    # transformers.TrainingArguments options, passed through as they are.
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Optimizer step every N batches (TrainingArguments): a larger effective batch in the same memory."})
+    bf16: bool | None = field(default=None, metadata={"help": "bfloat16 mixed precision (TrainingArguments). Default: on when the GPU supports it, else fp16 on GPU, never on CPU."})
+    fp16: bool | None = field(default=None, metadata={"help": "float16 mixed precision (TrainingArguments). Default: on a GPU without bf16."})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "Experiment trackers to log to (TrainingArguments: tensorboard, wandb, trackio, mlflow, ... or all)."})
+    logging_steps: int | None = field(default=None, metadata={"help": "Log the training loss every N optimizer steps (default: once per epoch)."})
 
 
 def recipe(run_args: RunArguments) -> dict:
     """The settings that shape a model (recorded in metrics.json); not where it goes or how it is published."""
-    return {k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private", "channels_last", "dataloader_num_workers")}
+    return {k: v for k, v in asdict(run_args).items() if k not in ("output_dir", "resume", "push_to_hub", "hub_model_id", "hub_private", "channels_last", "dataloader_num_workers", "report_to", "logging_steps")}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelArguments, RunArguments]:

@@ -39,6 +39,18 @@ def check_models_reachable(specs: Sequence[ModelSpec], init: str) -> None:
             check_hub_model(spec.checkpoint, what_to_do=HUB_HELP)
 
 
+def limit_samples(dataset, max_train: int | None, max_eval: int | None, seed: int):
+    """Each split cut to a seeded random subset of at most ``max_train`` (train) / ``max_eval``
+    (validation, test) examples, as transformers' examples do; unchanged when both are None."""
+    for name in list(dataset):
+        limit = max_train if name == "train" else max_eval
+        if limit is not None and limit < len(dataset[name]):
+            if limit < 1:
+                raise ValueError(f"--max_{'train' if name == 'train' else 'eval'}_samples must be at least 1, not {limit}")
+            dataset[name] = dataset[name].shuffle(seed=seed).select(range(limit)).flatten_indices()
+    return dataset
+
+
 def hub_repos(run_args: RunArguments, specs: Sequence[ModelSpec]) -> dict[str, str]:
     """Model name → Hub repository for ``--push_to_hub`` (empty when not pushing)."""
     if not run_args.push_to_hub:
@@ -114,6 +126,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
             groups=groups,
             source_names=data_args.source_names,
         )
+    dataset = limit_samples(dataset, data_args.max_train_samples, data_args.max_eval_samples, run_args.seed)
     if state.is_main_process:
         print(report.summary())
     output_dir = Path(run_args.output_dir)

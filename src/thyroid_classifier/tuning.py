@@ -38,7 +38,8 @@ def training_arguments(run_args: RunArguments, checkpoints: Path, has_validation
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = run_args.bf16 if run_args.bf16 is not None else cuda and torch.cuda.is_bf16_supported()
+    fp16 = run_args.fp16 if run_args.fp16 is not None else cuda and not bf16
     return TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=run_args.num_train_epochs,
@@ -50,7 +51,10 @@ def training_arguments(run_args: RunArguments, checkpoints: Path, has_validation
         per_device_eval_batch_size=run_args.per_device_eval_batch_size,
         eval_strategy="epoch" if has_validation else "no",
         save_strategy="epoch",
-        logging_strategy="epoch",  # one training-loss point per epoch, beside the validation loss
+        # One training-loss point per epoch, beside the validation loss, unless --logging_steps asks for more.
+        logging_strategy="steps" if run_args.logging_steps else "epoch",
+        logging_steps=run_args.logging_steps or 500,
+        gradient_accumulation_steps=run_args.gradient_accumulation_steps,
         load_best_model_at_end=has_validation and run_args.select_best,
         metric_for_best_model="roc_auc" if has_validation else None,
         greater_is_better=True,
@@ -58,11 +62,11 @@ def training_arguments(run_args: RunArguments, checkpoints: Path, has_validation
         seed=run_args.seed,
         data_seed=run_args.seed,
         bf16=bf16,
-        fp16=cuda and not bf16,
+        fp16=fp16,
         remove_unused_columns=False,
         dataloader_num_workers=run_args.dataloader_num_workers,
         dataloader_pin_memory=cuda,
-        report_to="none",
+        report_to=run_args.report_to,
         disable_tqdm=False,
         use_cpu=not cuda,  # also makes `accelerate launch --multi_gpu` on CPUs run as MULTI_CPU (gloo)
     )
