@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,8 @@ def test_card_cites_ddti_and_states_tirads(short_run, tmp_path):
 
 def test_push_uploads_exactly_the_publishable_files(short_run, tmp_path, monkeypatch):
     out, _ = short_run
-    folder = out / "tiny-vgg"
+    folder = tmp_path / "tiny-vgg"  # a copy: a push re-renders the folder's card, and short_run is shared
+    shutil.copytree(out / "tiny-vgg", folder)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value_123")
     api = FakeHfApi()
     names = push_folder(folder, "someone/thyroid-vgg", private=True, api=api)
@@ -139,7 +141,8 @@ def test_pushed_layout_loads_with_pipeline_and_predictor(short_run, tmp_path, na
 
     out, _ = short_run
     api = FakeHfApi()
-    push_folder(out / name, f"someone/{name}", api=api)
+    shutil.copytree(out / name, tmp_path / name, ignore=shutil.ignore_patterns("checkpoints"))  # the push rewrites the card
+    push_folder(tmp_path / name, f"someone/{name}", api=api)
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
     for rel, content in api.uploaded.items():
