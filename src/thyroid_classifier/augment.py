@@ -4,7 +4,7 @@ A model trained at one hospital meets other scanners: another gain and dynamic r
 (TGC) settings, lateral resolution, pixel aspect, speckle, and burned-in calipers and annotations
 that the operator puts in different places. :class:`DeviceAugment` randomises these while
 training, so none of them can carry the label; :func:`device_shifts` applies one fixed shift of each
-kind to evaluation images (``evaluate --shifts``, ``benchmarks/recipe_curves.py --shifts``), to measure how much a model leans on
+kind to evaluation images (``evaluate --shifts``, ``research/recipe_curves.py --shifts``), to measure how much a model leans on
 them. Both work on float image tensors in [0, 1], shape (3, H, W), before normalisation.
 """
 
