@@ -218,3 +218,18 @@ def test_module_level_demo_and_environment_defaults(short_run, monkeypatch):
     spec.loader.exec_module(module)
     assert isinstance(module.demo, gr.Blocks)
     assert any(fn.name == "predict" for fn in module.demo.fns.values())
+
+
+def test_an_example_is_not_deleted_after_someone_uses_it(server):
+    """Clicking an example sends gradio's cached copy of it, which serves every visitor: the upload
+    clock must not delete it (the fixture's clock is 2 s)."""
+    import time
+
+    demo, _ = server
+    kept = set().union(*(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values()))
+    example = next(p for p in kept if p.endswith(".png"))
+    predict = next(fn for fn in demo.fns.values() if fn.name == "predict").fn
+    value, images, message, state = predict(example, "tiny-resnet", 0.45)
+    assert answered(message)
+    time.sleep(3.0)
+    assert Path(example).is_file()

@@ -208,6 +208,10 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
     names = list(predictors)
     janitor = UploadJanitor(forget_uploads_after)
 
+    def kept_examples() -> set:
+        # gradio keeps the examples' cached copies (keep_in_cache); clicking one sends that path.
+        return set().union(*(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values()))
+
     def fail(message: str):
         # print_exception=False: gradio would print a traceback ending in the file name to the log.
         return gr.Error(message, print_exception=False)
@@ -222,7 +226,8 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
             try:
                 image = open_image(path, name=name)
             finally:
-                janitor.forget_later(path)  # the upload is not kept
+                if path not in kept_examples():  # an example's cached copy serves every visitor
+                    janitor.forget_later(path)  # the upload is not kept
             predictor = predictors[model_name]
             # The map is computed on the image as decoded; the overlay is drawn at display size below.
             [result] = predictor.predict([image], opacity=None)
