@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--loso", nargs="*", default=[], help="NAME=FOLDER holding loso_metrics.json")
     p.add_argument("--cv", type=Path, default=None, help="a folder holding cv_metrics.json")
-    p.add_argument("--probes", type=Path, default=None, help="benchmarks/loso_probes.py's --out folder")
+    p.add_argument("--probes", type=Path, default=None, help="research/loso_probes.py's --out folder")
     p.add_argument("--reference", type=Path, default=None, help="the loso_predictions.csv the probes are paired with")
     p.add_argument("--resamples", type=int, default=1000)
     a = p.parse_args(argv)
