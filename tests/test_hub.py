@@ -20,29 +20,30 @@ from thyroid_classifier.training import main as train_main
 
 EXPECTED = {
     "model.safetensors", "config.json", "preprocessor_config.json", "ultrasound_preprocessing.json", "README.md",
+    "ultrasound_processor.py", "ultrasound_crop.py",  # the crop as an image processor for pipeline(trust_remote_code=True)
     "metrics.json", "fingerprints.json", "loss.png", "auc.png", "roc.png", "confusion_matrix.png",
     "reliability.json", "guard.safetensors",  # the Predictor of a Hub model flags and sets answers as the local one does
 }
 
 
-class FakeHfApi:
-    """Records create_repo / upload_folder and keeps a copy of every uploaded file."""
+def fake_hf_api(fail: str | None = None):
+    """An autospec of ``HfApi`` (a call with a wrong name or signature fails as against the real class) that
+    keeps a copy of every uploaded folder in ``.uploaded``; ``fail`` names the method that raises."""
+    from unittest import mock
 
-    def __init__(self, fail: bool = False) -> None:
-        self.repos, self.uploaded, self.fail = [], {}, fail
+    from huggingface_hub import HfApi
 
-    def whoami(self):
-        if self.fail:
-            raise ConnectionError("no network")
-        return {"name": "tester"}
+    api = mock.create_autospec(HfApi, instance=True)
+    api.uploaded = {}
+    api.whoami.return_value = {"name": "tester"}
 
-    def create_repo(self, repo_id, private=False, exist_ok=False, repo_type=None):
-        self.repos.append((repo_id, private))
+    def upload_folder(*, folder_path, repo_id, **kwargs):
+        api.uploaded = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
 
-    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None):
-        if self.fail:
-            raise ConnectionError("upload failed")
-        self.uploaded = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+    api.upload_folder.side_effect = upload_folder
+    if fail:
+        getattr(api, fail).side_effect = ConnectionError(f"{fail} failed")
+    return api
 
 
 @pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
@@ -95,10 +96,13 @@ def test_push_uploads_exactly_the_publishable_files(short_run, tmp_path, monkeyp
     folder = tmp_path / "tiny-vgg"  # a copy: a push re-renders the folder's card, and short_run is shared
     shutil.copytree(out / "tiny-vgg", folder)
     monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value_123")
-    api = FakeHfApi()
+    api = fake_hf_api()
     names = push_folder(folder, "someone/thyroid-vgg", private=True, api=api)
     assert set(names) == set(api.uploaded) == EXPECTED
-    assert api.repos == [("someone/thyroid-vgg", True)]
+    api.create_repo.assert_called_once_with("someone/thyroid-vgg", private=True, exist_ok=True, repo_type="model")
+    # One commit, which also removes whatever an earlier push left that this one does not upload.
+    api.upload_folder.assert_called_once()
+    assert api.upload_folder.call_args.kwargs["delete_patterns"] == "*"
     assert (folder / "checkpoints").is_dir() and (folder / "training_args.bin").is_file()  # exist locally, never pushed
     for name, content in api.uploaded.items():
         assert b"hf_secret_token_value_123" not in content, name
@@ -114,12 +118,23 @@ def test_push_without_network_says_so_and_keeps_the_folder(short_run, monkeypatc
         check_push_access("someone/x")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(HubUnreachableError, match="Nothing was trained"):
-        check_push_access("someone/x", api=FakeHfApi(fail=True))
+        check_push_access("someone/x", api=fake_hf_api(fail="whoami"))
     out, _ = short_run
     before = sorted(p.name for p in (out / "tiny-resnet").iterdir())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub_main(["push", str(out / "tiny-resnet"), "someone/x"]) == 2
     assert sorted(p.name for p in (out / "tiny-resnet").iterdir()) == before
+
+
+def test_push_access_creates_the_repository_and_checks_write_before_training(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    api = fake_hf_api()
+    check_push_access("someone/x", private=True, api=api)
+    api.create_repo.assert_called_once_with("someone/x", private=True, exist_ok=True, repo_type="model")
+    api.auth_check.assert_called_once_with("someone/x", repo_type="model", write=True)
+    for step, words in (("create_repo", "cannot create the repository"), ("auth_check", "cannot check write access")):
+        with pytest.raises(HubUnreachableError, match=f"{words}.*write access.*Nothing was trained"):
+            check_push_access("someone/x", api=fake_hf_api(fail=step))
 
 
 def test_train_with_push_offline_fails_before_training(sample_dir, tiny_models, tmp_path, capsys, monkeypatch):
@@ -140,7 +155,7 @@ def test_pushed_layout_loads_with_pipeline_and_predictor(short_run, tmp_path, na
     from thyroid_classifier.predict import Predictor
 
     out, _ = short_run
-    api = FakeHfApi()
+    api = fake_hf_api()
     shutil.copytree(out / name, tmp_path / name, ignore=shutil.ignore_patterns("checkpoints"))  # the push rewrites the card
     push_folder(tmp_path / name, f"someone/{name}", api=api)
     snapshot = tmp_path / "snapshot"
@@ -152,3 +167,46 @@ def test_pushed_layout_loads_with_pipeline_and_predictor(short_run, tmp_path, na
     predictor = Predictor.from_pretrained(str(snapshot))
     assert predictor.preprocessor.crop and predictor.info["split"] == "test"
     assert predictor.predict([image])[0].overlay.shape[:2] == (image.height, image.width)
+
+
+def test_evaluate_a_hub_model_checks_the_pushed_fingerprints(short_run, sample_dir, tmp_path, monkeypatch):
+    """``evaluate MODEL_ID``: the fingerprints come with the model's inference files from the Hub (here a
+    stand-in snapshot_download serving the files a push uploads), and a training image is reported."""
+    import huggingface_hub
+
+    from thyroid_classifier import predict
+    from thyroid_classifier.evaluate import main as evaluate_main
+    from thyroid_classifier.predict import Predictor
+
+    out, _ = short_run
+    hub = tmp_path / "hub"
+    push_folder(shutil.copytree(out / "tiny-resnet", tmp_path / "copy"), "someone/thyroid-resnet", api=(api := fake_hf_api()))
+    for rel, content in api.uploaded.items():
+        (hub / rel).parent.mkdir(parents=True, exist_ok=True)
+        (hub / rel).write_bytes(content)
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+        assert repo_id == "someone/thyroid-resnet"
+        snap = tmp_path / "snapshot"
+        snap.mkdir(exist_ok=True)
+        for name in allow_patterns:
+            if (hub / name).is_file():
+                shutil.copy(hub / name, snap / name)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    load = Predictor.from_pretrained.__func__
+
+    def from_hub(cls, name, **kwargs):  # the weights as transformers would load them; the rest through _hub_folder
+        predictor = load(cls, str(hub), **kwargs)
+        predictor.folder = predict._hub_folder(name, local_only=False)
+        return predictor
+
+    monkeypatch.setattr(Predictor, "from_pretrained", classmethod(from_hub))
+    external = tmp_path / "hospital_b"
+    for label in ("benign", "malignant"):
+        shutil.copytree(sample_dir / label, external / label, ignore=lambda d, names: [n for n in names if not n.startswith(("20", "30"))])
+    assert evaluate_main(["someone/thyroid-resnet", str(external), "--out", str(tmp_path / "eval"), "--bootstrap", "20", "--quiet"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert (tmp_path / "snapshot" / "fingerprints.json").is_file()
+    assert len(report["training_overlap"]) > 0  # the sample's own frames: the model trained on some of them

@@ -434,8 +434,7 @@ def test_a_view_transform_plugs_in_at_one_stage_for_evaluation_and_the_predictor
         views = evaluation._load(r["path"])
         pixels += views
         owner += [i] * len(views)
-    with torch.inference_mode():
-        logits = predictor.model(pixel_values=torch.stack(pixels)).logits.numpy()
+    logits = predictor.logits(torch.stack(pixels)).numpy()
     probs = frame_probabilities(logits, np.asarray(owner), len(rows), predictor.temperature)
     for result, p in zip(results, probs, strict=True):
         assert [result.probabilities[k] for k in predictor.labels] == pytest.approx(p.tolist(), abs=1e-5)

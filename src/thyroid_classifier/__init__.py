@@ -15,14 +15,16 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["ModelFolder", "Prediction", "Predictor", "evaluate", "train", "__version__"]
+__all__ = ["ModelFolder", "Prediction", "Predictor", "UltrasoundImageProcessor", "evaluate", "train", "__version__"]
 
-_WHERE = {"ModelFolder": "folder", "Prediction": "predict", "Predictor": "predict", "evaluate": "api", "train": "api"}
+_WHERE = {"ModelFolder": "folder", "Prediction": "predict", "Predictor": "predict", "evaluate": "api", "train": "api",
+          "UltrasoundImageProcessor": "ultrasound_processor"}
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .api import evaluate, train
     from .folder import ModelFolder
     from .predict import Prediction, Predictor
+    from .ultrasound_processor import UltrasoundImageProcessor
 
 
 def __getattr__(name: str):

@@ -39,4 +39,4 @@ def evaluate(model: str, data_dir: str | Sequence[str], out_dir: str | None = No
     dirs = [Path(data_dir)] if isinstance(data_dir, str | Path) else [Path(d) for d in data_dir]
     out = Path(out_dir) if out_dir else Path("evaluations") / "+".join(source_name(d) for d in dirs)
     predictor = Predictor.from_pretrained(model)
-    return evaluate_folder(predictor, ModelFolder(model).fingerprints(), dirs, out, **kwargs)
+    return evaluate_folder(predictor, ModelFolder(predictor.folder).fingerprints() if predictor.folder else [], dirs, out, **kwargs)

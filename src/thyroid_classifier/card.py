@@ -12,11 +12,11 @@ from .known_data import dataset_facts
 
 #: Package data, so an installed wheel renders cards too.
 CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
-CARD_METRICS = (  # (metrics.json key, model-index metric type, display name)
-    ("accuracy", "accuracy", "Accuracy"),
-    ("roc_auc", "roc_auc", "Macro ROC AUC (one vs rest)"),
-    ("f1_macro", "f1", "Macro F1"),
-    ("balanced_accuracy", "balanced_accuracy", "Balanced accuracy"),
+CARD_METRICS = (  # (metrics.json key, model-index metric type, display name, model-index args: how it averages)
+    ("accuracy", "accuracy", "Accuracy", None),
+    ("roc_auc", "roc_auc", "Macro ROC AUC (one vs rest)", {"average": "macro", "multi_class": "ovr"}),
+    ("f1_macro", "f1", "Macro F1", {"average": "macro"}),
+    ("balanced_accuracy", "balanced_accuracy", "Balanced accuracy", {"average": "macro"}),  # the mean of per-class recall
 )
 
 
@@ -46,8 +46,9 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         EvalResult(
             task_type="image-classification", dataset_type=facts["type"], dataset_name=facts["name"],
             dataset_split=split, metric_type=metric_type, metric_name=name, metric_value=round(float(test[key]["value"]), 4),
+            metric_args=args,
         )
-        for key, metric_type, name in CARD_METRICS
+        for key, metric_type, name, args in CARD_METRICS
         if test[key]["value"] == test[key]["value"]  # NaN (undefined) is left out
     ]
     card_data = ModelCardData(
@@ -58,6 +59,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         license="apache-2.0",
         tags=["image-classification", "medical-imaging", "ultrasound", "thyroid", "grad-cam", "research-only"],
         metrics=["accuracy", "roc_auc", "f1", "balanced_accuracy"],
+        datasets=facts["type"].split("+"),  # the data sets' short names, as in the model-index
         eval_results=eval_results,
     )
     counts = data.get("counts", {})
@@ -171,7 +173,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         hyperparameters=hyperparameters,
         split=split,
         n_eval=test["n"],
-        metric_rows=[{"name": name, "value": _fmt(test[key]["value"]), "ci": _ci(test[key]["ci"])} for key, _, name in CARD_METRICS]
+        metric_rows=[{"name": name, "value": _fmt(test[key]["value"]), "ci": _ci(test[key]["ci"])} for key, _, name, _ in CARD_METRICS]
         + [{"name": "Expected calibration error", "value": _fmt(test["ece"]["value"]), "ci": _ci(test["ece"]["ci"])}],
         class_rows=[{"label": label, **{k: _fmt(v[k]) for k in ("precision", "recall", "f1")}, "auc": _fmt(v["roc_auc"]), "support": v["support"]}
                     for label, v in test["per_class"].items()],
@@ -179,6 +181,8 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         cv_text=cv_text,
         ece_before=_fmt(calibration.get("ece_before")), ece_after=_fmt(calibration.get("ece_after")),
         temperature=_fmt(calibration.get("temperature")),
+        temperature_in_weights=bool(config.get("temperature_in_weights")),
+        versions=", ".join(f"{name} {v}" for name, v in (training.get("versions") or {}).items()),
         localization=loc,
         missing_labels=", ".join(label for label in ("normal", "benign", "malignant") if label not in labels),
         repo_id=repo_id,

@@ -109,7 +109,7 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
         "n": len(y),
         "groups": len(set(kept_groups)),
         "group_source": group_source,
-        "calibrated": predictor.temperature != 1.0,
+        "calibrated": predictor.calibrated,
         "external": with_intervals(metrics, intervals),
         "by_source": by_source(y, p, predictor.labels, kept_groups, sources, bootstrap, seed),
         "reliability": reliability_report(predictor, y, p, sources, np.asarray(scores), np.asarray(flagged, dtype=bool), np.asarray(sets, dtype=bool)),
@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path("evaluations") / "+".join(source_name(d) for d in args.data_dir)
     try:
         predictor = Predictor.from_pretrained(args.model)
-        fingerprints = ModelFolder(args.model).fingerprints()
+        fingerprints = ModelFolder(predictor.folder).fingerprints() if predictor.folder else []  # a Hub model's: downloaded
         if not fingerprints:
             print("warning: the model carries no training fingerprints; leakage against its training data cannot be checked", file=sys.stderr)
         result = evaluate_folder(predictor, fingerprints, args.data_dir, out, args.batch_size, args.bootstrap, progress=not args.quiet, shifts=args.shifts,

@@ -138,6 +138,19 @@ def _last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
+def library_versions() -> dict[str, str]:
+    """The versions this run used (the card states them: a reloaded model is only as reproducible as its stack)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("thyroid-classifier", "torch", "transformers", "timm", "datasets", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 @dataclass
 class TrainResult:
     """One trained model: its ``metrics.json`` content and the predictions behind it."""
@@ -297,6 +310,7 @@ def train_one(
             "init": model_args.init,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "processes": state.num_processes,
+            "versions": library_versions(),
         },
     }
     if state.is_main_process and write:

@@ -37,6 +37,9 @@ CARD = "README.md"
 CV_PREDICTIONS = "cv_predictions.csv"
 LOSO_PREDICTIONS = "loso_predictions.csv"
 PREDICTIONS = "predictions.csv"  # evaluate and predict write this name into their output folder
+#: The crop as an image processor that ``preprocessor_config.json`` names in ``auto_map`` (Hub users'
+#: ``pipeline(..., trust_remote_code=True)``); copied from the package, unchanged.
+PIPELINE_CODE = ("ultrasound_processor.py", "ultrasound_crop.py")
 
 
 def test_predictions(split: str = "test") -> str:
@@ -54,10 +57,11 @@ TRAILING_COLUMNS = ("in_domain_score", "flagged", "prediction_set", "error")
 #: training_args.bin (a pickle of every setting), audit.json and predictions (file names can hold
 #: patient identifiers).
 PUSH_FILES = (WEIGHTS, CONFIG, PROCESSOR, PREPROCESSING, CARD, METRICS, CV_METRICS, LOSO_METRICS, FINGERPRINTS,
-              RELIABILITY_FILE, GUARD_FILE)
+              RELIABILITY_FILE, GUARD_FILE, *PIPELINE_CODE)
 PUSH_PATTERNS = ("*.png",)
-#: What the Predictor needs of a Hub model beside its weights, config and image processor.
-INFERENCE_FILES = (PREPROCESSING, METRICS, RELIABILITY_FILE, GUARD_FILE)
+#: What the Predictor needs of a Hub model beside its weights, config and image processor (fingerprints:
+#: ``evaluate MODEL_ID`` checks the data against the pushed model's training images).
+INFERENCE_FILES = (PREPROCESSING, METRICS, RELIABILITY_FILE, GUARD_FILE, FINGERPRINTS)
 
 
 def _cell(value) -> str:
@@ -152,6 +156,20 @@ class ModelFolder:
             return None
         return write_card(self.path, repo_id)
 
+    def write_pipeline_processor(self, processor, preprocessor) -> Path:
+        """``preprocessor_config.json`` as :class:`~thyroid_classifier.ultrasound_processor.UltrasoundImageProcessor`
+        (the saved resize and normalisation, plus the crop settings) and its code beside it."""
+        import shutil
+
+        from .ultrasound_processor import UltrasoundImageProcessor
+
+        settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "auto_map", "_processor_class")}
+        UltrasoundImageProcessor(**settings, ultrasound_crop=preprocessor.crop, ultrasound_mask_text=preprocessor.mask_text,
+                                 ultrasound_threshold=preprocessor.threshold, ultrasound_split_views=preprocessor.split_views).save_pretrained(self.path)
+        for name in PIPELINE_CODE:
+            shutil.copyfile(Path(__file__).with_name(name), self.file(name))
+        return self.file(PROCESSOR)
+
     def predictions(self, split: str = "test") -> Path:
         return self.file(test_predictions(split))
 
@@ -163,10 +181,19 @@ class ModelFolder:
         processor, preprocessing, guard and sets, audit, fingerprints, metrics, plots, predictions, card."""
         from .plots import plot_auc, plot_confusion, plot_loss, plot_roc
 
+        from .models import temperature_in_weights
+        from .ultrasound_processor import AUTO_MAP
+
         out = self.path
         out.mkdir(parents=True, exist_ok=True)
-        trainer.model.config.calibration_temperature = temperature  # read by the Predictor
-        trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
+        # Calibrated on every path: the temperature goes into the saved weights (the Predictor reads that it did).
+        with temperature_in_weights(trainer.model, temperature):
+            # A local timm folder's processor is read from config.json: name the crop there too, and the
+            # plain class so that loading without trust_remote_code neither prompts nor falls back to
+            # timm's ImageNet transform.
+            trainer.model.config.auto_map, trainer.model.config.image_processor_type = dict(AUTO_MAP), "ViTImageProcessor"
+            trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
+        self.write_pipeline_processor(trainer.processing_class, preprocessor)
         preprocessor.save_pretrained(out)
         reliability.save_pretrained(out)
         report.save(self.file(AUDIT))

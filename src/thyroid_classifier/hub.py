@@ -84,19 +84,42 @@ def _public_metrics(metrics: dict) -> dict:
     return clean
 
 
-def check_push_access(repo_id: str, api=None) -> None:
-    """Before any training time is spent: is the Hub reachable and is there a token that can write?"""
+def stage_publishable(folder: Path, dest: Path) -> list[str]:
+    """Copy a model folder's publishable files (:func:`files_to_push`) into ``dest``, ``metrics.json``
+    without local paths; returns their names."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    names = files_to_push(folder)
+    for name in names:
+        if name == METRICS:
+            (dest / name).write_text(json.dumps(_public_metrics(json.loads((folder / name).read_text())), indent=2) + "\n")
+        else:
+            shutil.copy2(folder / name, dest / name)
+    return names
+
+
+def check_push_access(repo_id: str, private: bool = False, api=None, repo_type: str = "model", nothing_done: str = "Nothing was trained.") -> None:
+    """Before any training time is spent: the Hub is reachable, the token is valid, the repository
+    exists (created now if need be, ``private`` as asked; a Space with the gradio SDK) and the token can write to it."""
     from huggingface_hub import HfApi
 
     api = api or HfApi()
     if _offline():
         raise HubUnreachableError(f"--push_to_hub {repo_id}: HF_HUB_OFFLINE is set, so nothing can be pushed. Unset it, or train without --push_to_hub and push later with `python -m thyroid_classifier.hub push FOLDER {repo_id}`.")
+    step = "log in"
     try:
         api.whoami()
-    except Exception as exc:  # noqa: BLE001 - network down, or no / invalid token
+        step = "create the repository"
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **({"space_sdk": "gradio"} if repo_type == "space" else {}))
+        step = "check write access"
+        api.auth_check(repo_id, repo_type=repo_type, write=True)
+    except Exception as exc:  # noqa: BLE001 - network down, no / invalid token, no write access
         reason = type(exc).__name__
-        hint = "log in with `hf auth login` or set HF_TOKEN" if "401" in str(exc) or "token" in str(exc).lower() else "check the network"
-        raise HubUnreachableError(f"--push_to_hub {repo_id}: cannot use the Hugging Face Hub ({reason}); {hint}. Nothing was trained.") from None
+        text = str(exc).lower()
+        hint = ("log in with `hf auth login` or set HF_TOKEN (a token with write access)" if "401" in text or "403" in text or "token" in text
+                or step != "log in" else "check the network")
+        raise HubUnreachableError(f"--push_to_hub {repo_id}: cannot {step} on the Hugging Face Hub ({reason}); {hint}. {nothing_done}") from None
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, api=None) -> list[str]:
@@ -105,7 +128,6 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, api=Non
     The token comes from ``HF_TOKEN`` or the saved login (never an argument that could be logged).
     The local folder is never modified except for (re)writing its card.
     """
-    import shutil
     import tempfile
 
     from huggingface_hub import HfApi
@@ -115,15 +137,12 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, api=Non
     from .card import write_card
 
     write_card(folder, repo_id)
-    names = files_to_push(folder)
     with tempfile.TemporaryDirectory(prefix="thyroid-push-") as staging:
-        for name in names:
-            if name == METRICS:
-                (Path(staging) / name).write_text(json.dumps(_public_metrics(json.loads((folder / name).read_text())), indent=2) + "\n")
-            else:
-                shutil.copy2(folder / name, Path(staging) / name)
+        names = stage_publishable(folder, Path(staging))
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model", commit_message="Upload thyroid-classifier model")
+        # One commit: these files, and every other file of an earlier push removed (.gitattributes is kept).
+        api.upload_folder(folder_path=staging, repo_id=repo_id, repo_type="model", commit_message="Upload thyroid-classifier model",
+                          delete_patterns="*")
     logger.info("pushed %d files of %s to %s", len(names), folder, repo_id)
     return names
 
@@ -141,8 +160,27 @@ def main(argv: list[str] | None = None) -> int:
     card = sub.add_parser("card", help="render the card into FOLDER/README.md (no network)")
     card.add_argument("folder", type=Path)
     card.add_argument("--repo_id", default=None)
+    space = sub.add_parser("space", help="write a ready Hugging Face Space (gradio) for a model folder or Hub id, and optionally push it")
+    space.add_argument("model", help="a model folder written by train.py, or a Hub id")
+    space.add_argument("out_dir", type=Path, help="a new folder for the Space")
+    space.add_argument("--push", metavar="SPACE_ID", default=None, help="also create / update this Space (e.g. someone/thyroid-demo)")
+    space.add_argument("--private", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "space":
+        from .space import push_space, write_space
+
+        try:
+            files = write_space(args.model, args.out_dir)
+            print(f"wrote {args.out_dir}: {len(files)} files (app.py, README.md, requirements.txt, thyroid_classifier/"
+                  + (", model/" if any(f.startswith("model/") for f in files) else "") + "); try it: cd " + f"{args.out_dir} && python app.py")
+            if args.push:
+                push_space(args.out_dir, args.push, private=args.private)
+                print(f"pushed to https://huggingface.co/spaces/{args.push}")
+        except Exception as exc:  # noqa: BLE001 - one clear line
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if not (args.folder / METRICS).is_file():
         print(f"error: {args.folder} is not a model folder written by train.py (no metrics.json)", file=sys.stderr)
         return 2
@@ -152,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_card(args.folder, args.repo_id)}")
         return 0
     try:
-        check_push_access(args.repo_id)
+        check_push_access(args.repo_id, private=args.private)
         names = push_folder(args.folder, args.repo_id, private=args.private)
     except Exception as exc:  # noqa: BLE001 - one clear line; the folder is untouched
         print(f"error: could not push {args.folder} to {args.repo_id}: {exc}", file=sys.stderr)

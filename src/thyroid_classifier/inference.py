@@ -8,7 +8,7 @@ app) and the benchmarks all go through these functions:
 3. **view transform** — the one place where a test-time change plugs in (a simulated device shift in
    ``evaluate --shifts``; nothing by default);
 4. **pixels** — each view resized and normalised by the saved image processor;
-5. **probabilities** — the views' logits averaged per frame (log-softmax mean) and the calibration
+5. **probabilities** — the views' probabilities averaged per frame (the log of their mean is the frame's logits) and the calibration
    temperature applied; the heatmap (Grad-CAM) comes from the same forward pass.
 """
 
@@ -45,5 +45,5 @@ def view_pixels(processor, views: Sequence[Image.Image]) -> torch.Tensor:
 
 
 def frame_probabilities(view_logits: np.ndarray, owner: np.ndarray, n_frames: int, temperature: float = 1.0) -> np.ndarray:
-    """Stage 5: a frame's probabilities from its views' logits (their log-softmax mean), at ``temperature``."""
+    """Stage 5: a frame's probabilities from its views' logits (the log of the views' mean probability), at ``temperature``."""
     return softmax(frame_logits(view_logits, owner, n_frames), temperature)

@@ -272,6 +272,37 @@ def classifier_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def logit_layer(model: nn.Module) -> nn.Linear:
+    """The linear layer whose outputs are the logits (the last one of :func:`classifier_head`)."""
+    head = classifier_head(model)
+    linears = [head] if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)]
+    n = model.config.num_labels
+    if not linears or linears[-1].out_features != n:
+        raise ValueError(f"{type(model).__name__}: no linear layer gives its {n} logits, so the temperature cannot go into the weights")
+    return linears[-1]
+
+
+@contextmanager
+def temperature_in_weights(model: nn.Module, temperature: float) -> Iterator[nn.Module]:
+    """Inside the block the model's logits are divided by ``temperature`` (the logit layer's weight and
+    bias scaled) and its config says so: a copy saved there gives calibrated probabilities on every
+    path, a Hub ``pipeline``'s plain softmax included. The weights are restored exactly on exit."""
+    layer, config = logit_layer(model), model.config
+    saved = [t.detach().clone() for t in (layer.weight, layer.bias) if t is not None]
+    with torch.no_grad():
+        for t in (layer.weight, layer.bias):
+            if t is not None:
+                t.div_(temperature)
+    config.calibration_temperature, config.temperature_in_weights = float(temperature), True
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, original in zip((t for t in (layer.weight, layer.bias) if t is not None), saved, strict=True):
+                t.copy_(original)
+        config.temperature_in_weights = False
+
+
 def style_layer(model: nn.Module, spec: ModelSpec | None = None) -> nn.Module:
     """An early feature stage (stride about 4) whose per-channel statistics describe how an image
     *looks* (gain, speckle, resolution, texture: the scanner) more than what it shows: from the

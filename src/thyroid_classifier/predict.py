@@ -61,14 +61,20 @@ class Prediction:
 class Predictor:
     """A trained model with its preprocessing, Grad-CAM layer and calibration, ready to predict."""
 
-    def __init__(self, model, processor, preprocessor: UltrasoundPreprocessor, *, temperature: float = 1.0, info: dict | None = None, source: str = "",
-                 reliability: Reliability | None = None) -> None:
+    def __init__(self, model, processor, preprocessor: UltrasoundPreprocessor, *, temperature: float = 1.0, logit_scale: float = 1.0,
+                 info: dict | None = None, source: str = "", reliability: Reliability | None = None) -> None:
         self.model = linearize_full_kernel_convs(freeze(model))
         self.processor = processor
         self.preprocessor = preprocessor
+        #: the calibration temperature, applied to a frame's logits (1: uncalibrated)
         self.temperature = float(temperature)
+        #: the model's logits times this are the trained model's (a folder with the temperature in its
+        #: weights gives logits / T): a split screen's views are averaged on those, as in training
+        self.logit_scale = float(logit_scale)
         self.info = info or {}
         self.source = source
+        #: the model's files: the local folder, or the Hub snapshot of its inference files (None: not found)
+        self.folder: Path | None = None
         self.reliability = reliability or Reliability()
         spec = spec_for_model(model) or get_spec(source or "model")
         self.layer = target_layer(model, spec)
@@ -91,7 +97,10 @@ class Predictor:
         folder = Path(name_or_path) if local else _hub_folder(name_or_path, local_only)
         preprocessor = UltrasoundPreprocessor.from_pretrained(folder) if folder else UltrasoundPreprocessor(crop=False)
         info = ModelFolder(folder).metrics() if folder else {}
-        temperature = getattr(model.config, "calibration_temperature", 1.0) if calibrated else 1.0
+        # Folders written since the temperature went into the weights (for pipeline() users) say so; the
+        # Predictor scales the logits back and applies T itself after averaging a frame's views, as training did.
+        fitted = float(getattr(model.config, "calibration_temperature", None) or 1.0)
+        logit_scale = fitted if getattr(model.config, "temperature_in_weights", False) else 1.0
         if device:
             model.to(device)
         # The prediction sets were calibrated on calibrated probabilities: uncalibrated output gets
@@ -99,7 +108,10 @@ class Predictor:
         reliability = Reliability.from_pretrained(folder)
         if not calibrated:
             reliability.conformal = None
-        return cls(model, processor, preprocessor, temperature=temperature or 1.0, info=info, source=name_or_path, reliability=reliability)
+        predictor = cls(model, processor, preprocessor, temperature=fitted if calibrated else 1.0, logit_scale=logit_scale, info=info,
+                        source=name_or_path, reliability=reliability)
+        predictor.folder = folder
+        return predictor
 
     @property
     def device(self) -> torch.device:
@@ -111,9 +123,14 @@ class Predictor:
         views, boxes, owner = frame_views(images, self.preprocessor, view_transform)
         return view_pixels(self.processor, views).to(self.device), boxes, owner
 
+    @property
+    def calibrated(self) -> bool:
+        return self.temperature != 1.0
+
     @torch.inference_mode()
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
+        """The trained model's logits (before calibration) of each view."""
+        return self.model(pixel_values=pixel_values).logits * self.logit_scale
 
     def predict(
         self,
@@ -135,7 +152,7 @@ class Predictor:
             if explain and (fixed is not None or len(owner) == len(pil)):
                 # One view per image, or a given class: scores and maps from one forward pass.
                 result = gradcam(self.model, self.layer, pixels, None if fixed is None else [fixed] * len(owner))
-                view_logits, maps = result.logits.float().cpu().numpy(), result.maps
+                view_logits, maps = result.logits.float().cpu().numpy() * self.logit_scale, result.maps
             else:
                 view_logits = self.logits(pixels).float().cpu().numpy()
         probs = frame_probabilities(view_logits, owner, len(pil), self.temperature)

@@ -107,7 +107,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
     check_models_reachable(specs, model_args.init)
     repos = hub_repos(run_args, specs)
     if repos and state.is_main_process:
-        check_push_access(next(iter(repos.values())))
+        for repo_id in repos.values():  # each repository created and writable before any training
+            check_push_access(repo_id, private=run_args.hub_private)
     data_dir = data_args.data_dir
     if data_dir is None:
         data_dir = str(builtin_sample())
