@@ -456,3 +456,60 @@ def test_trainer_flags_pass_through(tiny_models, sample_dir, tmp_path):
     assert state["global_step"] == 2  # 16 images, batches of 4, a step every 2 batches
     assert sum(1 for entry in state["log_history"] if "loss" in entry) == 2  # logged every step, not once per epoch
     assert metrics["training"]["gradient_accumulation_steps"] == 2 and "report_to" not in metrics["training"]
+
+
+def test_every_trainer_option_passes_through_and_help_stays_readable(tmp_path, capsys):
+    """RunArguments is a TrainingArguments with the project's defaults: any Trainer option reaches the
+    Trainer; the ones changed are recorded (never a token or a path); --help lists the project's options."""
+    from thyroid_classifier.arguments import parse_args, recipe
+    from thyroid_classifier.tuning import training_arguments
+
+    _, _, run_args = parse_args(["--max_grad_norm", "0.5", "--optim", "adamw_torch", "--adam_beta2", "0.99", "--lr_scheduler_type", "linear",
+                                 "--hub_token", "hf_secret_value", "--logging_steps", "3", "--num_train_epochs", "2"])
+    args = training_arguments(run_args, tmp_path / "checkpoints", has_validation=True)
+    assert (args.max_grad_norm, args.adam_beta2, str(args.lr_scheduler_type.value), args.num_train_epochs) == (0.5, 0.99, "linear", 2)
+    assert str(args.logging_strategy.value) == "steps" and args.logging_steps == 3  # --logging_steps alone switches to steps
+    assert args.output_dir == str(tmp_path / "checkpoints") and str(args.eval_strategy.value) == "epoch" and not args.push_to_hub
+    recorded = recipe(run_args)
+    assert recorded["num_train_epochs"] == 2 and recorded["trainer_options"]["max_grad_norm"] == 0.5
+    assert recorded["trainer_options"]["lr_scheduler_type"] == "linear" and "hf_secret_value" not in json.dumps(recorded)
+    defaults = parse_args([])[2]
+    assert (defaults.num_train_epochs, defaults.learning_rate, str(defaults.lr_scheduler_type.value), defaults.save_total_limit) == (15, 1e-4, "cosine", 2)
+    assert "trainer_options" not in recipe(defaults)  # nothing changed: nothing listed
+    with pytest.raises(ValueError, match="--label_smoothing"):
+        training_arguments(parse_args(["--label_smoothing_factor", "0.2"])[2], tmp_path, True)
+    for flag, shown in (("--help", False), ("--help_all", True)):
+        with pytest.raises(SystemExit):
+            parse_args([flag])
+        text = capsys.readouterr().out
+        assert "--data_dir" in text and "--select_best" in text and ("--adam_beta2" in text) is shown
+    assert len(text.splitlines()) > 2 * len(parse_args.__doc__)  # --help_all is the long one
+
+
+def test_dataset_name_offline_fails_clearly_and_a_hub_dataset_becomes_class_folders(sample_dir, tiny_models, tmp_path, capsys, monkeypatch):
+    import datasets
+
+    from thyroid_classifier.hub import dataset_folder
+    from thyroid_classifier.training import main as train_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("THYROID_DATASETS_CACHE", str(tmp_path / "cache"))
+    assert train_main(["--dataset_name", "someone/thyroid-images", "--model", str(tiny_models["tiny-resnet"]), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset_name someone/thyroid-images" in err and "Nothing was trained" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+    # What load_dataset returns for an imagefolder-style dataset on the Hub: image + ClassLabel columns.
+    files = sorted(sample_dir.rglob("*.png"))
+    names = ["benign", "malignant", "normal"]
+    table = {"image": [str(f) for f in files], "label": [names.index(f.parent.name) for f in files]}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(table, features=features).select(range(0, len(files), 2)),
+                                "test": datasets.Dataset.from_dict(table, features=features).select(range(1, len(files), 2))})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: hub)
+    folder = dataset_folder("someone/thyroid-images", cache=tmp_path / "cache")
+    for split, part in hub.items():
+        for k, label in enumerate(names):
+            assert len(list((folder / split / label).glob("*.png"))) == part["label"].count(k)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: pytest.fail("downloaded twice"))
+    assert dataset_folder("someone/thyroid-images", cache=tmp_path / "cache") == folder  # written once

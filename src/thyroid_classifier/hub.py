@@ -57,6 +57,44 @@ def check_hub_model(repo_id: str, *, what_to_do: str = "", timeout: float = 10.0
     )
 
 
+#: Where --dataset_name writes a Hub dataset out as class folders ($THYROID_DATASETS_CACHE overrides).
+DATASETS_CACHE = Path.home() / ".cache" / "thyroid_classifier" / "datasets"
+_SPLITS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation", "test": "test"}
+
+
+def dataset_folder(name: str, cache: Path | None = None) -> Path:
+    """A Hub image-classification dataset as the folder layout every command reads,
+    ``CACHE/<owner--name>/<split>/<class>/<index>.png`` (written once; file names are row numbers).
+
+    Needs an image column and a ``ClassLabel`` column. Offline, or when the dataset cannot be loaded,
+    raises :class:`HubUnreachableError` saying so (nothing is trained)."""
+    from datasets import ClassLabel, Image as ImageFeature, load_dataset
+
+    dest = Path(cache or os.environ.get("THYROID_DATASETS_CACHE") or DATASETS_CACHE) / name.replace("/", "--")
+    if (dest / ".complete").is_file():
+        return dest
+    try:
+        dataset = load_dataset(name)
+    except Exception as exc:  # noqa: BLE001 - offline, no such dataset, no access: one clear line
+        reason = "HF_HUB_OFFLINE is set" if _offline() else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        raise HubUnreachableError(f"--dataset_name {name}: cannot load it from the Hugging Face Hub ({reason}). Nothing was trained. "
+                                  "Pass --data_dir with a local folder of class sub-folders instead.") from None
+    for split, part in dataset.items():
+        image_col = next((c for c, f in part.features.items() if isinstance(f, ImageFeature)), None)
+        label_col = next((c for c, f in part.features.items() if isinstance(f, ClassLabel)), None)
+        if image_col is None or label_col is None:
+            raise ValueError(f"--dataset_name {name}: split {split!r} needs an image column and a ClassLabel column (has {dict(part.features)})")
+        if split not in _SPLITS:
+            raise ValueError(f"--dataset_name {name}: split {split!r} is not one of train, validation, test")
+        names = part.features[label_col].names
+        for i, row in enumerate(part):
+            out = dest / _SPLITS[split] / names[row[label_col]] / f"{split}-{i:06d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            row[image_col].save(out)
+    (dest / ".complete").write_text(name + "\n")
+    return dest
+
+
 # --------------------------------------------------------------------------------------------
 # Pushing
 

@@ -19,7 +19,7 @@ from .audit import audited_dataset
 from .cv import cross_validate
 from .data import GroupSpec
 from .fit import distributed_state, train_one
-from .hub import check_hub_model, check_push_access, is_local, push_folder
+from .hub import check_hub_model, check_push_access, dataset_folder, is_local, push_folder
 from .metrics import HEADLINE
 from .models import HUB_HELP, ModelSpec, get_spec
 from .plots import plot_comparison
@@ -110,6 +110,11 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
         for repo_id in repos.values():  # each repository created and writable before any training
             check_push_access(repo_id, private=run_args.hub_private)
     data_dir = data_args.data_dir
+    if data_args.dataset_name:
+        if data_dir:
+            raise ValueError("give --data_dir or --dataset_name, not both")
+        with state.main_process_first():
+            data_dir = [str(dataset_folder(data_args.dataset_name))]
     if data_dir is None:
         data_dir = str(builtin_sample())
         logger.warning("no --data_dir given: using the built-in SYNTHETIC sample at %s (it demonstrates the pipeline only)", data_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -35,41 +36,31 @@ def make_compute_metrics(label_names: Sequence[str], owner: np.ndarray | None = 
 
 
 def training_arguments(run_args: RunArguments, checkpoints: Path, has_validation: bool):
+    """The Trainer's TrainingArguments for one model: every option as parsed (``run_args`` is a
+    TrainingArguments), with what the project decides per run filled in."""
     from transformers import TrainingArguments
 
+    if run_args.label_smoothing_factor:
+        raise ValueError("--label_smoothing_factor would be ignored (the project's loss does the smoothing): use --label_smoothing")
     cuda = torch.cuda.is_available()
     bf16 = run_args.bf16 if run_args.bf16 is not None else cuda and torch.cuda.is_bf16_supported()
     fp16 = run_args.fp16 if run_args.fp16 is not None else cuda and not bf16
-    return TrainingArguments(
+    values = {f.name: getattr(run_args, f.name) for f in fields(TrainingArguments) if f.init}
+    return TrainingArguments(**{**values, **dict(
         output_dir=str(checkpoints),
-        num_train_epochs=run_args.num_train_epochs,
-        learning_rate=run_args.learning_rate,
-        weight_decay=run_args.weight_decay,
-        warmup_steps=run_args.warmup_ratio,  # a float below 1 is a ratio in transformers 5
-        lr_scheduler_type="cosine",
-        per_device_train_batch_size=run_args.per_device_train_batch_size,
-        per_device_eval_batch_size=run_args.per_device_eval_batch_size,
-        eval_strategy="epoch" if has_validation else "no",
+        warmup_steps=run_args.warmup_steps or run_args.warmup_ratio,  # a float below 1 is a ratio in transformers 5
+        eval_strategy="epoch" if has_validation else "no",  # the curves, early stopping and --select_best need it
         save_strategy="epoch",
-        # One training-loss point per epoch, beside the validation loss, unless --logging_steps asks for more.
-        logging_strategy="steps" if run_args.logging_steps else "epoch",
-        logging_steps=run_args.logging_steps or 500,
-        gradient_accumulation_steps=run_args.gradient_accumulation_steps,
         load_best_model_at_end=has_validation and run_args.select_best,
         metric_for_best_model="roc_auc" if has_validation else None,
         greater_is_better=True,
-        save_total_limit=2,
-        seed=run_args.seed,
-        data_seed=run_args.seed,
+        data_seed=run_args.data_seed if run_args.data_seed is not None else run_args.seed,
         bf16=bf16,
         fp16=fp16,
-        remove_unused_columns=False,
-        dataloader_num_workers=run_args.dataloader_num_workers,
-        dataloader_pin_memory=cuda,
-        report_to=run_args.report_to,
-        disable_tqdm=False,
-        use_cpu=not cuda,  # also makes `accelerate launch --multi_gpu` on CPUs run as MULTI_CPU (gloo)
-    )
+        push_to_hub=False,  # pushed after training by hub.push_folder (the Trainer's push would upload checkpoints)
+        dataloader_pin_memory=run_args.dataloader_pin_memory and cuda,
+        use_cpu=run_args.use_cpu or not cuda,  # also makes `accelerate launch --multi_gpu` on CPUs run as MULTI_CPU (gloo)
+    )})
 
 
 def epoch_history(log_history: Sequence[dict]) -> list[dict]:
