@@ -14,7 +14,8 @@ test session per mutant).
 
 Modules are the ones where a silent bug costs a patient's trust: splitting and groups (data),
 duplicates and leakage (audit), metrics, intervals and calibration (metrics), the guard and the
-prediction sets (reliability), the prediction-file schema and the folder (folder).
+prediction sets (reliability), the prediction-file schema and the folder (folder), Grad-CAM (explain) and the
+Predictor (predict).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ TARGETS: dict[str, list[str]] = {
     "data": ["tests/test_data.py", "tests/test_sources.py::test_sources_are_named_recorded_and_split_by_source_and_class", "-m", "not slow"],
     "audit": ["tests/test_audit.py", "tests/test_bite.py::test_near_duplicate_threshold_is_inclusive_at_its_edge", "-m", "not slow"],
     "folder": ["tests/test_folder.py::test_write_predictions_cells_round_trip", "tests/test_folder.py::test_only_the_folder_module_names_the_folder_files"],
+    # Grad-CAM and the Predictor's predict(): test_explain's untrained tiny Predictors (no training run per mutant).
+    "explain": ["tests/test_explain.py", "-k", "not batch_cli and not localize and not randomised"],
+    "predict": ["tests/test_explain.py", "-k", "not batch_cli and not localize and not randomised"],
 }
 
 

@@ -28,7 +28,7 @@ def _frames(sample_dir, n: int = 8) -> list[Image.Image]:
 
 
 @pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
-def test_pipeline_with_remote_code_answers_as_the_predictor(short_run, sample_dir, name):
+def test_pipeline_with_remote_code_answers_as_the_predictor(short_run, sample_dir, name, monkeypatch):
     from transformers import pipeline
 
     folder = short_run[0] / name
@@ -38,6 +38,10 @@ def test_pipeline_with_remote_code_answers_as_the_predictor(short_run, sample_di
     frames = _frames(sample_dir)
     expected = np.asarray([[p.probabilities[label] for label in predictor.labels] for p in predictor.predict(frames, explain=False)])
 
+    def no_prompt(*args, **kwargs):
+        raise AssertionError("transformers asked whether to run remote code")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
     remote = pipeline("image-classification", model=str(folder), trust_remote_code=True)
     assert type(remote.image_processor).__name__ == "UltrasoundImageProcessor"
     got = _pipeline_probs(remote, frames, predictor.labels)

@@ -304,10 +304,10 @@ def load_predictors(models: Sequence[str]) -> dict:
 
 
 def default_examples() -> list[str]:
-    from .sample import builtin_sample
+    """Synthetic frames drawn apart from the built-in sample (a model trained on it never saw them)."""
+    from .sample import example_frames
 
-    folder = builtin_sample()
-    return [str(folder / name) for name in ("normal/1000_1.png", "benign/2000_1.png", "malignant/3000_1.png")]
+    return [str(path) for path in example_frames()]
 
 
 def launch(demo, host: str, port: int | None, share: bool, **kwargs):

@@ -37,7 +37,7 @@ CARD = "README.md"
 CV_PREDICTIONS = "cv_predictions.csv"
 LOSO_PREDICTIONS = "loso_predictions.csv"
 PREDICTIONS = "predictions.csv"  # evaluate and predict write this name into their output folder
-#: The crop as an image processor that ``preprocessor_config.json`` names in ``auto_map`` (Hub users'
+#: The crop as an image processor that ``config.json`` names in ``auto_map`` (Hub users'
 #: ``pipeline(..., trust_remote_code=True)``); copied from the package, unchanged.
 PIPELINE_CODE = ("ultrasound_processor.py", "ultrasound_crop.py")
 
@@ -188,9 +188,9 @@ class ModelFolder:
         out.mkdir(parents=True, exist_ok=True)
         # Calibrated on every path: the temperature goes into the saved weights (the Predictor reads that it did).
         with temperature_in_weights(trainer.model, temperature):
-            # A local timm folder's processor is read from config.json: name the crop there too, and the
-            # plain class so that loading without trust_remote_code neither prompts nor falls back to
-            # timm's ImageNet transform.
+            # AutoImageProcessor finds the processor class here (preprocessor_config.json has no type): the
+            # crop with trust_remote_code, else the plain class, without a prompt, for both architectures
+            # (a local timm folder no longer falls back to timm's ImageNet transform either).
             trainer.model.config.auto_map, trainer.model.config.image_processor_type = dict(AUTO_MAP), "ViTImageProcessor"
             trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
         self.write_pipeline_processor(trainer.processing_class, preprocessor)

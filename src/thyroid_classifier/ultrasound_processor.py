@@ -2,8 +2,8 @@
 ``pipeline("image-classification", ...)`` answers as the app does on a full scanner frame.
 
 Every trained model folder carries this file and ``ultrasound_crop.py`` (the crop's one copy), and its
-``preprocessor_config.json`` names this class in ``auto_map`` while keeping the plain
-``ViTImageProcessor`` as its ``image_processor_type``. So:
+``config.json`` names this class in ``auto_map`` and the plain ``ViTImageProcessor`` as its
+``image_processor_type`` (``preprocessor_config.json`` holds the settings). So:
 
 - ``pipeline(..., model=MODEL, trust_remote_code=True)`` crops the ultrasound region first, then resizes
   and normalises exactly as training did;
@@ -63,5 +63,8 @@ class UltrasoundImageProcessor(ViTImageProcessor):
         return super().preprocess([self.crop(frame) for frame in frames], *args, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        # The plain class as the type: a folder loaded without trust_remote_code still gets a processor.
-        return {**super().to_dict(), "image_processor_type": "ViTImageProcessor", "auto_map": dict(AUTO_MAP)}
+        # No type and no auto_map here: the model's config.json names both (the plain ViTImageProcessor as
+        # the type, this class in auto_map). So AutoImageProcessor finds this class with trust_remote_code,
+        # the plain one without it and without a prompt; and the pipeline's look-up of a *video* processor,
+        # which reads auto_map here as remote code, does not prompt either.
+        return {k: v for k, v in super().to_dict().items() if k not in ("image_processor_type", "auto_map")}
