@@ -37,7 +37,7 @@ TARGETS: dict[str, list[str]] = {
     "metrics": ["tests/test_bite.py::test_class_weights_on_imbalanced_labels_and_the_loss", "tests/test_sources.py::test_frame_mean_and_guard_report",
                 "tests/test_training.py::test_bootstrap_intervals_cover_the_estimate_and_resample_groups", "tests/test_compare.py::test_three_classes_use_macro_auc"],
     "reliability": ["tests/test_reliability.py", "tests/test_sources.py", "-m", "not slow"],
-    "data": ["tests/test_data.py", "tests/test_sources.py::test_sources_are_named_recorded_and_split_by_source_and_class", "-m", "not slow"],
+    "data": ["tests/test_data.py", "tests/test_groups.py", "tests/test_sources.py::test_sources_are_named_recorded_and_split_by_source_and_class", "-m", "not slow"],
     "audit": ["tests/test_audit.py", "tests/test_bite.py::test_near_duplicate_threshold_is_inclusive_at_its_edge", "-m", "not slow"],
     "folder": ["tests/test_folder.py::test_write_predictions_cells_round_trip", "tests/test_folder.py::test_only_the_folder_module_names_the_folder_files"],
     # Grad-CAM and the Predictor's predict(): test_explain's untrained tiny Predictors (no training run per mutant).
