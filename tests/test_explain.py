@@ -173,6 +173,36 @@ def test_localisation_functions():
     assert 0 < energy_inside(gauss, mask) < 1
 
 
+def test_localisation_baseline_and_masks_exactly():
+    """The numbers behind the card's localisation table, against written-out computations: the centred
+    Gaussian baseline, the outline mask (its edge included), the heatmap mapped back into its box."""
+    # Gaussian centred on the box, sigma a quarter of each side: 1 at the centre, exp(-1/2) one sigma away.
+    box = (8, 4, 48, 36)  # 40 x 32, centre (28, 20), sigma (10, 8)
+    g = centred_gaussian((64, 48), box)
+    assert g.shape == (48, 64) and g[20, 28] == pytest.approx(1.0)
+    assert g[20, 38] == pytest.approx(np.exp(-0.5), rel=1e-5) and g[20, 18] == pytest.approx(np.exp(-0.5), rel=1e-5)
+    assert g[28, 28] == pytest.approx(np.exp(-0.5), rel=1e-5) and g[12, 28] == pytest.approx(np.exp(-0.5), rel=1e-5)
+    assert g[28, 38] == pytest.approx(np.exp(-1.0), rel=1e-5)
+    yy, xx = np.mgrid[0:48, 0:64]
+    np.testing.assert_allclose(centred_gaussian((64, 48), sigma=0.5), np.exp(-(((xx - 32) / 32) ** 2 + ((yy - 24) / 24) ** 2) / 2), rtol=1e-5)
+    # A square outline: filled, its edge pixels included, nothing else.
+    mask = outline_mask([[(10, 10), (30, 10), (30, 30), (10, 30)]], (64, 48))
+    assert mask.dtype == bool and mask.sum() == 21 * 21 and mask[10, 10] and mask[30, 30] and not mask[31, 30]
+    assert outline_mask([], (64, 48)).sum() == 0
+    # Energy: the share of the map's sum inside the mask; an empty map has none.
+    heat = np.zeros((48, 64), np.float32)
+    heat[20, 20], heat[0, 0] = 3.0, 1.0
+    assert energy_inside(heat, mask) == pytest.approx(0.75) and energy_inside(np.zeros((48, 64)), mask) == 0.0
+    # A view's map back onto the image: resized into its box, zero outside, float32.
+    small = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+    full = to_original(small, (10, 5, 30, 25), (64, 48))
+    assert full.dtype == np.float32 and full.shape == (48, 64)
+    assert full[:5].sum() == 0 and full[:, :10].sum() == 0 and full[25:].sum() == 0 and full[:, 30:].sum() == 0
+    assert full[5, 10] == pytest.approx(0.0) and full[5, 29] == pytest.approx(1.0) and full[24, 10] == pytest.approx(1.0)
+    assert 0 < full[15, 20] < 1  # interpolated, not blocky
+    assert to_original(np.ones((4, 4), np.float32), (10, 5, 30, 25), (64, 48))[5:25, 10:30].min() == pytest.approx(1.0)
+
+
 def test_ddti_outlines_and_localize_cli(ddti_dir, short_run, tmp_path, capsys):
     outlines = ddti_outlines(ddti_dir / "xml" / "100.xml")
     assert 1 in outlines and len(outlines[1]) == 2  # a dual-view frame: one outline per view
