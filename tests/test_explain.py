@@ -173,6 +173,44 @@ def test_localisation_functions():
     assert 0 < energy_inside(gauss, mask) < 1
 
 
+def test_gradcam_explains_the_given_class_in_float32(predictors):
+    """A class other than the predicted one: the one-pass map equals standard Grad-CAM's for that class
+    (not the argmax's), and the explanation says which class it explains. (The untrained tiny VGG's maps
+    are all zero; test_bite checks both trained models.)"""
+    predictor = predictors["tiny-resnet"]
+    torch.manual_seed(3)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        top = predictor.model(pixel_values=x).logits.argmax(1).tolist()
+    other = [(t + 1) % 3 for t in top]
+    result = gradcam(predictor.model, predictor.layer, x, other)
+    assert result.targets == other and result.maps.dtype == np.float32 and result.maps.max() > 0
+    np.testing.assert_allclose(result.maps, standard_gradcam(predictor.model, predictor.layer, x, other), atol=1e-4)
+    argmax = gradcam(predictor.model, predictor.layer, x)
+    assert argmax.targets == top and not np.allclose(argmax.maps, result.maps, atol=1e-3)
+    assert standard_gradcam(predictor.model, predictor.layer, x, other).dtype == np.float32
+
+
+def test_overlay_blends_by_the_map_exactly():
+    """Cold pixels keep the grey image, hot ones take the colour map's colour, weighted by
+    opacity x sqrt(heat); the result is uint8 RGB of the image's size."""
+    import cv2
+
+    from thyroid_classifier.explain import overlay
+
+    image = Image.new("L", (8, 4), 100)
+    heat = np.zeros((4, 8), np.float32)
+    heat[0, 0], heat[1, 1], heat[2, 2] = 1.0, 0.25, 2.0  # 2.0 is clipped to 1
+    out = overlay(image, heat, opacity=0.5)
+    assert out.dtype == np.uint8 and out.shape == (4, 8, 3)
+    assert (out[3] == 100).all() and (out[0, 1:] == 100).all()  # no heat: the image as it was
+    jet = lambda v: cv2.cvtColor(cv2.applyColorMap(np.uint8([[v]]), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)[0, 0].astype(np.float32)  # noqa: E731
+    np.testing.assert_allclose(out[0, 0], np.uint8(100 * 0.5 + jet(255) * 0.5), atol=1)
+    np.testing.assert_allclose(out[1, 1], np.uint8(100 * 0.75 + jet(63) * 0.25), atol=1)  # alpha = 0.5 * sqrt(0.25)
+    np.testing.assert_array_equal(out[2, 2], out[0, 0])
+    np.testing.assert_array_equal(overlay(image, heat, opacity=0.0), np.full((4, 8, 3), 100, np.uint8))
+
+
 def test_localisation_baseline_and_masks_exactly():
     """The numbers behind the card's localisation table, against written-out computations: the centred
     Gaussian baseline, the outline mask (its edge included), the heatmap mapped back into its box."""
