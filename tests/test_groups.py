@@ -203,3 +203,47 @@ def test_load_image_folder_uses_the_group_csv_sizes_and_counts_absent_classes(tm
     assert label_counts(ds) == {"train": {"benign": 2, "malignant": 1}, "validation": {"benign": 0, "malignant": 1},
                                 "test": {"benign": 1, "malignant": 0}}
     assert "1 group(s) appear in more than one given split folder, e.g. p1" in caplog.text
+
+
+@pytest.mark.parametrize("generic", ["images", "Images", "data", "dataset", "imgs", "FRAMES"])
+def test_a_generic_folder_is_named_after_its_parent(tmp_path, generic):
+    from thyroid_classifier.data import source_name
+
+    assert source_name(tmp_path / "ddti" / generic) == "ddti"
+    assert source_name(tmp_path / "ddti" / "scans") == "scans"
+
+
+def test_split_layout_needs_train_and_skips_hidden_and_nested(tmp_path, caplog):
+    from thyroid_classifier.data import scan_folder
+
+    root = tmp_path / "split"
+    write_image(root / "test" / "benign" / "a_1.png", seed=1)
+    write_image(root / "test" / "malignant" / "b_1.png", seed=2)
+    with pytest.raises(DataError, match=r"has split folders \['test'\] but no train/ folder"):
+        scan_folder(root)
+    write_image(root / "train" / "benign" / "c_1.png", seed=3)
+    write_image(root / "train" / "malignant" / "d_1.png", seed=4)
+    write_image(root / "train" / ".hidden" / "e_1.png", seed=5)  # not a class
+    write_image(root / "train" / "benign" / "deeper" / "f_1.png", seed=6)  # nested: not read
+    write_image(root / "extra" / "benign" / "g_1.png", seed=7)  # beside the split folders: not read
+    with caplog.at_level(logging.WARNING):
+        scan = scan_folder(root, source="north")
+    assert scan.layout == "split" and scan.roots == {"north": root.resolve()}
+    assert sorted((e.split, e.folder, e.path.name, e.source) for e in scan.images) == [
+        ("test", "benign", "a_1.png", "north"), ("test", "malignant", "b_1.png", "north"),
+        ("train", "benign", "c_1.png", "north"), ("train", "malignant", "d_1.png", "north")]
+    assert "ignoring nested folder" in caplog.text and "beside train/validation/test only split folders are read" in caplog.text
+
+
+def test_the_file_name_pattern_is_used_only_with_enough_cases(tmp_path):
+    """<case>_<frame> names give the groups when every file follows the pattern and there are at least
+    max(2, n / 10) cases: at the edge, and one case fewer."""
+    root = tmp_path / "frames"
+    for i in range(20):
+        write_image(root / ("benign" if i % 2 else "malignant") / f"{i % 2}_{i}.png", seed=i)  # 2 cases = max(2, 20 // 10)
+    groups, how = resolve_groups(scan_sources(root))
+    assert sorted(set(groups)) == ["0", "1"] and "pattern" in how
+    for i in range(20, 30):
+        write_image(root / "benign" / f"1_{i}.png", seed=i)  # 30 files, still 2 cases < max(2, 3)
+    groups, how = resolve_groups(scan_sources(root))
+    assert len(set(groups)) == 30 and "pattern" not in how
