@@ -70,7 +70,7 @@ unlike the training images, or a prediction set of several classes).
 **Research software, not a diagnostic device.** The model's numbers, how they were measured and its
 limits are in its model card{card}. Uploads are deleted from the Space's disk within two minutes.
 
-Made with [thyroid-classifier](https://github.com/) (`python -m thyroid_classifier.hub space`).
+Made with thyroid-classifier (`python -m thyroid_classifier.hub space`).
 """
 
 
