@@ -42,7 +42,7 @@ TARGETS: dict[str, list[str]] = {
     "folder": ["tests/test_folder.py::test_write_predictions_cells_round_trip", "tests/test_folder.py::test_only_the_folder_module_names_the_folder_files"],
     # Grad-CAM and the Predictor's predict(): test_explain's untrained tiny Predictors (no training run per mutant).
     "explain": ["tests/test_explain.py", "-k", "not batch_cli and not localize and not randomised"],
-    "predict": ["tests/test_explain.py", "-k", "not batch_cli and not localize and not randomised"],
+    "predict": ["tests/test_predictor.py", "tests/test_explain.py", "-k", "not batch_cli and not localize and not randomised"],
 }
 
 

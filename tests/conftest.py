@@ -71,6 +71,27 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def saved_folder(tiny_models, tmp_path_factory) -> Path:
+    """A model folder as training writes its model (``ModelFolder.save_model``: temperature 0.5 in the
+    weights, the pipeline processor and its code, the crop settings), from the untrained tiny ResNet with
+    the sample's three labels: the Predictor's loading paths without a training run."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from thyroid_classifier.folder import ModelFolder
+    from thyroid_classifier.preprocess import UltrasoundPreprocessor
+
+    labels = ["normal", "benign", "malignant"]
+    torch.manual_seed(0)
+    model = AutoModelForImageClassification.from_pretrained(tiny_models["tiny-resnet"], num_labels=3, id2label=dict(enumerate(labels)),
+                                                            label2id={k: i for i, k in enumerate(labels)}, ignore_mismatched_sizes=True)
+    processor = AutoImageProcessor.from_pretrained(tiny_models["tiny-resnet"], image_processor_filename="preprocessor_config.json")
+    folder = tmp_path_factory.mktemp("saved") / "tiny-resnet"
+    ModelFolder(folder).save_model(model, processor, UltrasoundPreprocessor(), 0.5)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def short_run(tiny_models, sample_dir, tmp_path_factory):
     """Both tiny models trained for two epochs on the sample: ``(output_dir, results)``."""
     from thyroid_classifier.training import DataArguments, ModelArguments, RunArguments, run

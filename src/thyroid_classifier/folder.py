@@ -156,6 +156,24 @@ class ModelFolder:
             return None
         return write_card(self.path, repo_id)
 
+    def save_model(self, model, processor, preprocessor, temperature: float, save=None) -> None:
+        """The model as every loader reads it: safetensors weights with the calibration temperature in them,
+        a config naming the pipeline processor, the processor with its code, the preprocessing settings.
+        ``save`` writes the weights (``Trainer.save_model`` in training: the main process only)."""
+        from .models import temperature_in_weights
+        from .ultrasound_processor import AUTO_MAP
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        # Calibrated on every path: the temperature goes into the saved weights (the Predictor reads that it did).
+        with temperature_in_weights(model, temperature):
+            # AutoImageProcessor finds the processor class here (preprocessor_config.json has no type): the
+            # crop with trust_remote_code, else the plain class, without a prompt, for both architectures
+            # (a local timm folder no longer falls back to timm's ImageNet transform either).
+            model.config.auto_map, model.config.image_processor_type = dict(AUTO_MAP), "ViTImageProcessor"
+            (save or model.save_pretrained)(str(self.path))
+        self.write_pipeline_processor(processor, preprocessor)
+        preprocessor.save_pretrained(self.path)
+
     def write_pipeline_processor(self, processor, preprocessor) -> Path:
         """``preprocessor_config.json`` as :class:`~thyroid_classifier.ultrasound_processor.UltrasoundImageProcessor`
         (the saved resize and normalisation, plus the crop settings) and its code beside it."""
@@ -181,20 +199,8 @@ class ModelFolder:
         processor, preprocessing, guard and sets, audit, fingerprints, metrics, plots, predictions, card."""
         from .plots import plot_auc, plot_confusion, plot_loss, plot_roc
 
-        from .models import temperature_in_weights
-        from .ultrasound_processor import AUTO_MAP
-
         out = self.path
-        out.mkdir(parents=True, exist_ok=True)
-        # Calibrated on every path: the temperature goes into the saved weights (the Predictor reads that it did).
-        with temperature_in_weights(trainer.model, temperature):
-            # AutoImageProcessor finds the processor class here (preprocessor_config.json has no type): the
-            # crop with trust_remote_code, else the plain class, without a prompt, for both architectures
-            # (a local timm folder no longer falls back to timm's ImageNet transform either).
-            trainer.model.config.auto_map, trainer.model.config.image_processor_type = dict(AUTO_MAP), "ViTImageProcessor"
-            trainer.save_model(str(out))  # safetensors weights + config (labels) + image processor
-        self.write_pipeline_processor(trainer.processing_class, preprocessor)
-        preprocessor.save_pretrained(out)
+        self.save_model(trainer.model, trainer.processing_class, preprocessor, temperature, save=trainer.save_model)
         reliability.save_pretrained(out)
         report.save(self.file(AUDIT))
         self.write_json(FINGERPRINTS, report.fingerprints())
