@@ -465,11 +465,13 @@ def test_every_trainer_option_passes_through_and_help_stays_readable(tmp_path, c
     from thyroid_classifier.tuning import training_arguments
 
     _, _, run_args = parse_args(["--max_grad_norm", "0.5", "--optim", "adamw_torch", "--adam_beta2", "0.99", "--lr_scheduler_type", "linear",
-                                 "--hub_token", "hf_secret_value", "--logging_steps", "3", "--num_train_epochs", "2"])
+                                 "--hub_token", "hf_secret_value", "--logging_steps", "3", "--num_train_epochs", "2",
+                                 "--push_to_hub", "--hub_model_id", "someone/x"])
     args = training_arguments(run_args, tmp_path / "checkpoints", has_validation=True)
     assert (args.max_grad_norm, args.adam_beta2, str(args.lr_scheduler_type.value), args.num_train_epochs) == (0.5, 0.99, "linear", 2)
     assert str(args.logging_strategy.value) == "steps" and args.logging_steps == 3  # --logging_steps alone switches to steps
-    assert args.output_dir == str(tmp_path / "checkpoints") and str(args.eval_strategy.value) == "epoch" and not args.push_to_hub
+    assert run_args.push_to_hub and not args.push_to_hub  # the project pushes the finished folder; the Trainer never pushes checkpoints
+    assert args.output_dir == str(tmp_path / "checkpoints") and str(args.eval_strategy.value) == "epoch"
     recorded = recipe(run_args)
     assert recorded["num_train_epochs"] == 2 and recorded["trainer_options"]["max_grad_norm"] == 0.5
     assert recorded["trainer_options"]["lr_scheduler_type"] == "linear" and "hf_secret_value" not in json.dumps(recorded)
