@@ -113,3 +113,44 @@ def test_frame_properties_that_differ_by_class_are_reported(sample_dir, tmp_path
     assert cues == {"size 64x48": {"benign": 1.0, "malignant": round(2 / 6, 3)}, "size 80x60": {"benign": 0.0, "malignant": round(4 / 6, 3)}}
     assert main([str(root), "--quiet"]) == 0
     assert "size 80x60: benign 0%, malignant 67%" in capsys.readouterr().out
+
+
+def test_summary_lists_every_finding_and_the_cli_passes_its_options(planted, tmp_path, capsys):
+    """The printed report is what a user reads: every section with its count and items, per-source lines
+    with several sources; the CLI's options reach the audit (threshold, names) and its exit codes hold."""
+    out = tmp_path / "report.json"
+    assert main([str(planted), "--json", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(audit_folder(planted, progress=False).to_dict()))  # the JSON is the report
+    lines = text.splitlines()
+    assert lines[0] == f"Audit of {planted.resolve()}" and lines[1] == f"  files: {saved['n_files']}, readable images: {saved['n_readable']}"
+    assert "  test       benign: 4, malignant: 4  (total 8)" in lines
+    for heading, n in (("unreadable / not images (skipped)", 4), ("exact duplicate groups (same bytes)", 2), ("near-duplicate groups (≤8 bits)", 1),
+                       ("LEAKAGE across splits", 2), ("CONFLICTS: same image, different labels", 1), ("near duplicates with different labels", 0)):
+        assert f"  {heading}: {n}" in lines, heading
+    assert any(line.startswith("    - ") and "copy_1.png" in line and " = " in line for line in lines)
+    assert any(line.startswith("    - [exact] ") and "<->" in line for line in lines)
+    assert f"report written to {out}" in text
+    assert "duplicates ACROSS sources" not in text  # one source: no such section
+    assert saved["near_threshold_bits"] == 8
+
+    # --near_threshold reaches the audit (the re-encoded copy hashes 0 bits away, so it stays a near duplicate).
+    assert main([str(planted), "--json", str(out), "--quiet", "--near_threshold", "0"]) == 0
+    assert json.loads(out.read_text())["near_threshold_bits"] == 0 and "near-duplicate groups (≤0 bits): 1" in capsys.readouterr().out
+    # --strict: exit 1 and a line on stderr saying why.
+    assert main([str(planted), "--strict", "--quiet"]) == 1
+    assert "strict: 2 leakage pair(s), 1 conflict(s)" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), "--quiet"]) == 2 and "error: data folder not found" in capsys.readouterr().err
+
+
+def test_summary_of_several_sources_names_each(sample_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(sample_dir / "benign", other / "benign")
+    shutil.copytree(sample_dir / "malignant", other / "malignant")
+    assert main([str(sample_dir), str(other), "--source_names", "north", "south", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == "Audit of 2 sources"
+    assert f"  source south ({other.resolve()}): benign: 12, malignant: 12  (total 24)" in text
+    # The same frames in both sources: every one is a duplicate across sources.
+    assert "duplicates ACROSS sources (an unseen source would be partly seen): 24" in text
