@@ -75,3 +75,38 @@ def test_explained_prediction_of_a_chosen_class(saved_folder, sample_dir):
     assert drawn.explained == drawn.label and drawn.overlay.shape == (frame.height, frame.width, 3)
     with pytest.raises(ValueError):
         predictor.predict([frame], target="cyst")
+
+
+def test_guard_scores_flags_and_prediction_sets_come_from_the_same_pass(saved_folder, sample_dir):
+    """Each image's in-domain score is the guard's score of its views' mean features (captured in the
+    pass that scored it), flagged above the threshold; its set is the conformal set of its probabilities."""
+    from dataclasses import replace
+
+    from thyroid_classifier.metrics import frame_mean
+    from thyroid_classifier.models import guard_features
+    from thyroid_classifier.reliability import ConformalSets, DomainGuard, Reliability
+
+    predictor = Predictor.from_pretrained(str(saved_folder))
+    predictor.preprocessor = replace(predictor.preprocessor, split_views=True)  # split screens: two views, one score
+    frames = [Image.open(p).convert("RGB") for p in sorted(sample_dir.rglob("*.png"))[:12]]
+    pixels, _, owner = predictor.prepare(frames)
+    assert len(owner) > len(frames)  # some frames are split screens
+    with guard_features(predictor.model) as captured:
+        raw = predictor.logits(pixels).double().numpy()
+    features = frame_mean(torch.cat(captured).numpy().astype(np.float64), owner, len(frames))
+    guard = DomainGuard.fit(features[:8]).calibrate(features[8:], coverage=0.5)
+    from thyroid_classifier.inference import frame_probabilities
+
+    probs = frame_probabilities(raw, owner, len(frames), predictor.temperature)
+    conformal = ConformalSets.fit(probs, [i % 3 for i in range(len(frames))], alpha=0.3)
+    predictor.reliability = Reliability(guard=guard, conformal=conformal)
+
+    for explain in (False, True):
+        results = predictor.predict(frames, explain=explain, opacity=None)
+        scores = np.array([r.in_domain_score for r in results])
+        np.testing.assert_allclose(scores, guard.score(features), rtol=1e-5)
+        assert [r.flagged for r in results] == list(guard.score(features) > guard.threshold)
+        assert any(r.flagged for r in results) and not all(r.flagged for r in results)
+        member = conformal.sets(probs)
+        assert [r.prediction_set for r in results] == [[k for j, k in enumerate(predictor.labels) if member[i, j]] for i in range(len(frames))]
+        assert [r.reliable for r in results] == [not r.flagged and len(r.prediction_set) <= 1 for r in results]
