@@ -154,3 +154,28 @@ def test_summary_of_several_sources_names_each(sample_dir, tmp_path, capsys):
     assert f"  source south ({other.resolve()}): benign: 12, malignant: 12  (total 24)" in text
     # The same frames in both sources: every one is a duplicate across sources.
     assert "duplicates ACROSS sources (an unseen source would be partly seen): 24" in text
+
+
+def test_training_data_keeps_each_duplicate_pair_on_one_side_and_its_sources(tmp_path):
+    """Byte copies filed as other cases (other names, other groups) must still land in one split, or the
+    test split holds training images; the sources' names reach the dataset and the report keys are stable."""
+    root = tmp_path / "flat"
+    for label, offset in (("benign", 0), ("malignant", 500)):
+        for i in range(16):
+            write_image(root / label / f"{label[0]}{i}_1.png", seed=offset + i)
+        for i in range(8):  # a copy of eight images under new case names
+            shutil.copy(root / label / f"{label[0]}{i}_1.png", root / label / f"copy{label[0]}{i}_1.png")
+    other = tmp_path / "other"
+    write_image(other / "benign" / "z1_1.png", seed=900)
+    write_image(other / "malignant" / "z2_1.png", seed=901)
+    dataset, report = audited_dataset([root, other], source_names=["north", "south"], progress=False, seed=7, cache_dir=str(tmp_path / "hf"))
+    split_of = {p.rsplit("/", 1)[1]: split for split, ds in dataset.items() for p in ds["path"]}
+    pairs = [(f"{c}{i}_1.png", f"copy{c}{i}_1.png") for c in "bm" for i in range(8)]
+    assert all(split_of[a] == split_of[b] for a, b in pairs), [(a, split_of[a], split_of[b]) for a, b in pairs]
+    assert len({split_of[a] for a, _ in pairs}) > 1  # the pairs are spread over splits, each kept whole
+    assert {s for ds in dataset.values() for s in ds["source"]} == {"north", "south"}
+    d = report.to_dict()
+    assert set(d) >= {"root", "n_files", "n_readable", "counts", "unreadable", "exact_duplicates", "near_duplicates", "near_threshold_bits",
+                      "leakage", "conflicts", "near_conflicts", "sizes", "modes", "split_screens", "class_cues", "sources", "cross_source_duplicates"}
+    assert d["leakage"] == [] and len(d["exact_duplicates"]) == 16 and d["sizes"] == {"64x48": 50}
+    assert d["sources"]["south"] == {"folder": str(other.resolve()), "counts": {"benign": 1, "malignant": 1}}
