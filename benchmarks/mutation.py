@@ -35,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 #: module -> the fast tests that exercise it (pytest node ids or paths, with -k / -m filters)
 TARGETS: dict[str, list[str]] = {
     "metrics": ["tests/test_bite.py::test_class_weights_on_imbalanced_labels_and_the_loss", "tests/test_sources.py::test_frame_mean_and_guard_report",
-                "tests/test_training.py::test_bootstrap_intervals_cover_the_estimate_and_resample_groups", "tests/test_compare.py::test_three_classes_use_macro_auc"],
+                "tests/test_training.py::test_bootstrap_intervals_cover_the_estimate_and_resample_groups", "tests/test_compare.py",
+                "tests/test_training.py::test_metrics_equal_sklearn", "tests/test_training.py::test_frame_logits_average_view_probabilities",
+                "tests/test_training.py::test_ece_and_temperature", "tests/test_metrics.py"],
     "reliability": ["tests/test_reliability.py", "tests/test_sources.py", "-m", "not slow"],
     "data": ["tests/test_data.py", "tests/test_groups.py", "tests/test_sources.py::test_sources_are_named_recorded_and_split_by_source_and_class", "-m", "not slow"],
     "audit": ["tests/test_audit.py", "tests/test_bite.py::test_near_duplicate_threshold_is_inclusive_at_its_edge", "-m", "not slow"],
