@@ -99,6 +99,12 @@ class RunArguments(TrainingArguments):
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private (also --hub_private_repo)."})
 
     def __post_init__(self) -> None:
+        import torch
+
+        # TrainingArguments sets up the (singleton) distributed state here, before the project's own code:
+        # on a host without GPUs it must be the CPU one, or `accelerate launch --multi_gpu` on CPUs (gloo)
+        # would run as a single process.
+        self.use_cpu = bool(self.use_cpu or not torch.cuda.is_available())
         if self.logging_steps and str(self.logging_strategy) in ("epoch", "IntervalStrategy.EPOCH"):
             self.logging_strategy = "steps"  # --logging_steps N alone means every N steps
         if self.logging_steps == 0:
