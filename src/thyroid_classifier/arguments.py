@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -145,16 +146,11 @@ def _plain(value):
     return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
 
 
-_DEFAULTS: dict | None = None
-
-
+@functools.cache
 def _defaults() -> dict:
     """The project's defaults of every TrainingArguments option, as a parsed run holds them."""
-    global _DEFAULTS
-    if _DEFAULTS is None:
-        base = RunArguments()
-        _DEFAULTS = {f.name: _plain(getattr(base, f.name)) for f in fields(TrainingArguments) if f.init}
-    return _DEFAULTS
+    base = RunArguments()
+    return {f.name: _plain(getattr(base, f.name)) for f in fields(TrainingArguments) if f.init}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[DataArguments, ModelArguments, RunArguments]:

@@ -288,17 +288,17 @@ def temperature_in_weights(model: nn.Module, temperature: float) -> Iterator[nn.
     bias scaled) and its config says so: a copy saved there gives calibrated probabilities on every
     path, a Hub ``pipeline``'s plain softmax included. The weights are restored exactly on exit."""
     layer, config = logit_layer(model), model.config
-    saved = [t.detach().clone() for t in (layer.weight, layer.bias) if t is not None]
+    params = [t for t in (layer.weight, layer.bias) if t is not None]
+    saved = [t.detach().clone() for t in params]
     with torch.no_grad():
-        for t in (layer.weight, layer.bias):
-            if t is not None:
-                t.div_(temperature)
+        for t in params:
+            t.div_(temperature)
     config.calibration_temperature, config.temperature_in_weights = float(temperature), True
     try:
         yield model
     finally:
         with torch.no_grad():
-            for t, original in zip((t for t in (layer.weight, layer.bias) if t is not None), saved, strict=True):
+            for t, original in zip(params, saved, strict=True):
                 t.copy_(original)
         config.temperature_in_weights = False
 

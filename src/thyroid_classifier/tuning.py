@@ -59,8 +59,7 @@ def training_arguments(run_args: RunArguments, checkpoints: Path, has_validation
         fp16=fp16,
         push_to_hub=False,  # pushed after training by hub.push_folder (the Trainer's push would upload checkpoints)
         dataloader_pin_memory=run_args.dataloader_pin_memory and cuda,
-        use_cpu=run_args.use_cpu or not cuda,  # also makes `accelerate launch --multi_gpu` on CPUs run as MULTI_CPU (gloo)
-    )})
+    )})  # use_cpu comes with the values: RunArguments sets it on GPU-less hosts
 
 
 def epoch_history(log_history: Sequence[dict]) -> list[dict]:
