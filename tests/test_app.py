@@ -233,3 +233,41 @@ def test_an_example_is_not_deleted_after_someone_uses_it(server):
     assert answered(message)
     time.sleep(3.0)
     assert Path(example).is_file()
+
+
+def test_models_are_loaded_and_run_on_one_thread_of_their_own(short_run, sample_dir, monkeypatch):
+    """torch's CPU thread pool belongs to the thread that calls it: each of gradio's worker threads
+    that ran a model started another pool, and on a 2-core CPU every later prediction ran up to
+    1.8x slower. The app loads and runs its models on one fixed thread, never on gradio's workers
+    (which vary from request to request) nor on the thread that started the app."""
+    import threading
+
+    from gradio_client import Client, handle_file
+
+    from thyroid_classifier import app
+    from thyroid_classifier.predict import Predictor
+
+    out, _ = short_run
+    threads = {"load": set(), "predict": set()}
+    load, predict = Predictor.from_pretrained.__func__, Predictor.predict
+
+    def spy_load(cls, *args, **kwargs):
+        threads["load"].add(threading.get_ident())
+        return load(cls, *args, **kwargs)
+
+    def spy_predict(self, *args, **kwargs):
+        threads["predict"].add(threading.get_ident())
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "from_pretrained", classmethod(spy_load))
+    monkeypatch.setattr(Predictor, "predict", spy_predict)
+    demo = app.demo_from_arguments(app.parse_args(["--model", str(out / "tiny-resnet"), "--examples"]))
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False)
+        jobs = [client.submit(handle_file(str(sample_dir / "malignant" / "3000_1.png")), "tiny-resnet", 0.45, api_name="/predict") for _ in range(6)]
+        assert all(answered(job.result(timeout=120)[2]) for job in jobs)
+    finally:
+        demo.close()
+    assert len(threads["predict"]) == 1 and threads["predict"] == threads["load"]
+    assert threading.get_ident() not in threads["load"]

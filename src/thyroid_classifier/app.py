@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -194,17 +195,31 @@ class UploadJanitor:
                 pass
 
 
+def model_threads(workers: int = 1) -> ThreadPoolExecutor:
+    """The threads that load and run the app's models, one per concurrent prediction.
+
+    torch's CPU thread pool (OpenMP) belongs to the thread that calls into it. gradio runs each event
+    in a worker thread of its own choosing, so every new worker started another pool; once two
+    exist, a 2-core CPU is oversubscribed and every later forward pass ran 1.5-1.8x slower for the
+    life of the process (ResNet50, batch 1: ~130 ms on one thread, ~240 ms after a second thread
+    had used torch). So the app hands all model work to these few fixed threads."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="models")
+
+
 def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_limit: int = 1, forget_uploads_after: float = FORGET_UPLOAD_AFTER,
-               cache_cleanup: tuple[int, int] = CACHE_CLEANUP):
+               cache_cleanup: tuple[int, int] = CACHE_CLEANUP, models: Executor | None = None):
     """The page around one or more :class:`~thyroid_classifier.predict.Predictor` (name → predictor).
 
     Uploads are deleted ``forget_uploads_after`` seconds after they are read; gradio's clean-up
     removes every other file of the app (rejected or never-analysed uploads, images shown back)
-    older than ``cache_cleanup[1]`` seconds, every ``cache_cleanup[0]`` seconds."""
+    older than ``cache_cleanup[1]`` seconds, every ``cache_cleanup[0]`` seconds. Predictions run on
+    ``models`` (default: :func:`model_threads`, one per concurrent prediction); pass the executor
+    that loaded the predictors so that one thread does all of a model's work."""
     import gradio as gr
 
     if not predictors:
         raise ValueError("build_demo needs at least one model")
+    models = models or model_threads(concurrency_limit)
     names = list(predictors)
     janitor = UploadJanitor(forget_uploads_after)
 
@@ -230,7 +245,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
                     janitor.forget_later(path)  # the upload is not kept
             predictor = predictors[model_name]
             # The map is computed on the image as decoded; the overlay is drawn at display size below.
-            [result] = predictor.predict([image], opacity=None)
+            [result] = models.submit(predictor.predict, [image], opacity=None).result()
         except ImageError as exc:
             raise fail(str(exc)) from None
         except gr.Error:
@@ -353,13 +368,14 @@ def demo_from_arguments(args: argparse.Namespace):
             print(f"error: no model at {name}. Train one first (see the README's quick start), pass --model FOLDER_OR_HUB_ID "
                   "or set MODEL_ID.", file=sys.stderr)
             raise SystemExit(2)
+    models = model_threads(args.concurrency)
     try:
-        predictors = load_predictors(args.model)
+        predictors = models.submit(load_predictors, args.model).result()  # loaded on the thread that runs them
     except Exception as exc:  # noqa: BLE001 - one clear line, not a stack trace
         print(f"error: cannot load a model: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     examples = args.examples if args.examples is not None else default_examples()
-    return build_demo(predictors, examples=examples, concurrency_limit=args.concurrency)
+    return build_demo(predictors, examples=examples, concurrency_limit=args.concurrency, models=models)
 
 
 def module_demo():
