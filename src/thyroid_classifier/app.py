@@ -200,7 +200,7 @@ def model_threads(workers: int = 1) -> ThreadPoolExecutor:
 
     torch's CPU thread pool (OpenMP) belongs to the thread that calls into it. gradio runs each event
     in a worker thread of its own choosing, so every new worker started another pool; once two
-    exist, a 2-core CPU is oversubscribed and every later forward pass ran 1.5-1.8x slower for the
+    exist, a 2-core CPU is oversubscribed and every later forward pass ran up to 1.8x slower for the
     life of the process (ResNet50, batch 1: ~130 ms on one thread, ~240 ms after a second thread
     had used torch). So the app hands all model work to these few fixed threads."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="models")
