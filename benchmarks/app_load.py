@@ -136,6 +136,8 @@ class PageClient:
         if not dep.get("queue", True):  # an event outside the queue (the app before issue 18): direct POSTs
             with ThreadPoolExecutor(times) as pool:
                 replies = list(pool.map(lambda _: self.http.post(f"{self.url}{self.api_prefix}/run/predict", json=body), range(times)))
+            for reply in replies:
+                reply.raise_for_status()
             return [r.json() for r in replies]
         events = set()
         for _ in range(times):
@@ -212,11 +214,9 @@ def stages(model: str, image_path: str, repeats: int = 10, encode: str = "JPEG")
     """Where one request's time goes, stage by stage, in this process (median of ``repeats``, ms)."""
     import io
 
-    import numpy as np
     from PIL import Image
 
-    from thyroid_classifier.app import display_copy
-    from thyroid_classifier.explain import overlay
+    from thyroid_classifier.app import blended, display_state
     from thyroid_classifier.predict import Predictor
     from thyroid_classifier.preprocess import open_image
 
@@ -233,12 +233,10 @@ def stages(model: str, image_path: str, repeats: int = 10, encode: str = "JPEG")
         [result] = predictor.predict([image], opacity=None)
         t3 = time.perf_counter()
         whole = t3 - t2
-        shown = display_copy(image)
-        heat = np.asarray(Image.fromarray(np.uint8(np.round(result.heatmap * 255))).resize(shown.size))
-        blended = overlay(shown, heat / 255.0, 0.45)
+        halves = blended(display_state(image, result.heatmap), 0.45)  # as the app draws them
         t4 = time.perf_counter()
-        for array in (shown, Image.fromarray(blended)):
-            array.save(io.BytesIO(), format=encode)
+        for array in halves:
+            Image.fromarray(array).save(io.BytesIO(), format=encode)
         t5 = time.perf_counter()
         # predict() prepares again: its crop, views and pixels are counted once, above
         for key, value in zip(times, (t1 - t0, t2 - t1, whole - (t2 - t1), t4 - t3, t5 - t4, whole)):

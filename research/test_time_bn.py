@@ -16,7 +16,9 @@ difference on the same frames.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -41,22 +43,32 @@ def probabilities(predictor: Predictor, pixels: list[torch.Tensor]) -> np.ndarra
     return torch.softmax(logits, -1).numpy()
 
 
-@torch.no_grad()
-def reestimate(model: torch.nn.Module, pixels: list[torch.Tensor], share: float) -> None:
-    """BatchNorm statistics: ``share`` from these pixels (a cumulative average), the rest as trained."""
+@contextlib.contextmanager
+def statistics_from(model: torch.nn.Module, pixels: list[torch.Tensor], share: float) -> Iterator[torch.nn.Module]:
+    """BatchNorm statistics: ``share`` re-estimated on these pixels (a cumulative average), the rest as
+    trained; the trained statistics are restored on exit."""
     layers = batchnorms(model)
     trained = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over every batch
-        m.train()
-    for px in pixels:
-        model(pixel_values=px)
-    for m, (mean, var, momentum) in zip(layers, trained):
-        m.eval()
-        m.momentum = momentum
-        m.running_mean.mul_(share).add_(mean * (1 - share))
-        m.running_var.mul_(share).add_(var * (1 - share))
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over every batch
+                m.train()
+            for px in pixels:
+                model(pixel_values=px)
+            for m, (mean, var, _) in zip(layers, trained):
+                m.eval()
+                m.running_mean.mul_(share).add_(mean * (1 - share))
+                m.running_var.mul_(share).add_(var * (1 - share))
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, momentum) in zip(layers, trained):
+                m.eval()
+                m.momentum = momentum
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +92,6 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("split-view models are not supported here")
         pixels.append(px)
     before = probabilities(predictor, pixels)
-    trained = [(m.running_mean.clone(), m.running_var.clone()) for m in batchnorms(predictor.model)]
 
     def auc(probs: np.ndarray) -> str:
         m = scored(y, probs, predictor.labels, pool.groups, a.resamples, 0)["roc_auc"]
@@ -88,14 +99,11 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{a.model} on {a.data_dir} ({len(y)} frames): trained statistics {auc(before)}")
     for share in a.shares:
-        reestimate(predictor.model, pixels, share)
-        after = probabilities(predictor, pixels)
+        with statistics_from(predictor.model, pixels, share):
+            after = probabilities(predictor, pixels)
         d = paired_difference(y, before, after, pool.groups, n_resamples=a.resamples, seed=0)["roc_auc"]
         print(f"  {share:.0%} of the statistics from the unseen source: {auc(after)}; "
               f"minus trained {d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
-        for m, (mean, var) in zip(batchnorms(predictor.model), trained):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
 
 
 if __name__ == "__main__":

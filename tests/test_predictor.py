@@ -82,21 +82,20 @@ def test_guard_scores_flags_and_prediction_sets_come_from_the_same_pass(saved_fo
     pass that scored it), flagged above the threshold; its set is the conformal set of its probabilities."""
     from dataclasses import replace
 
+    from thyroid_classifier.inference import frame_probabilities
     from thyroid_classifier.metrics import frame_mean
     from thyroid_classifier.models import guard_features
     from thyroid_classifier.reliability import ConformalSets, DomainGuard, Reliability
 
     predictor = Predictor.from_pretrained(str(saved_folder))
     predictor.preprocessor = replace(predictor.preprocessor, split_views=True)  # split screens: two views, one score
-    frames = [Image.open(p).convert("RGB") for p in sorted(sample_dir.rglob("*.png"))[:12]]
+    frames = _frames(sample_dir, 12)
     pixels, _, owner = predictor.prepare(frames)
     assert len(owner) > len(frames)  # some frames are split screens
     with guard_features(predictor.model) as captured:
         raw = predictor.logits(pixels).double().numpy()
     features = frame_mean(torch.cat(captured).numpy().astype(np.float64), owner, len(frames))
     guard = DomainGuard.fit(features[:8]).calibrate(features[8:], coverage=0.5)
-    from thyroid_classifier.inference import frame_probabilities
-
     probs = frame_probabilities(raw, owner, len(frames), predictor.temperature)
     conformal = ConformalSets.fit(probs, [i % 3 for i in range(len(frames))], alpha=0.3)
     predictor.reliability = Reliability(guard=guard, conformal=conformal)

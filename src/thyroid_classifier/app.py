@@ -66,6 +66,18 @@ def display_copy(image):
     return shown
 
 
+def display_state(image, heatmap: np.ndarray) -> dict:
+    """What a session keeps for the opacity control: ``image`` (PIL) at display size and the heatmap
+    (values in [0, 1], the image's size) as uint8 at that size."""
+    shown = display_copy(image)
+    return {"original": np.asarray(shown), "heatmap": np.asarray(_as_image(np.uint8(np.round(heatmap * 255))).resize(shown.size))}
+
+
+def blended(state: Mapping, opacity: float) -> tuple[np.ndarray, np.ndarray]:
+    """The slider's two halves from a session's state: the display-sized image and its overlay."""
+    return state["original"], overlay(_as_image(state["original"]), state["heatmap"] / 255.0, opacity)
+
+
 def _answer_component(num_top_classes: int):
     """``gr.Label`` whose headline can be a sentence ("Not reliable", "benign or malignant: cannot
     tell") while the bars still show every class's confidence."""
@@ -256,22 +268,19 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
         notes = list(result.warnings)
         for note in notes:
             gr.Warning(note)
-        shown = display_copy(image)
-        heatmap = np.asarray(_as_image(np.uint8(np.round(result.heatmap * 255))).resize(shown.size))
         value, headline = answer(result)
         message = (
             f"{headline} The heatmap shows the regions that raised the score of *{result.explained}*."
             + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
         )
         # Kept per browser session for the opacity control only, at display size (uint8 map).
-        original = np.asarray(shown)
-        state = {"original": original, "heatmap": heatmap}
-        return value, (original, overlay(shown, heatmap / 255.0, opacity)), message, state
+        state = display_state(image, result.heatmap)
+        return value, blended(state, opacity), message, state
 
     def reblend(state: dict | None, opacity: float):
         if not state:  # a session with no result (or a direct call): nothing to redraw
             return gr.skip()
-        return (state["original"], overlay(_as_image(state["original"]), state["heatmap"] / 255.0, opacity))
+        return blended(state, opacity)
 
     with gr.Blocks(title="Thyroid ultrasound classifier (research)", delete_cache=tuple(cache_cleanup)) as demo:
         gr.Markdown("# Thyroid ultrasound classifier\n" + NOTICE)
