@@ -235,12 +235,14 @@ def test_an_example_is_not_deleted_after_someone_uses_it(server):
     assert Path(example).is_file()
 
 
-def test_models_are_loaded_and_run_on_one_thread_of_their_own(short_run, sample_dir, monkeypatch):
+def test_models_are_loaded_and_run_on_one_thread_of_their_own_and_waiting_requests_share_a_pass(short_run, sample_dir, monkeypatch):
     """torch's CPU thread pool belongs to the thread that calls it: each of gradio's worker threads
     that ran a model started another pool, and on a 2-core CPU every later prediction ran up to
     1.8x slower. The app loads and runs its models on one fixed thread, never on gradio's workers
-    (which vary from request to request) nor on the thread that started the app."""
+    (which vary from request to request) nor on the thread that started the app. Requests that
+    arrive while the model is busy go through it together, and each gets the answer it gets alone."""
     import threading
+    import time
 
     from gradio_client import Client, handle_file
 
@@ -249,25 +251,42 @@ def test_models_are_loaded_and_run_on_one_thread_of_their_own(short_run, sample_
 
     out, _ = short_run
     threads = {"load": set(), "predict": set()}
+    batches: list[int] = []
     load, predict = Predictor.from_pretrained.__func__, Predictor.predict
 
     def spy_load(cls, *args, **kwargs):
         threads["load"].add(threading.get_ident())
         return load(cls, *args, **kwargs)
 
-    def spy_predict(self, *args, **kwargs):
+    def spy_predict(self, images, *args, **kwargs):
         threads["predict"].add(threading.get_ident())
-        return predict(self, *args, **kwargs)
+        batches.append(len(images))
+        if len(batches) == 1:
+            time.sleep(1.5)  # a slow first pass: the other requests arrive and wait meanwhile
+        return predict(self, images, *args, **kwargs)
 
     monkeypatch.setattr(Predictor, "from_pretrained", classmethod(spy_load))
     monkeypatch.setattr(Predictor, "predict", spy_predict)
     demo = app.demo_from_arguments(app.parse_args(["--model", str(out / "tiny-resnet"), "--examples"]))
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    frames = [sample_dir / name for name in ("malignant/3000_1.png", "benign/2000_1.png", "normal/1000_1.png", "benign/2001_1.png")] * 2
+
+    def confidences(result) -> dict:
+        return [c["confidence"] for c in sorted(result[0]["confidences"], key=lambda c: c["label"])]
+
     try:
         client = Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False)
-        jobs = [client.submit(handle_file(str(sample_dir / "malignant" / "3000_1.png")), "tiny-resnet", 0.45, api_name="/predict") for _ in range(6)]
-        assert all(answered(job.result(timeout=120)[2]) for job in jobs)
+        jobs = [client.submit(handle_file(str(frame)), "tiny-resnet", 0.45, api_name="/predict") for frame in frames]
+        together = [job.result(timeout=120) for job in jobs]
+        passes = len(batches)
+        alone = [client.predict(handle_file(str(frame)), "tiny-resnet", 0.45, api_name="/predict") for frame in frames[:4]]
     finally:
         demo.close()
+    assert all(answered(result[2]) for result in together)
+    assert max(batches[:passes]) > 1 and sum(batches[:passes]) == len(frames)  # some requests shared a pass
+    assert batches[passes:] == [1, 1, 1, 1]  # one request at a time: none waits for company
+    for got, expected in zip(together, alone * 2, strict=True):  # each its own answer
+        assert confidences(got) == pytest.approx(confidences(expected), abs=1e-4)
+    assert len({round(confidences(r)[0], 3) for r in alone}) > 1  # (the frames' answers differ: a mix-up would show)
     assert len(threads["predict"]) == 1 and threads["predict"] == threads["load"]
     assert threading.get_ident() not in threads["load"]

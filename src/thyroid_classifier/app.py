@@ -9,8 +9,11 @@ never-analysed uploads, the images shown back) is deleted within :data:`FORGET_W
 gradio's cache clean-up; no file name reaches the log; no run history is kept in the browser.
 
 Memory: an image's declared size is checked before decoding (``preprocess.MAX_PIXELS``), large
-legal images are decoded reduced, and the session keeps display-sized copies only; every event,
-the opacity control included, runs through the queue under one concurrency limit.
+legal images are decoded reduced, one at a time, and the session keeps display-sized copies only;
+every event, the opacity control included, runs through the queue under one concurrency limit.
+
+Speed: models are loaded and run on the fixed threads of a :class:`~thyroid_classifier.serving.ModelRunner`,
+which gives the requests that wait while the model is busy one forward pass together.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ import numpy as np
 from .explain import overlay
 from .preprocess import ImageError, open_image
 from .reliability import set_text
+from .serving import MAX_BATCH, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +124,49 @@ def _upload_component():
     )
 
 
+def cache_image(array: np.ndarray, cache_dir: str, format: str = "jpeg") -> str:
+    """``array`` encoded and written into gradio's cache as gradio names it (a folder per content,
+    hashed with gradio's seed), but atomically: written aside, then renamed into place.
+
+    gradio rewrites a cached image in place, so when two requests show the same picture (an
+    example, or one frame sent twice) a page fetching the first copy could get an empty body while
+    the second is written (seen under load: "peer closed connection", 1 fetch in 200)."""
+    import tempfile
+
+    from gradio import processing_utils
+
+    data = processing_utils.encode_pil_to_bytes(_as_image(array), format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=folder, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(temporary, folder / f"image.{format}")  # a new file: a reader of the old one reads it whole
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return str((folder / f"image.{format}").resolve())
+
+
+def _slider_component():
+    """``gr.ImageSlider`` (original | Grad-CAM, display-sized JPEGs) whose images reach gradio's
+    cache through :func:`cache_image`."""
+    import gradio as gr
+
+    class DisplaySlider(gr.ImageSlider):
+        is_template = True  # render with gr.ImageSlider's front end
+
+        def postprocess(self, value):
+            if value is None:
+                return None
+            return super().postprocess(tuple(cache_image(v, self.GRADIO_CACHE, self.format) if isinstance(v, np.ndarray) else v for v in value))
+
+    # JPEG: encoded in a few ms (PNG took ~50 ms a half at 560 x 360), and the "Original" half is
+    # a display copy, not the upload's pixels.
+    return DisplaySlider(label="Original | Grad-CAM", format="jpeg", type="numpy")
+
+
 def _interval(m: Mapping) -> str:
     return f"{m['value']:.2f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if not math.isnan(m["value"]) else "n/a"
 
@@ -207,31 +253,24 @@ class UploadJanitor:
                 pass
 
 
-def model_threads(workers: int = 1) -> ThreadPoolExecutor:
-    """The threads that load and run the app's models, one per concurrent prediction.
-
-    torch's CPU thread pool (OpenMP) belongs to the thread that calls into it. gradio runs each event
-    in a worker thread of its own choosing, so every new worker started another pool; once two
-    exist, a 2-core CPU is oversubscribed and every later forward pass ran up to 1.8x slower for the
-    life of the process (ResNet50, batch 1: ~130 ms on one thread, ~240 ms after a second thread
-    had used torch). So the app hands all model work to these few fixed threads."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="models")
-
-
-def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_limit: int = 1, forget_uploads_after: float = FORGET_UPLOAD_AFTER,
-               cache_cleanup: tuple[int, int] = CACHE_CLEANUP, models: Executor | None = None):
+def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelRunner | None = None, forget_uploads_after: float = FORGET_UPLOAD_AFTER,
+               cache_cleanup: tuple[int, int] = CACHE_CLEANUP):
     """The page around one or more :class:`~thyroid_classifier.predict.Predictor` (name → predictor).
 
     Uploads are deleted ``forget_uploads_after`` seconds after they are read; gradio's clean-up
     removes every other file of the app (rejected or never-analysed uploads, images shown back)
     older than ``cache_cleanup[1]`` seconds, every ``cache_cleanup[0]`` seconds. Predictions run on
-    ``models`` (default: :func:`model_threads`, one per concurrent prediction); pass the executor
-    that loaded the predictors so that one thread does all of a model's work."""
+    ``runner`` (default: one model thread, batches of up to :data:`~thyroid_classifier.serving.MAX_BATCH`);
+    pass the runner that loaded the predictors, so that one thread does all of a model's work. As
+    many requests as the runner can batch are handled at once; their images are decoded one at a time
+    per model thread, so memory stays bounded by a frame's worth each."""
     import gradio as gr
 
     if not predictors:
         raise ValueError("build_demo needs at least one model")
-    models = models or model_threads(concurrency_limit)
+    runner = runner or ModelRunner()
+    concurrency_limit = runner.workers * runner.max_batch
+    decoding = threading.BoundedSemaphore(runner.workers)  # a large legal PNG is decoded whole before it is reduced
     names = list(predictors)
     janitor = UploadJanitor(forget_uploads_after)
 
@@ -251,13 +290,14 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
             if not Path(path).is_file():
                 raise fail(f"{name}: the upload has expired (uploads are deleted within two minutes); upload it again.")
             try:
-                image = open_image(path, name=name)
+                with decoding:
+                    image = open_image(path, name=name)
             finally:
                 if path not in kept_examples():  # an example's cached copy serves every visitor
                     janitor.forget_later(path)  # the upload is not kept
             predictor = predictors[model_name]
             # The map is computed on the image as decoded; the overlay is drawn at display size below.
-            [result] = models.submit(predictor.predict, [image], opacity=None).result()
+            result = runner.predict(predictor, image, opacity=None)
         except ImageError as exc:
             raise fail(str(exc)) from None
         except gr.Error:
@@ -294,13 +334,11 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), concurrency_li
                     gr.Examples(list(examples), inputs=[image], label="Examples (synthetic unless stated)")
             with gr.Column():
                 label = _answer_component(max(len(p.labels) for p in predictors.values()))
-                # JPEG: encoded in a few ms (PNG took ~50 ms a half at 560 x 360), and the "Original"
-                # half is a display copy, not the upload's pixels.
-                slider = gr.ImageSlider(label="Original | Grad-CAM", format="jpeg", type="numpy")
+                slider = _slider_component()
                 message = gr.Markdown()
                 card = gr.Markdown(metrics_markdown(predictors[names[0]].info))
         state = gr.State(time_to_live=600)  # forgotten after 10 minutes: memory stays bounded
-        # One concurrency slot shared by every event that touches images: the opacity control waits
+        # One concurrency limit shared by every event that touches images: the opacity control waits
         # its turn like a prediction, so no one can bypass the limit by calling it directly.
         slot = dict(concurrency_limit=concurrency_limit, concurrency_id="images")
         button.click(predict, [image, model, opacity], [label, slider, message, state], api_name="predict", **slot)
@@ -365,7 +403,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind (default: $GRADIO_SERVER_NAME or 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=int(port) if port else None, help="port (default: $GRADIO_SERVER_PORT or the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public share link")
-    parser.add_argument("--concurrency", type=int, default=1, help="predictions run at once (1 suits a 2-core CPU)")
+    parser.add_argument("--concurrency", type=int, default=1, help="model threads, each running one forward pass at a time (1 suits a 2-core CPU)")
+    parser.add_argument("--max_batch", type=int, default=MAX_BATCH, help="requests one forward pass may serve: those that wait while the model is busy go through together")
     parser.add_argument("--examples", nargs="*", default=None, help="example images (default: the built-in synthetic sample)")
     return parser.parse_args(argv)
 
@@ -377,14 +416,14 @@ def demo_from_arguments(args: argparse.Namespace):
             print(f"error: no model at {name}. Train one first (see the README's quick start), pass --model FOLDER_OR_HUB_ID "
                   "or set MODEL_ID.", file=sys.stderr)
             raise SystemExit(2)
-    models = model_threads(args.concurrency)
+    runner = ModelRunner(args.concurrency, args.max_batch)
     try:
-        predictors = models.submit(load_predictors, args.model).result()  # loaded on the thread that runs them
+        predictors = runner.run(load_predictors, args.model)  # loaded on the thread that runs them
     except Exception as exc:  # noqa: BLE001 - one clear line, not a stack trace
         print(f"error: cannot load a model: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     examples = args.examples if args.examples is not None else default_examples()
-    return build_demo(predictors, examples=examples, concurrency_limit=args.concurrency, models=models)
+    return build_demo(predictors, examples=examples, runner=runner)
 
 
 def module_demo():

@@ -1,0 +1,112 @@
+"""The app's model threads: every model call on a few fixed threads, and predictions that wait batched.
+
+Two reasons, both measured on a 2-core CPU (docs/app.md, "Speed"):
+
+- torch's CPU thread pool (OpenMP) belongs to the thread that calls into it. gradio runs each event
+  on a worker thread of its own choosing; once a second thread had used torch, every later forward
+  pass ran up to 1.8x slower for the life of the process. So models are loaded and run only here.
+- A request that arrives while the model is busy waits anyway; when the model is free, everything
+  that waits goes through it as one batch (a 224-px ResNet50 with Grad-CAM: 133 ms for one image,
+  ~105 ms an image for two to eight). A request alone never waits for company.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Requests one forward pass may serve at most: everyone who waits, for up to 8 people at once (a
+#: cap below that makes some wait two passes). 224-px ResNet50 with Grad-CAM on this 2-core CPU:
+#: 133 ms for one image, ~105 ms an image for 2 to 8; a batch of 8 raises the server's memory
+#: high-water mark by ~250 MiB.
+MAX_BATCH = 8
+
+
+@dataclass
+class _Call:
+    """Any callable to run on a model thread (loading a model, for one)."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Prediction:
+    """One image for one predictor's ``predict`` (the rest of its keyword arguments: ``kwargs``)."""
+
+    predictor: Any
+    image: Any
+    kwargs: dict
+    future: Future = field(default_factory=Future)
+
+
+class ModelRunner:
+    """``workers`` fixed threads that run every model call; each pass of a thread takes everything
+    that waits (up to ``max_batch`` requests) and gives each predictor's images one ``predict`` call.
+
+    ``run(load_predictors, names)`` loads on a model thread; ``predict(predictor, image)`` blocks
+    until that image's :class:`~thyroid_classifier.predict.Prediction` is ready. Images of one batch
+    never affect each other's results (the models are in eval mode); an image whose batch fails is
+    retried alone, so one bad image fails only its own request."""
+
+    def __init__(self, workers: int = 1, max_batch: int = MAX_BATCH) -> None:
+        if workers < 1 or max_batch < 1:
+            raise ValueError(f"workers and max_batch must be at least 1 (got {workers}, {max_batch})")
+        self.workers = workers
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        #: the size of every batch run so far, in order (for tests and benchmarks)
+        self.batch_sizes: list[int] = []
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"models-{i}", daemon=True).start()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on a model thread; its result, or its exception raised here."""
+        job = _Call(fn, args)
+        self._queue.put(job)
+        return job.future.result()
+
+    def predict(self, predictor: Any, image: Any, **kwargs: Any) -> Any:
+        """``predictor.predict([image], **kwargs)[0]``, batched with whatever else waits."""
+        job = _Prediction(predictor, image, kwargs)
+        self._queue.put(job)
+        return job.future.result()
+
+    def _work(self) -> None:
+        while True:
+            jobs = [self._queue.get()]  # wait for work; then take whatever else already waits
+            while len(jobs) < self.max_batch:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            groups: dict[tuple, list[_Prediction]] = {}
+            for job in jobs:
+                if isinstance(job, _Call):
+                    try:
+                        job.future.set_result(job.fn(*job.args))
+                    except BaseException as exc:  # noqa: BLE001 - raised again in the waiting thread
+                        job.future.set_exception(exc)
+                else:
+                    groups.setdefault((id(job.predictor), tuple(sorted(job.kwargs.items()))), []).append(job)
+            for group in groups.values():
+                self._predict(group)
+
+    def _predict(self, group: Sequence[_Prediction]) -> None:
+        self.batch_sizes.append(len(group))
+        try:
+            results = group[0].predictor.predict([job.image for job in group], **group[0].kwargs)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the waiting thread
+            if len(group) == 1:
+                group[0].future.set_exception(exc)
+            else:  # one by one: only the bad image's request fails
+                for job in group:
+                    self._predict([job])
+            return
+        for job, result in zip(group, results, strict=True):
+            job.future.set_result(result)

@@ -1,0 +1,110 @@
+"""The app's model runner: batches what waits, keeps each request's answer its own, isolates a bad image."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from thyroid_classifier.serving import ModelRunner
+
+
+class FakePredictor:
+    """``predict`` returns each image's own answer; the first call holds until ``release`` is set,
+    so that the requests sent meanwhile have to wait."""
+
+    def __init__(self, hold_first: bool = True) -> None:
+        self.calls: list[list] = []
+        self.threads: set[int] = set()
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def predict(self, images, **kwargs):
+        self.calls.append(list(images))
+        self.threads.add(threading.get_ident())
+        self.started.set()
+        self.release.wait(timeout=30)
+        if "bad" in images:
+            raise ValueError("cannot read")
+        return [f"answer to {image} at {kwargs.get('opacity')}" for image in images]
+
+
+def _busy_then(runner: ModelRunner, predictor: FakePredictor, images: list, **kwargs) -> list:
+    """One request that holds the model, then ``images`` sent while it is busy; every answer (or error)."""
+    with ThreadPoolExecutor(len(images) + 1) as pool:
+        first = pool.submit(runner.predict, predictor, "first", **kwargs)
+        assert predictor.started.wait(timeout=30)
+        waiting = [pool.submit(runner.predict, predictor, image, **kwargs) for image in images]
+        while runner._queue.qsize() < len(images):  # all of them wait before the model is free
+            threading.Event().wait(0.01)
+        predictor.release.set()
+        futures = [first, *waiting]
+        return [f.exception(timeout=30) or f.result() for f in futures]
+
+
+def test_requests_that_wait_share_one_pass_and_each_gets_its_own_answer():
+    runner, predictor = ModelRunner(max_batch=8), FakePredictor()
+    answers = _busy_then(runner, predictor, [f"image {i}" for i in range(5)], opacity=None)
+    assert answers == ["answer to first at None"] + [f"answer to image {i} at None" for i in range(5)]
+    assert predictor.calls == [["first"], [f"image {i}" for i in range(5)]]  # one pass for the five that waited
+    assert runner.batch_sizes == [1, 5]
+    assert len(predictor.threads) == 1 and threading.get_ident() not in predictor.threads
+
+
+def test_a_batch_is_never_larger_than_max_batch():
+    runner, predictor = ModelRunner(max_batch=2), FakePredictor()
+    answers = _busy_then(runner, predictor, ["a", "b", "c", "d", "e"])
+    assert answers[1:] == [f"answer to {x} at None" for x in "abcde"]
+    assert runner.batch_sizes == [1, 2, 2, 1]
+
+
+def test_a_bad_image_fails_only_its_own_request():
+    runner, predictor = ModelRunner(), FakePredictor()
+    answers = _busy_then(runner, predictor, ["a", "bad", "c"])
+    assert answers[0] == "answer to first at None" and answers[1] == "answer to a at None" and answers[3] == "answer to c at None"
+    assert isinstance(answers[2], ValueError)
+    assert predictor.calls[1] == ["a", "bad", "c"] and ["bad"] in predictor.calls  # the batch failed; each retried alone
+
+
+def test_different_predictors_and_settings_are_never_mixed_in_one_call():
+    runner, one, two = ModelRunner(), FakePredictor(), FakePredictor(hold_first=False)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(runner.predict, one, "first")
+        assert one.started.wait(timeout=30)
+        jobs = [pool.submit(runner.predict, two, "x"), pool.submit(runner.predict, one, "y", opacity=0.5), pool.submit(runner.predict, one, "z")]
+        while runner._queue.qsize() < 3:
+            threading.Event().wait(0.01)
+        one.release.set()
+        assert [j.result(timeout=30) for j in [first, *jobs]] == ["answer to first at None", "answer to x at None", "answer to y at 0.5", "answer to z at None"]
+    assert two.calls == [["x"]] and sorted(one.calls) == [["first"], ["y"], ["z"]]
+
+
+def test_run_returns_or_raises_on_a_model_thread():
+    runner = ModelRunner()
+    assert runner.run(threading.get_ident) != threading.get_ident()
+    with pytest.raises(ZeroDivisionError):
+        runner.run(lambda: 1 / 0)
+    with pytest.raises(ValueError, match="at least 1"):
+        ModelRunner(max_batch=0)
+
+
+def test_a_batched_prediction_equals_the_one_made_alone(short_run, sample_dir):
+    """Real model, real frames (a split screen among them): batching changes nothing a user sees."""
+    from PIL import Image
+
+    from thyroid_classifier.app import load_predictors
+
+    out, _ = short_run
+    predictor = load_predictors([str(out / "tiny-resnet")])["tiny-resnet"]
+    frames = [Image.open(p).convert("RGB") for p in sorted(sample_dir.rglob("*.png"))[:6]]
+    alone = [predictor.predict([frame], opacity=None)[0] for frame in frames]
+    together = predictor.predict(frames, opacity=None)
+    for a, b in zip(alone, together, strict=True):
+        assert a.label == b.label and a.explained == b.explained and a.prediction_set == b.prediction_set
+        assert [a.probabilities[k] for k in predictor.labels] == pytest.approx([b.probabilities[k] for k in predictor.labels], abs=1e-5)
+        assert np.abs(a.heatmap - b.heatmap).max() < 1e-3
+        assert a.in_domain_score == pytest.approx(b.in_domain_score, rel=1e-4, abs=1e-6) if a.in_domain_score is not None else b.in_domain_score is None
