@@ -51,7 +51,7 @@ def test_requests_that_wait_share_one_pass_and_each_gets_its_own_answer():
     answers = _busy_then(runner, predictor, [f"image {i}" for i in range(5)], opacity=None)
     assert answers == ["answer to first at None"] + [f"answer to image {i} at None" for i in range(5)]
     assert predictor.calls == [["first"], [f"image {i}" for i in range(5)]]  # one pass for the five that waited
-    assert runner.batch_sizes == [1, 5]
+    assert list(runner.batch_sizes) == [1, 5]
     assert len(predictor.threads) == 1 and threading.get_ident() not in predictor.threads
 
 
@@ -59,7 +59,7 @@ def test_a_batch_is_never_larger_than_max_batch():
     runner, predictor = ModelRunner(max_batch=2), FakePredictor()
     answers = _busy_then(runner, predictor, ["a", "b", "c", "d", "e"])
     assert answers[1:] == [f"answer to {x} at None" for x in "abcde"]
-    assert runner.batch_sizes == [1, 2, 2, 1]
+    assert list(runner.batch_sizes) == [1, 2, 2, 1]
 
 
 def test_a_bad_image_fails_only_its_own_request():
@@ -108,3 +108,35 @@ def test_a_batched_prediction_equals_the_one_made_alone(short_run, sample_dir):
         assert [a.probabilities[k] for k in predictor.labels] == pytest.approx([b.probabilities[k] for k in predictor.labels], abs=1e-5)
         assert np.abs(a.heatmap - b.heatmap).max() < 1e-3
         assert a.in_domain_score == pytest.approx(b.in_domain_score, rel=1e-4, abs=1e-6) if a.in_domain_score is not None else b.in_domain_score is None
+
+
+def _within(seconds: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``'s result or exception, failing the test if it has neither after ``seconds``."""
+    outcome: list = []
+
+    def call() -> None:
+        try:
+            outcome.append(fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert outcome, f"no answer within {seconds} s: the model thread is gone"
+    return outcome[0]
+
+
+def test_a_predictor_that_breaks_its_promise_fails_its_requests_and_the_thread_goes_on():
+    """A ``predict`` that returns the wrong number of results (or raises anything) must not kill the
+    model thread: every later request would wait for ever."""
+
+    class Short(FakePredictor):
+        def predict(self, images, **kwargs):
+            return super().predict(images, **kwargs)[:-1]
+
+    runner = ModelRunner()
+    failed = _within(30, runner.predict, Short(hold_first=False), "a")
+    assert isinstance(failed, RuntimeError) and "0 results for 1 images" in str(failed)
+    assert isinstance(_within(30, runner.predict, Short(hold_first=False), "b", unhashable=np.zeros(2)), RuntimeError)  # arguments that cannot be compared
+    assert _within(30, runner.predict, FakePredictor(hold_first=False), "c") == "answer to c at None"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -60,8 +61,8 @@ class ModelRunner:
         self.workers = workers
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        #: the size of every batch run so far, in order (for tests and benchmarks)
-        self.batch_sizes: list[int] = []
+        #: the sizes of the last 1000 batches, in order (for tests and benchmarks; bounded: a server runs for months)
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
         for i in range(workers):
             threading.Thread(target=self._work, name=f"models-{i}", daemon=True).start()
 
@@ -85,23 +86,29 @@ class ModelRunner:
                     jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            groups: dict[tuple, list[_Prediction]] = {}
+            groups: list[list[_Prediction]] = []
             for job in jobs:
                 if isinstance(job, _Call):
                     try:
                         job.future.set_result(job.fn(*job.args))
                     except BaseException as exc:  # noqa: BLE001 - raised again in the waiting thread
                         job.future.set_exception(exc)
+                    continue
+                mine = next((g for g in groups if g[0].predictor is job.predictor and _same(g[0].kwargs, job.kwargs)), None)
+                if mine is None:
+                    groups.append([job])
                 else:
-                    groups.setdefault((id(job.predictor), tuple(sorted(job.kwargs.items()))), []).append(job)
-            for group in groups.values():
+                    mine.append(job)
+            for group in groups:
                 self._predict(group)
 
     def _predict(self, group: Sequence[_Prediction]) -> None:
         self.batch_sizes.append(len(group))
         try:
             results = group[0].predictor.predict([job.image for job in group], **group[0].kwargs)
-        except BaseException as exc:  # noqa: BLE001 - raised again in the waiting thread
+            if len(results) != len(group):
+                raise RuntimeError(f"predict returned {len(results)} results for {len(group)} images")
+        except BaseException as exc:  # noqa: BLE001 - raised again in the waiting thread; this thread goes on
             if len(group) == 1:
                 group[0].future.set_exception(exc)
             else:  # one by one: only the bad image's request fails
@@ -110,3 +117,11 @@ class ModelRunner:
             return
         for job, result in zip(group, results, strict=True):
             job.future.set_result(result)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Whether two calls' keyword arguments are equal (values that cannot be compared: not equal)."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - e.g. arrays: such calls simply do not share a pass
+        return False
