@@ -210,12 +210,11 @@ def hostile(url: str, model: str, server) -> None:
     page.close()
 
 
-def standalone_predict(model: str, image_path: str):
-    """A function that runs the whole ``Predictor.predict`` on the image in this process and returns its ms."""
-    from thyroid_classifier.predict import Predictor
+def standalone_predict(predictor, image_path: str):
+    """A function that runs the whole ``predictor.predict`` on the image in this process and returns its ms."""
     from thyroid_classifier.preprocess import open_image
 
-    predictor, data = Predictor.from_pretrained(model), Path(image_path).read_bytes()
+    data = Path(image_path).read_bytes()
 
     def run() -> float:
         image = open_image(data)
@@ -228,17 +227,15 @@ def standalone_predict(model: str, image_path: str):
     return run
 
 
-def stages(model: str, image_path: str, repeats: int = 10, encode: str = "JPEG") -> dict[str, float]:
+def stages(predictor, image_path: str, repeats: int = 10, encode: str = "JPEG") -> dict[str, float]:
     """Where one request's time goes, stage by stage, in this process (median of ``repeats``, ms)."""
     import io
 
     from PIL import Image
 
     from thyroid_classifier.app import blended, display_state
-    from thyroid_classifier.predict import Predictor
     from thyroid_classifier.preprocess import open_image
 
-    predictor = Predictor.from_pretrained(model)
     data = Path(image_path).read_bytes()
     names = ("decode", "crop + views + pixels", "predict + Grad-CAM", "overlay (display size)", f"{encode} encode x2")
     times: dict[str, list[float]] = {k: [] for k in (*names, "Predictor.predict")}
@@ -279,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gradio_client import Client, handle_file
 
+    from thyroid_classifier.predict import Predictor
     from thyroid_classifier.sample import make_sample_dataset
 
     if args.model is None:
@@ -301,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3):  # warm-up
             page.analyse(page.upload(image), name)
         alone: dict[str, list[float]] = {"upload": [], "analyse": [], "both": []}
-        model_alone = standalone_predict(args.model, image) if args.stages else None
+        # --stages: one Predictor in this process, for the pairing below and the stage timing after the load
+        local = Predictor.from_pretrained(args.model) if args.stages else None
+        model_alone = standalone_predict(local, image) if local is not None else None
         around: list[float] = []
         for _ in range(20):  # one user alone: what a person waits
             t0 = time.perf_counter()
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
           f"'Analyse' until the answer and both images are in {single['analyse']:.0f} ms, together {single['both']:.0f} ms "
           f"(max {max(alone['both']):.0f} ms); the same call through gradio_client: p50 {statistics.median(library_times):.0f} ms")
     if args.stages:
-        med = stages(args.model, image)
+        med = stages(local, image)
         print(f"around the model: one request (upload + Analyse) {single['both']:.0f} ms = predict + explain {med['Predictor.predict']:.0f} ms "
               f"+ {single['both'] - med['Predictor.predict']:.0f} ms; paired with a Predictor.predict run here right after each request "
               f"(the machine's speed drifts): + {statistics.median(around):.0f} ms (median of 20; goal: + 50 ms at most)")

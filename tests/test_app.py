@@ -220,6 +220,17 @@ def test_module_level_demo_and_environment_defaults(short_run, monkeypatch):
     assert any(fn.name == "predict" for fn in module.demo.fns.values())
 
 
+@pytest.mark.parametrize("flag", ["--concurrency", "--max_batch"])
+def test_zero_model_threads_or_batch_size_is_refused_by_the_command_line(flag, capsys):
+    """Before a model loads, with argparse's one-line error (not a ValueError's stack trace)."""
+    from thyroid_classifier.app import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, "0"])
+    assert exit_info.value.code == 2 and "must be at least 1, not 0" in capsys.readouterr().err
+    assert getattr(parse_args([flag, "3"]), flag.lstrip("-")) == 3
+
+
 def test_an_example_is_not_deleted_after_someone_uses_it(server):
     """Clicking an example sends gradio's cached copy of it, which serves every visitor: the upload
     clock must not delete it (the fixture's clock is 2 s)."""

@@ -138,15 +138,16 @@ def cache_image(array: np.ndarray, cache_dir: str, format: str = "jpeg") -> str:
     data = processing_utils.encode_pil_to_bytes(_as_image(array), format)
     folder = Path(cache_dir) / processing_utils.hash_bytes(data)
     folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"image.{format}"
     fd, temporary = tempfile.mkstemp(dir=folder, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
-        os.replace(temporary, folder / f"image.{format}")  # a new file: a reader of the old one reads it whole
+        os.replace(temporary, target)  # a new file: a reader of the old one reads it whole
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return str((folder / f"image.{format}").resolve())
+    return str(target.resolve())
 
 
 def _slider_component():
@@ -389,6 +390,17 @@ def launch(demo, host: str, port: int | None, share: bool, **kwargs):
     return demo.launch(share=False, **common)
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 model threads or batches would serve nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line; defaults follow the environment a Space (or ``gradio app.py``) sets:
     ``MODEL_ID`` (model folders or Hub ids, space-separated), ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``.
@@ -403,8 +415,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind (default: $GRADIO_SERVER_NAME or 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=int(port) if port else None, help="port (default: $GRADIO_SERVER_PORT or the first free one from 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public share link")
-    parser.add_argument("--concurrency", type=int, default=1, help="model threads, each running one forward pass at a time (1 suits a 2-core CPU)")
-    parser.add_argument("--max_batch", type=int, default=MAX_BATCH, help="requests one forward pass may serve: those that wait while the model is busy go through together")
+    parser.add_argument("--concurrency", type=_at_least_one, default=1, help="model threads, each running one forward pass at a time (1 suits a 2-core CPU)")
+    parser.add_argument("--max_batch", type=_at_least_one, default=MAX_BATCH, help="requests one forward pass may serve: those that wait while the model is busy go through together")
     parser.add_argument("--examples", nargs="*", default=None, help="example images (default: the built-in synthetic sample)")
     return parser.parse_args(argv)
 
