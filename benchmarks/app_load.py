@@ -1,6 +1,6 @@
 """Load test of the Gradio app on this machine: what a person waits, alone and among others.
 
-    python benchmarks/app_load.py [--model FOLDER] [--clients 8] [--requests 25] [--hostile] [--stages] [--max_batch N]
+    python benchmarks/app_load.py [--model FOLDER] [--clients 8] [--requests 25] [--hostile] [--stages] [--max_batch N] [--aged N]
 
 Starts `python app.py` as its own process on 127.0.0.1 and talks to it as its web page does
 (`PageClient`: the upload when a file is chosen, "Analyse" joins the queue, the answer arrives on
@@ -17,6 +17,7 @@ directly, as a hostile client can), and reports the server's peak resident memor
 Grad-CAM, the display overlay, JPEG encoding, and the whole `Predictor.predict` (the goal's
 "predict + explain"). Without `--model`, a randomly initialised 224-px ResNet50 folder is made
 (speed does not depend on the weights' values).
+`--aged N` first runs N cheap events through the server's queue, as a server that has been up a while.
 Only loopback traffic; every loop is bounded. Run it on another checkout with PYTHONPATH=OTHER/src
 (and that checkout's app.py: copy this file there) to compare before and after.
 """
@@ -210,6 +211,18 @@ def hostile(url: str, model: str, server) -> None:
     page.close()
 
 
+def age(url: str, events: int, chunk: int = 50) -> None:
+    """Make the server one that has run for a while: ``events`` cheap events through its queue (the
+    opacity control of a session with no result, answered without work), ``chunk`` at a time (the
+    queue holds 64). gradio keeps a record per event; what a request costs must not grow with them."""
+    page = PageClient(url)
+    start = time.perf_counter()
+    for done in range(0, events, chunk):
+        page.reblend(0.5, times=min(chunk, events - done))
+    page.close()
+    print(f"aged the server by {events} events in {time.perf_counter() - start:.0f} s")
+
+
 def standalone_predict(predictor, image_path: str):
     """A function that runs the whole ``predictor.predict`` on the image in this process and returns its ms."""
     from thyroid_classifier.preprocess import open_image
@@ -271,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=25)
     parser.add_argument("--image", default=None, help="image to send (default: a 560x360 synthetic frame)")
+    parser.add_argument("--aged", type=int, default=0, metavar="N", help="first run N cheap events through the server's queue (a server that has been up a while: gradio keeps up to 10000 records)")
     parser.add_argument("--max_batch", type=int, default=None, help="the app's --max_batch (default: the app's; 1: every request its own forward pass, as before batching)")
     args = parser.parse_args(argv)
 
@@ -295,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_until_up(url, proc)
         server = psutil.Process(proc.pid)
+        if args.aged:
+            age(url, args.aged)
         page = PageClient(url)
         for _ in range(3):  # warm-up
             page.analyse(page.upload(image), name)
@@ -342,13 +358,16 @@ def main(argv: list[str] | None = None) -> int:
 
         started, client_cpu = time.perf_counter(), time.process_time()
         threads = [threading.Thread(target=client_loop) for _ in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=1800)
+        with PeakRss(server) as load_peak:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=1800)
         wall = time.perf_counter() - started
         client_cpu = time.process_time() - client_cpu  # this process's CPU: it shares the 2 cores with the server
         rss_end = server.memory_info().rss / 2**20
+        time.sleep(3)  # the server idles: what it keeps once the burst is over
+        rss_idle = server.memory_info().rss / 2**20
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -368,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"latency p50 {statistics.median(latencies):.0f} ms, p95 {q[18]:.0f} ms, max {max(latencies):.0f} ms "
           f"(queued behind other clients; the app runs one forward pass at a time, for every request that waits); p95 / single p50 = {q[18] / single['both']:.1f} (goal <= 8)")
     print(f"throughput {len(latencies) / wall:.2f} predictions/s over {wall:.1f} s; the {args.clients} clients used {client_cpu / wall:.0%} of one core")
-    print(f"server memory: {rss_start:.0f} MiB after warm-up, {rss_end:.0f} MiB after the load ({rss_end - rss_start:+.0f} MiB)")
+    print(f"server memory: {rss_start:.0f} MiB after warm-up, peak {load_peak.peak:.0f} MiB during the load ({load_peak.peak - rss_start:+.0f}), "
+          f"{rss_end:.0f} MiB after it ({rss_end - rss_start:+.0f} MiB), "
+          f"{rss_idle:.0f} MiB 3 s later ({rss_idle - rss_start:+.0f} MiB)")
     return 1 if errors else 0
 
 

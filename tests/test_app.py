@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from thyroid_classifier.app import build_demo, load_predictors, metrics_markdown
+from thyroid_classifier.app import QUEUE_ANALYTICS, build_demo, load_predictors, metrics_markdown
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +302,37 @@ def test_models_are_loaded_and_run_on_one_thread_of_their_own_and_waiting_reques
     assert len({round(confidences(r)[0], 3) for r in alone}) > 1  # (the frames' answers differ: a mix-up would show)
     assert len(threads["predict"]) == 1 and threads["predict"] == threads["load"]
     assert threading.get_ident() not in threads["load"]
+
+
+@pytest.mark.parametrize("environment", [{}, {"GRADIO_ANALYTICS_CACHE_FREQUENCY": "1"}], ids=["app default", "set by the environment"])
+def test_the_queue_does_not_summarise_every_past_event_after_each_request(server, sample_dir, monkeypatch, environment):
+    """gradio's queue keeps its last 10000 events and, after every event, summarises them all with
+    pandas for its /monitoring dashboard (off in this app): 12 ms of CPU a request on a server that
+    has run 10000. The app turns that off unless the environment asks for it, and leaves the
+    environment as it found it."""
+    from gradio.queueing import Queue
+    from gradio_client import Client, handle_file
+
+    _, predictors = server
+    summaries: list[int] = []
+    summarise = Queue._get_df
+
+    def spy(records):
+        summaries.append(len(records))
+        return summarise(records)
+
+    monkeypatch.setattr(Queue, "_get_df", staticmethod(spy))
+    for name in QUEUE_ANALYTICS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    demo = build_demo(predictors)
+    assert {name: os.environ.get(name) for name in QUEUE_ANALYTICS} == {name: environment.get(name) for name in QUEUE_ANALYTICS}
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False, download_files=False)
+        for _ in range(3):
+            assert answered(client.predict(handle_file(str(sample_dir / "benign" / "2000_1.png")), "tiny-resnet", 0.45, api_name="/predict")[2])
+    finally:
+        demo.close()
+    assert len(summaries) == (3 if environment else 0)  # (the spy sees gradio's summaries when they run: one a request)

@@ -140,3 +140,64 @@ def test_a_predictor_that_breaks_its_promise_fails_its_requests_and_the_thread_g
     assert isinstance(failed, RuntimeError) and "0 results for 1 images" in str(failed)
     assert isinstance(_within(30, runner.predict, Short(hold_first=False), "b", unhashable=np.zeros(2)), RuntimeError)  # arguments that cannot be compared
     assert _within(30, runner.predict, FakePredictor(hold_first=False), "c") == "answer to c at None"
+
+
+def test_memory_is_given_back_once_the_model_idles_after_a_burst_and_never_for_lone_requests(monkeypatch):
+    """A burst of batches leaves the allocator holding memory it no longer uses; once the model has
+    been idle ``give_back_after`` seconds after a batch, it is trimmed, once. Lone requests never
+    trim: the next one would pay the page faults again."""
+    import time
+
+    from thyroid_classifier import serving
+
+    calls: list[tuple[int, float]] = []  # (thread, time): other tests' runners may trim meanwhile
+    monkeypatch.setattr(serving, "release_free_memory", lambda: calls.append((threading.get_ident(), time.monotonic())) or True)
+    runner = ModelRunner(give_back_after=0.3)
+    lone = FakePredictor(hold_first=False)
+
+    def trims() -> list[float]:
+        return [at for thread, at in calls if thread in lone.threads]
+
+    for image in ("a", "b"):
+        runner.predict(lone, image)
+        time.sleep(0.5)
+    assert trims() == [] and list(runner.batch_sizes) == [1, 1]
+    burst = FakePredictor()
+    _busy_then(runner, burst, ["c", "d", "e"])
+    finished = time.monotonic()
+    time.sleep(1.0)
+    assert list(runner.batch_sizes)[2:] == [1, 3] and len(trims()) == 1  # once, not every 0.3 s
+    assert 0.25 <= trims()[0] - finished <= 0.9  # after the idle time, not at once
+    runner.predict(lone, "f")
+    time.sleep(0.5)
+    assert len(trims()) == 1  # a lone request after it does not trim again
+    assert burst.threads == lone.threads  # (one model thread: the filter above sees all of this runner's trims)
+
+
+def test_release_free_memory_returns_what_a_thread_freed_to_the_system():
+    """glibc keeps what a thread frees in that thread's arena; ``malloc_trim`` hands it back."""
+    import platform
+
+    import psutil
+
+    from thyroid_classifier.serving import release_free_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+
+    def churn() -> None:  # many small blocks (below the mmap threshold), freed but the last
+        blocks = [np.ones(16_000) for _ in range(3_000)]  # 125 kB each, ~370 MiB together
+        keep = blocks[-1]
+        del blocks
+        churn.kept = keep
+
+    release_free_memory()
+    process = psutil.Process()
+    before = process.memory_info().rss
+    thread = threading.Thread(target=churn)
+    thread.start()
+    thread.join()
+    held = process.memory_info().rss - before
+    assert release_free_memory()
+    after = process.memory_info().rss - before
+    assert held > 200 * 2**20 and after < held / 4, (held / 2**20, after / 2**20)

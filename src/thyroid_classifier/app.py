@@ -19,6 +19,7 @@ which gives the requests that wait while the model is busy one forward pass toge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import logging
 import math
@@ -26,7 +27,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,11 @@ CACHE_CLEANUP = (30, 60)  # (frequency, age) in seconds
 FORGET_WITHIN = sum(CACHE_CLEANUP)
 #: The longer side of what the page shows and the session keeps (the opacity control reblends it).
 DISPLAY_SIDE = 1024
+#: gradio's queue keeps a record of its last 10000 events and, after every event, summarises them all
+#: with pandas for its /monitoring dashboard (which the app turns off): 12 ms of CPU an event once a
+#: server has run 10000, 2 ms at 100. The app keeps one record and never summarises (a setting the
+#: environment can still override).
+QUEUE_ANALYTICS = {"GRADIO_ANALYTICS_MAX_EVENTS": "1", "GRADIO_ANALYTICS_CACHE_FREQUENCY": str(2**62)}
 
 
 def safe_name(name: str) -> str:
@@ -345,8 +351,21 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         button.click(predict, [image, model, opacity], [label, slider, message, state], api_name="predict", **slot)
         opacity.release(reblend, [state, opacity], [slider], api_name=False, **slot)
         model.change(lambda name: metrics_markdown(predictors[name].info), [model], [card], api_name=False)
-    demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
+    with _environment_defaults(QUEUE_ANALYTICS):  # read when the queue is made
+        demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
     return demo
+
+
+@contextlib.contextmanager
+def _environment_defaults(values: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, environment variables that are not set take ``values``; then they are unset again."""
+    added = [name for name in values if name not in os.environ]
+    os.environ.update({name: values[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _as_image(array: np.ndarray):

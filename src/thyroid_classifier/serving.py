@@ -8,10 +8,17 @@ Two reasons, both measured on a 2-core CPU (docs/app.md, "Speed"):
 - A request that arrives while the model is busy waits anyway; when the model is free, everything
   that waits goes through it as one batch (a 224-px ResNet50 with Grad-CAM: 133 ms for one image,
   ~105 ms an image for two to eight). A request alone never waits for company.
+
+A burst of batches leaves the server's allocator holding a few hundred MiB it no longer uses (gradio's
+worker threads and the model thread each keep their own malloc arenas); once the model has been idle
+for :data:`GIVE_BACK_AFTER` seconds after a batch, that memory is returned to the system
+(:func:`release_free_memory`). Lone requests never trigger it: they would pay the page faults again.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import queue
 import threading
 from collections import deque
@@ -22,9 +29,31 @@ from typing import Any
 
 #: Requests one forward pass may serve at most: everyone who waits, for up to 8 people at once (a
 #: cap below that makes some wait two passes). 224-px ResNet50 with Grad-CAM on this 2-core CPU:
-#: 133 ms for one image, ~105 ms an image for 2 to 8; a batch of 8 raises the server's memory
-#: high-water mark by ~250 MiB.
+#: 133 ms for one image, ~105 ms an image for 2 to 8; a burst of batches of 8 raises the server's
+#: memory by ~250-430 MiB while it lasts (given back after it: GIVE_BACK_AFTER).
 MAX_BATCH = 8
+#: Seconds of idleness after a pass of several requests before freed memory goes back to the system
+#: (under steady load the model is never idle this long, so the trim costs nothing there).
+GIVE_BACK_AFTER = 1.0
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Return the memory that every malloc arena holds but no longer uses to the system (glibc's
+    ``malloc_trim(0)``, about 1 ms); whether the C library could."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 @dataclass
@@ -55,11 +84,12 @@ class ModelRunner:
     never affect each other's results (the models are in eval mode); an image whose batch fails is
     retried alone, so one bad image fails only its own request."""
 
-    def __init__(self, workers: int = 1, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, workers: int = 1, max_batch: int = MAX_BATCH, give_back_after: float = GIVE_BACK_AFTER) -> None:
         if workers < 1 or max_batch < 1:
             raise ValueError(f"workers and max_batch must be at least 1 (got {workers}, {max_batch})")
         self.workers = workers
         self.max_batch = max_batch
+        self.give_back_after = give_back_after
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         #: the sizes of the last 1000 batches, in order (for tests and benchmarks; bounded: a server runs for months)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
@@ -79,8 +109,14 @@ class ModelRunner:
         return job.future.result()
 
     def _work(self) -> None:
+        batched = False  # a pass of several requests since memory was last given back
         while True:
-            jobs = [self._queue.get()]  # wait for work; then take whatever else already waits
+            try:  # wait for work; then take whatever else already waits
+                jobs = [self._queue.get(timeout=self.give_back_after if batched else None)]
+            except queue.Empty:  # idle after a burst: give its memory back
+                release_free_memory()
+                batched = False
+                continue
             while len(jobs) < self.max_batch:
                 try:
                     jobs.append(self._queue.get_nowait())
@@ -101,6 +137,7 @@ class ModelRunner:
                     mine.append(job)
             for group in groups:
                 self._predict(group)
+            batched = batched or any(len(group) > 1 for group in groups)
 
     def _predict(self, group: Sequence[_Prediction]) -> None:
         self.batch_sizes.append(len(group))
