@@ -172,6 +172,9 @@ def test_memory_is_given_back_once_the_model_idles_after_a_burst_and_never_for_l
     time.sleep(0.5)
     assert len(trims()) == 1  # a lone request after it does not trim again
     assert burst.threads == lone.threads  # (one model thread: the filter above sees all of this runner's trims)
+    for wrong in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="give_back_after"):
+            ModelRunner(give_back_after=wrong)
 
 
 def test_release_free_memory_returns_what_a_thread_freed_to_the_system():

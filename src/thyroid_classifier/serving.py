@@ -87,6 +87,8 @@ class ModelRunner:
     def __init__(self, workers: int = 1, max_batch: int = MAX_BATCH, give_back_after: float = GIVE_BACK_AFTER) -> None:
         if workers < 1 or max_batch < 1:
             raise ValueError(f"workers and max_batch must be at least 1 (got {workers}, {max_batch})")
+        if not give_back_after > 0:  # a negative timeout would kill the model thread at its first idle moment
+            raise ValueError(f"give_back_after must be a positive number of seconds (got {give_back_after})")
         self.workers = workers
         self.max_batch = max_batch
         self.give_back_after = give_back_after
