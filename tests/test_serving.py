@@ -55,11 +55,14 @@ def test_requests_that_wait_share_one_pass_and_each_gets_its_own_answer():
     assert len(predictor.threads) == 1 and threading.get_ident() not in predictor.threads
 
 
-def test_a_batch_is_never_larger_than_max_batch():
-    runner, predictor = ModelRunner(max_batch=2), FakePredictor()
+@pytest.mark.parametrize(("max_batch", "passes"), [(2, [1, 2, 2, 1]), (1, [1] * 6)])
+def test_a_batch_is_never_larger_than_max_batch(max_batch, passes):
+    """``--max_batch 1``: every request its own pass, as before batching."""
+    runner, predictor = ModelRunner(max_batch=max_batch), FakePredictor()
     answers = _busy_then(runner, predictor, ["a", "b", "c", "d", "e"])
     assert answers[1:] == [f"answer to {x} at None" for x in "abcde"]
-    assert list(runner.batch_sizes) == [1, 2, 2, 1]
+    assert list(runner.batch_sizes) == passes
+    assert runner.batch_sizes.maxlen == 1000  # bounded: a server runs for months
 
 
 def test_a_bad_image_fails_only_its_own_request():
@@ -159,7 +162,7 @@ def test_memory_is_given_back_once_the_model_idles_after_a_burst_and_never_for_l
         return [at for thread, at in calls if thread in lone.threads]
 
     for image in ("a", "b"):
-        runner.predict(lone, image)
+        assert _within(30, runner.predict, lone, image) == f"answer to {image} at None"
         time.sleep(0.5)
     assert trims() == [] and list(runner.batch_sizes) == [1, 1]
     burst = FakePredictor()
@@ -168,7 +171,7 @@ def test_memory_is_given_back_once_the_model_idles_after_a_burst_and_never_for_l
     time.sleep(1.0)
     assert list(runner.batch_sizes)[2:] == [1, 3] and len(trims()) == 1  # once, not every 0.3 s
     assert 0.25 <= trims()[0] - finished <= 0.9  # after the idle time, not at once
-    runner.predict(lone, "f")
+    assert _within(30, runner.predict, lone, "f") == "answer to f at None"  # the thread goes on after giving back
     time.sleep(0.5)
     assert len(trims()) == 1  # a lone request after it does not trim again
     assert burst.threads == lone.threads  # (one model thread: the filter above sees all of this runner's trims)
@@ -204,3 +207,10 @@ def test_release_free_memory_returns_what_a_thread_freed_to_the_system():
     assert release_free_memory()
     after = process.memory_info().rss - before
     assert held > 200 * 2**20 and after < held / 4, (held / 2**20, after / 2**20)
+
+
+def test_release_free_memory_says_so_where_the_c_library_cannot(monkeypatch):
+    from thyroid_classifier import serving
+
+    monkeypatch.setattr(serving, "_malloc_trim", lambda: None)  # macOS, musl
+    assert serving.release_free_memory() is False
