@@ -86,6 +86,20 @@ def test_different_predictors_and_settings_are_never_mixed_in_one_call():
     assert two.calls == [["x"]] and sorted(one.calls) == [["first"], ["y"], ["z"]]
 
 
+def test_requests_whose_arguments_cannot_be_compared_never_share_a_call():
+    """Array arguments (``a == b`` is an array, not a truth value): each such request is its own call."""
+    runner, predictor = ModelRunner(), FakePredictor()
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(runner.predict, predictor, "first")
+        assert predictor.started.wait(timeout=30)
+        jobs = [pool.submit(runner.predict, predictor, image, weights=np.full(2, value)) for image, value in (("x", 1.0), ("y", 2.0))]
+        while runner._queue.qsize() < 2:
+            threading.Event().wait(0.01)
+        predictor.release.set()
+        assert [j.result(timeout=30) for j in [first, *jobs]] == [f"answer to {x} at None" for x in ("first", "x", "y")]
+    assert predictor.calls == [["first"], ["x"], ["y"]]
+
+
 def test_run_returns_or_raises_on_a_model_thread():
     runner = ModelRunner()
     assert runner.run(threading.get_ident) != threading.get_ident()
