@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         proc.wait(timeout=30)
     total = args.clients * args.requests
-    q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else [float("nan")] * 19
+    q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) >= 2 else [float("nan")] * 19
     single = {k: statistics.median(v) for k, v in alone.items()}
     print(f"one client alone, 20 requests as the page sends them (p50): upload {single['upload']:.0f} ms, "
           f"'Analyse' until the answer and both images are in {single['analyse']:.0f} ms, together {single['both']:.0f} ms "
