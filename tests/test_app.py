@@ -283,7 +283,7 @@ def test_models_are_loaded_and_run_on_one_thread_of_their_own_and_waiting_reques
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     frames = [sample_dir / name for name in ("malignant/3000_1.png", "benign/2000_1.png", "normal/1000_1.png", "benign/2001_1.png")] * 2
 
-    def confidences(result) -> dict:
+    def confidences(result) -> list[float]:
         return [c["confidence"] for c in sorted(result[0]["confidences"], key=lambda c: c["label"])]
 
     try:

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from thyroid_classifier.app import DISPLAY_SIDE, build_demo, load_predictors, safe_name
-from thyroid_classifier.serving import MAX_BATCH
 from thyroid_classifier.preprocess import MAX_DECODE_SIDE, MAX_PIXELS, ImageError, open_image
+from thyroid_classifier.serving import MAX_BATCH
 
 CLOCK = (1, 2)  # gradio's clean-up: every second, anything older than 2 s
 
