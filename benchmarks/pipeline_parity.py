@@ -31,8 +31,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _probs(answer: list[dict], labels: list[str]) -> list[float]:
-    return [next(d["score"] for d in answer if d["label"] == label) for label in labels]
+def _probs(answer: list[dict] | dict, labels: list[str]) -> list[float]:
+    scores = answer["scores"] if isinstance(answer, dict) else answer  # the folder's pipeline answers with a dict
+    return [next(d["score"] for d in scores if d["label"] == label) for label in labels]
 
 
 def compare(model: str, files: list[Path]) -> dict:
@@ -44,7 +45,10 @@ def compare(model: str, files: list[Path]) -> dict:
     predictor = Predictor.from_pretrained(model)
     labels, fitted = predictor.labels, float(getattr(predictor.model.config, "calibration_temperature", 1.0) or 1.0)
     folded = bool(getattr(predictor.model.config, "temperature_in_weights", False))
-    plain = pipeline("image-classification", model=model)
+    from transformers import ImageClassificationPipeline
+
+    # The plain pipeline class, asked for by name (a folder that ships its own pipeline needs remote code otherwise).
+    plain = pipeline("image-classification", model=model, pipeline_class=ImageClassificationPipeline)
     # A folder written before the processor shipped has no remote code: only "before" can be measured.
     after = pipeline("image-classification", model=model, trust_remote_code=True) if (Path(model) / "ultrasound_processor.py").is_file() else None
     k = len(labels)

@@ -42,23 +42,31 @@ def _ultrasound(sample_dir: Path) -> Image.Image:
 
 
 def answered(message: str) -> bool:
-    """The message carries one of the three answers: a label, "cannot tell", or "not reliable"."""
-    return "Predicted **" in message or "cannot tell" in message or "Not reliable" in message
+    """The message carries one of the answers: a headlined label (with where its promise holds), or why not."""
+    return any(words in message for words in ("were wrong on", "cannot tell", "Cannot tell", "Not reliable"))
 
 
 def _check_result(result, size: tuple[int, int]):
     label, slider, message = result[:3]
-    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
-    assert set(confidences) == {"normal", "benign", "malignant"}
-    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-3)
-    top = max(confidences, key=confidences.get)
-    # The top class is headlined only when the answer is reliable; otherwise the headline says why not.
-    if label["label"] == "Not reliable":
-        assert "unlike the images the model learned from" in message
-    elif label["label"].endswith(": cannot tell"):
-        assert "cannot rule out" in message and top in label["label"]
+    data = result[-1]
+    scores = data["scores"]
+    assert set(scores) == {"normal", "benign", "malignant"}
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-3)
+    top = max(scores, key=scores.get)
+    assert label["label"] == data["answer"] and data["reason"] in message
+    if data["headlined"]:
+        # Only a headlined label carries its bars.
+        confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+        assert label["label"] == top and confidences == pytest.approx(scores, abs=1e-6) and "not an answer" not in message
     else:
-        assert label["label"] == top and f"Predicted **{top}**" in message
+        # Any other answer shows no bars; its scores are in the text, said not to be an answer.
+        assert not label.get("confidences") and "The model's scores, not an answer" in message
+        if data["flagged"]:
+            assert label["label"] == "Not reliable" and "unlike the images the model learned from" in message
+        elif label["label"].endswith(": cannot tell"):
+            assert len(data["prediction_set"]) > 1 and "cannot rule out" in message
+        else:  # no evidence for this regime, or not confident enough for it
+            assert label["label"] == "Cannot tell" and ("never measured" in message or "leans to" in message)
     original, heat = (Image.open(item) if isinstance(item, str) else Image.open(item["path"]) for item in slider)
     assert heat.size == size and original.size == size
     return message
@@ -180,9 +188,9 @@ def test_identical_uploads_at_the_same_time_all_succeed(server, sample_dir, tmp_
     clients = [Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False, download_files=False) for _ in range(4)]
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda c: ask(c, path), clients))
-    for label, slider, message in (r[:3] for r in results):
-        assert answered(message) and len(slider) == 2
-        assert sum(c["confidence"] for c in label["confidences"]) == pytest.approx(1.0, abs=1e-3)
+    for label, slider, message, data in (r[:3] + r[-1:] for r in results):
+        assert answered(message) and len(slider) == 2 and label["label"] == data["answer"]
+        assert sum(data["scores"].values()) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_metrics_markdown_shows_card_numbers(server):
@@ -241,7 +249,7 @@ def test_an_example_is_not_deleted_after_someone_uses_it(server):
     kept = set().union(*(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values()))
     example = next(p for p in kept if p.endswith(".png"))
     predict = next(fn for fn in demo.fns.values() if fn.name == "predict").fn
-    value, images, message, state = predict(example, "tiny-resnet", 0.45)
+    value, images, message, state, _ = predict(example, "tiny-resnet", 0.45)
     assert answered(message)
     time.sleep(3.0)
     assert Path(example).is_file()
@@ -284,7 +292,7 @@ def test_models_are_loaded_and_run_on_one_thread_of_their_own_and_waiting_reques
     frames = [sample_dir / name for name in ("malignant/3000_1.png", "benign/2000_1.png", "normal/1000_1.png", "benign/2001_1.png")] * 2
 
     def confidences(result) -> list[float]:
-        return [c["confidence"] for c in sorted(result[0]["confidences"], key=lambda c: c["label"])]
+        return [v for _, v in sorted(result[-1]["scores"].items())]
 
     try:
         client = Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False)
@@ -336,3 +344,23 @@ def test_the_queue_does_not_summarise_every_past_event_after_each_request(server
     finally:
         demo.close()
     assert len(summaries) == (3 if environment else 0)  # (the spy sees gradio's summaries when they run: one a request)
+
+
+def test_the_frames_source_decides_its_regime_through_the_api(client, server, sample_dir, tmp_path):
+    """Nothing said: answered as a source the model never saw (this model has no such evidence: no label);
+    said to be one of its training sources: the in-source regime, whose sets come from validation; a
+    source the model does not know: a message, not a stack trace."""
+    from gradio_client import handle_file
+
+    _, predictors = server
+    predictor = predictors["tiny-resnet"]
+    path = _save(_ultrasound(sample_dir), tmp_path / "frame.png")
+    default = ask(client, path)[-1]
+    assert default["regime"] == "unseen" and not default["headlined"] and default["answer"] == "Cannot tell"
+    assert predictor.training_sources and predictor.training_sources[0] in default["reason"]
+    source = predictor.training_sources[0]
+    own = client.predict(handle_file(str(path)), "tiny-resnet", 0.45, source, api_name="/predict")[-1]
+    [expected] = predictor.predict([_ultrasound(sample_dir)], explain=False, source=source)
+    assert own["regime"] == "in_source" and own["prediction_set"] == expected.prediction_set and own["answer"] == expected.headline
+    with pytest.raises(Exception, match="not one of this model's training sources|not in the list of choices"):
+        client.predict(handle_file(str(path)), "tiny-resnet", 0.45, "elsewhere", api_name="/predict")

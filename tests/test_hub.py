@@ -21,6 +21,7 @@ from thyroid_classifier.training import main as train_main
 EXPECTED = {
     "model.safetensors", "config.json", "preprocessor_config.json", "ultrasound_preprocessing.json", "README.md",
     "ultrasound_processor.py", "ultrasound_crop.py",  # the crop as an image processor for pipeline(trust_remote_code=True)
+    "answer_rule.py", "thyroid_pipeline.py",  # the folder's own pipeline: the answer, set, flag and why
     "metrics.json", "fingerprints.json", "loss.png", "auc.png", "roc.png", "confusion_matrix.png",
     "reliability.json", "guard.safetensors",  # the Predictor of a Hub model flags and sets answers as the local one does
 }
@@ -163,7 +164,10 @@ def test_pushed_layout_loads_with_pipeline_and_predictor(short_run, tmp_path, na
     for rel, content in api.uploaded.items():
         (snapshot / rel).write_bytes(content)
     image = Image.open(sample_dir / "benign" / "2000_1.png")
-    assert len(pipeline("image-classification", model=str(snapshot), device="cpu")(image, top_k=3)) == 3
+    answer = pipeline("image-classification", model=str(snapshot), device="cpu", trust_remote_code=True)(image, top_k=3)
+    assert len(answer["scores"]) == 3 and answer["answer"] and "reason" in answer and "prediction_set" in answer
+    with pytest.raises(ValueError, match="trust_remote_code"):  # bare scores are not an answer: the folder's pipeline or an explicit class
+        pipeline("image-classification", model=str(snapshot), device="cpu")
     predictor = Predictor.from_pretrained(str(snapshot))
     assert predictor.preprocessor.crop and predictor.info["split"] == "test"
     assert predictor.predict([image])[0].overlay.shape[:2] == (image.height, image.width)

@@ -13,6 +13,7 @@ from thyroid_classifier.predict import Predictor
 
 def _pipeline_probs(classifier, images: list[Image.Image], labels: list[str]) -> np.ndarray:
     out = classifier(images, top_k=len(labels))
+    out = [answer["scores"] if isinstance(answer, dict) else answer for answer in out]  # the folder's pipeline, or the plain one
     return np.asarray([[next(d["score"] for d in answer if d["label"] == label) for label in labels] for answer in out])
 
 
@@ -48,9 +49,26 @@ def test_pipeline_with_remote_code_answers_as_the_predictor(short_run, sample_di
     assert np.abs(got - expected).max() <= 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
 
-    # Without the flag the folder still loads, without a prompt, with the plain processor (no crop):
+    # The folder's pipeline answers as the Predictor does, in both regimes: headline, whether it is one, why, set, flag.
+    source = predictor.training_sources[0]
+    for said in (None, source):
+        mine = predictor.predict(frames, explain=False, source=said)
+        theirs = remote(frames, **({"source": said} if said else {}))
+        assert [(a["answer"], a["headlined"], a["reason"], a["prediction_set"], a["flagged"], a["regime"]) for a in theirs] == \
+            [(r.headline, r.headlined, r.reason, r.prediction_set, r.flagged, r.regime) for r in mine]
+        np.testing.assert_allclose([a["in_domain_score"] for a in theirs], [r.in_domain_score for r in mine], rtol=1e-4)
+    assert {a["regime"] for a in remote(frames)} == {"unseen"} and {a["regime"] for a in remote(frames, source=source)} == {"in_source"}
+    with pytest.raises(ValueError, match="unknown source"):
+        remote(frames[0], source="another hospital")
+
+    # Without the flag transformers refuses the folder's pipeline (bare scores are not an answer); asking for the
+    # plain pipeline class still loads it, without a prompt, with the plain processor (no crop):
     # the same resize and normalisation on the whole frame.
-    plain = pipeline("image-classification", model=str(folder))
+    from transformers import ImageClassificationPipeline
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        pipeline("image-classification", model=str(folder))
+    plain = pipeline("image-classification", model=str(folder), pipeline_class=ImageClassificationPipeline)
     assert type(plain.image_processor).__name__ == "ViTImageProcessor"
     full, cropped = (proc(frames[0], return_tensors="pt")["pixel_values"] for proc in (plain.image_processor, remote.image_processor))
     region = predictor.preprocessor(frames[0])
@@ -68,7 +86,10 @@ def test_installed_package_needs_no_remote_code(short_run, sample_dir):
     predictor = Predictor.from_pretrained(str(folder))
     frames = _frames(sample_dir, 4)
     expected = np.asarray([[p.probabilities[label] for label in predictor.labels] for p in predictor.predict(frames, explain=False)])
-    classifier = pipeline("image-classification", model=str(folder), image_processor=UltrasoundImageProcessor.from_pretrained(folder))
+    from thyroid_classifier import ThyroidImageClassificationPipeline
+
+    classifier = pipeline("image-classification", model=str(folder), image_processor=UltrasoundImageProcessor.from_pretrained(folder),
+                          pipeline_class=ThyroidImageClassificationPipeline)
     assert np.abs(_pipeline_probs(classifier, frames, predictor.labels) - expected).max() <= 1e-4
     # The crop settings come from the folder: a processor told not to crop gives other pixels.
     uncropped = UltrasoundImageProcessor.from_pretrained(folder, ultrasound_crop=False)

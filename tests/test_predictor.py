@@ -41,7 +41,9 @@ def test_a_saved_folder_loads_calibrated_with_its_crop(saved_folder, sample_dir)
     got = _probs(results, predictor.labels)
     np.testing.assert_allclose(got, softmax(raw, 0.5), atol=1e-6)  # = softmax(saved): calibrated
     assert [r.label for r in results] == [predictor.labels[i] for i in got.argmax(1)]
-    assert all(not r.flagged and r.prediction_set == [] and r.in_domain_score is None and r.reliable for r in results)
+    # No calibration state in the folder: no evidence for any regime, so nothing is headlined and no class is ruled out.
+    assert all(not r.flagged and r.prediction_set == predictor.labels and r.in_domain_score is None for r in results)
+    assert all(not r.reliable and not r.headlined and r.headline == "Cannot tell" and "never measured on a source" in r.reason for r in results)
     assert all(r.box is not None and len(r.views) == 1 and r.heatmap is None and r.overlay is None for r in results)
 
 
@@ -85,6 +87,7 @@ def test_guard_scores_flags_and_prediction_sets_come_from_the_same_pass(saved_fo
     from thyroid_classifier.inference import frame_probabilities
     from thyroid_classifier.metrics import frame_mean
     from thyroid_classifier.models import guard_features
+    from thyroid_classifier.answer_rule import UNSEEN, Regime
     from thyroid_classifier.reliability import ConformalSets, DomainGuard, Reliability
 
     predictor = Predictor.from_pretrained(str(saved_folder))
@@ -98,7 +101,9 @@ def test_guard_scores_flags_and_prediction_sets_come_from_the_same_pass(saved_fo
     guard = DomainGuard.fit(features[:8]).calibrate(features[8:], coverage=0.5)
     probs = frame_probabilities(raw, owner, len(frames), predictor.temperature)
     conformal = ConformalSets.fit(probs, [i % 3 for i in range(len(frames))], alpha=0.3)
-    predictor.reliability = Reliability(guard=guard, conformal=conformal)
+    # The sets of the unseen regime (the default: the frames' source is not said); a threshold of 0 headlines any single-class set.
+    unseen = Regime(thresholds=conformal.thresholds, alpha=0.3, headline_threshold=0.0, max_error=0.2, per_class=True, evidence="test frames")
+    predictor.reliability = Reliability(guard=guard, conformal=conformal, regimes={UNSEEN: unseen})
 
     for explain in (False, True):
         results = predictor.predict(frames, explain=explain, opacity=None)
@@ -108,4 +113,5 @@ def test_guard_scores_flags_and_prediction_sets_come_from_the_same_pass(saved_fo
         assert any(r.flagged for r in results) and not all(r.flagged for r in results)
         member = conformal.sets(probs)
         assert [r.prediction_set for r in results] == [[k for j, k in enumerate(predictor.labels) if member[i, j]] for i in range(len(frames))]
-        assert [r.reliable for r in results] == [not r.flagged and len(r.prediction_set) <= 1 for r in results]
+        assert [r.reliable for r in results] == [not r.flagged and len(r.prediction_set) == 1 for r in results]
+        assert all(r.headline == (r.label if r.reliable else "Not reliable" if r.flagged else r.headline) for r in results)

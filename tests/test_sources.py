@@ -241,6 +241,40 @@ def test_loso_never_trains_on_the_held_out_source_and_scores_each_image_once(los
 
 
 @pytest.mark.slow
+def test_a_loso_run_fits_the_unseen_regime_on_its_out_of_source_scores(loso_run):
+    """The final model's unseen regime is fitted on every frame of the leave-one-source-out predictions (not
+    on validation), its cross-fitting is in the card's metrics, and the test split's predictions carry the
+    one rule's answer for each frame."""
+    from thyroid_classifier.answer_rule import IN_SOURCE, UNSEEN
+    from thyroid_classifier.loso import crossfit
+    from thyroid_classifier.reliability import ConformalSets, Reliability
+
+    folder, metrics, _ = loso_run
+    rel = Reliability.from_pretrained(folder)
+    with (folder / "loso_predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = metrics["labels"]
+    probs = np.array([[float(r[f"p_{k}"]) for k in labels] for r in rows])
+    y = np.array([labels.index(r["label"]) for r in rows])
+    sources = [r["source"] for r in rows]
+    unseen = rel.regimes[UNSEEN]
+    assert unseen.n == len(rows) and unseen.per_class and "leave-one-source-out" in unseen.evidence
+    # Fitted on the out-of-source scores (per source, the larger), never ruling out a class the in-source sets keep.
+    expected = [max(a, b) for a, b in zip(ConformalSets.fit_worst_case(probs, y, sources, unseen.alpha).thresholds, rel.conformal.thresholds)]
+    assert unseen.thresholds == pytest.approx(expected, abs=1e-5)
+    assert rel.regimes[IN_SOURCE].n == sum(metrics["data"]["counts"]["validation"].values())
+    assert rel.training_sources == sorted(set(sources))
+    again = crossfit(probs, y, np.array(sources), [r["group"] for r in rows], labels, unseen.alpha, n_resamples=0)
+    assert set(metrics["leave_one_source_out"]["crossfit"]) == set(again) == {f"{a} -> {b}" for a in set(sources) for b in set(sources) if a != b}
+    with (folder / "predictions_test.csv").open(newline="") as f:
+        test_rows = list(csv.DictReader(f))
+    assert all(r["answer"] and r["headlined"] in ("0", "1") and r["flagged"] in ("0", "1") and r["prediction_set"] for r in test_rows)
+    tested = metrics["reliability"]["headline"]["test"]
+    assert tested[IN_SOURCE]["n_headlined"] == sum(r["headlined"] == "1" for r in test_rows)
+    assert "When a label is stated" in (folder / "README.md").read_text()
+
+
+@pytest.mark.slow
 def test_loso_predictions_are_read_by_compare(loso_run):
     from thyroid_classifier.compare import compare, read_predictions
 
@@ -319,6 +353,7 @@ def test_loso_needs_two_sources(sample_dir, tiny_models, tmp_path):
 def test_app_shows_not_reliable_and_cannot_tell(short_run, sample_dir):
     from gradio_client import Client, handle_file
 
+    from thyroid_classifier.answer_rule import UNSEEN, Regime
     from thyroid_classifier.app import build_demo, load_predictors
 
     out, _ = short_run
@@ -326,7 +361,8 @@ def test_app_shows_not_reliable_and_cannot_tell(short_run, sample_dir):
     flagged, unsure = copy.copy(base), copy.copy(base)
     flagged.reliability = Reliability(guard=copy.deepcopy(base.reliability.guard), conformal=None)
     flagged.reliability.guard.threshold = -math.inf  # every image is unlike the training ones
-    unsure.reliability = Reliability(guard=None, conformal=ConformalSets(alpha=0.1, thresholds=[math.inf] * 3))  # no class ruled out
+    no_class_ruled_out = Regime(thresholds=[math.inf] * 3, alpha=0.1, headline_threshold=0.0, max_error=0.2, per_class=True, evidence="test frames")
+    unsure.reliability = Reliability(guard=None, conformal=ConformalSets(alpha=0.1, thresholds=[math.inf] * 3), regimes={UNSEEN: no_class_ruled_out})
     demo = build_demo({"flagged": flagged, "unsure": unsure}, forget_uploads_after=5.0)
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
@@ -334,11 +370,12 @@ def test_app_shows_not_reliable_and_cannot_tell(short_run, sample_dir):
         image = handle_file(str(sample_dir / "malignant" / "3000_1.png"))
         label, _, message, *_ = client.predict(image, "flagged", 0.45, api_name="/predict")
         assert label["label"] == "Not reliable"
-        assert "Not reliable: this image is unlike the images the model learned from" in message and "Predicted" not in message
-        assert len(label["confidences"]) == 3  # the numbers stay visible, not headlined
+        assert "Not reliable: this image is unlike the images the model learned from" in message and "were wrong on" not in message
+        assert not label.get("confidences")  # no bars under an answer that is not one ...
+        assert "The model's scores, not an answer" in message  # ... the numbers stay visible, said not to be an answer
         label, _, message, *_ = client.predict(image, "unsure", 0.45, api_name="/predict")
         assert label["label"] == "normal or benign or malignant: cannot tell"
-        assert "cannot rule out" in message and "Predicted" not in message
+        assert "cannot rule out" in message and "were wrong on" not in message
     finally:
         demo.close()
 

@@ -59,8 +59,9 @@ def test_space_folder_launches_offline_and_predicts(short_run, sample_dir, tmp_p
                 time.sleep(1)
         else:
             pytest.fail("the Space did not start: " + (tmp_path / "space.log").read_text())
-        label, _, message = client.predict(handle_file(str(sample_dir / "malignant" / "3000_1.png")), "model", 0.45, api_name="/predict")[:3]
-        assert {c["label"] for c in label["confidences"]} == {"normal", "benign", "malignant"} and message
+        result = client.predict(handle_file(str(sample_dir / "malignant" / "3000_1.png")), "model", 0.45, api_name="/predict")
+        label, message, data = result[0], result[2], result[-1]
+        assert set(data["scores"]) == {"normal", "benign", "malignant"} and label["label"] == data["answer"] and data["reason"] in message
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -68,10 +68,11 @@ def test_short_run_writes_every_artifact(short_run, sample_dir):
 @pytest.mark.parametrize("name", ["tiny-resnet", "tiny-vgg"])
 def test_result_loads_with_pipeline(short_run, sample_dir, name):
     from PIL import Image
-    from transformers import pipeline
+    from transformers import ImageClassificationPipeline, pipeline
 
     out, _ = short_run
-    classifier = pipeline("image-classification", model=str(out / name), device="cpu")
+    # The plain class, asked for explicitly (without it the folder's own pipeline needs trust_remote_code).
+    classifier = pipeline("image-classification", model=str(out / name), device="cpu", pipeline_class=ImageClassificationPipeline)
     image = Image.open(sample_dir / "benign" / "2000_1.png")
     predictions = classifier(image, top_k=3)
     assert {p["label"] for p in predictions} == {"normal", "benign", "malignant"}

@@ -26,7 +26,8 @@ def test_wheel_holds_the_package_data_and_an_installed_copy_renders_a_card(short
                    check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("thyroid_classifier-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("thyroid_classifier/model_card.md", "thyroid_classifier/ultrasound_processor.py", "thyroid_classifier/ultrasound_crop.py"):
+    for needed in ("thyroid_classifier/model_card.md", "thyroid_classifier/ultrasound_processor.py", "thyroid_classifier/ultrasound_crop.py",
+                   "thyroid_classifier/answer_rule.py", "thyroid_classifier/thyroid_pipeline.py"):
         assert needed in names, needed
 
     target = tmp_path / "installed"

@@ -34,7 +34,7 @@ import numpy as np
 
 from .explain import overlay
 from .preprocess import ImageError, open_image
-from .reliability import set_text
+from .answer_rule import UNSEEN
 from .serving import MAX_BATCH, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ def blended(state: Mapping, opacity: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _answer_component(num_top_classes: int):
     """``gr.Label`` whose headline can be a sentence ("Not reliable", "benign or malignant: cannot
-    tell") while the bars still show every class's confidence."""
+    tell", "Cannot tell"); its bars are drawn only under a headlined label (an answer that is not one
+    shows no bars: the scores are in the line under it, said not to be an answer)."""
     import gradio as gr
     from gradio.components.label import LabelConfidence, LabelData
 
@@ -98,11 +99,11 @@ def _answer_component(num_top_classes: int):
 
         def postprocess(self, value):
             if isinstance(value, dict) and "headline" in value:
-                ranked = sorted(value["confidences"].items(), key=lambda kv: kv[1], reverse=True)
-                return LabelData(label=str(value["headline"]), confidences=[LabelConfidence(label=k, confidence=v) for k, v in ranked])
+                ranked = sorted((value.get("confidences") or {}).items(), key=lambda kv: kv[1], reverse=True)
+                return LabelData(label=str(value["headline"]), confidences=[LabelConfidence(label=k, confidence=v) for k, v in ranked] or None)
             return super().postprocess(value)
 
-    return AnswerLabel(num_top_classes=num_top_classes, label="Answer and confidence per class")
+    return AnswerLabel(num_top_classes=num_top_classes, label="Answer")
 
 
 def _upload_component():
@@ -178,8 +179,9 @@ def _interval(m: Mapping) -> str:
     return f"{m['value']:.2f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if not math.isnan(m["value"]) else "n/a"
 
 
-def metrics_markdown(info: Mapping) -> str:
-    """The key test metrics from a model's ``metrics.json`` (its card's numbers), each saying where it holds."""
+def metrics_markdown(info: Mapping, reliability=None) -> str:
+    """The key test metrics from a model's ``metrics.json`` (its card's numbers), each saying where it
+    holds, and how answers are decided (from ``reliability``: the folder's regimes)."""
     split = info.get("split")
     test = info.get(split) if split else None
     if not test:
@@ -200,28 +202,35 @@ def metrics_markdown(info: Mapping) -> str:
         text += "\n\n**On a source it never saw** (leave-one-source-out): " + "; ".join(rows) + "."
     else:
         text += "\n\n**Not measured on any unseen source**: on images from another hospital or scanner it may do much worse."
+    if reliability is not None:
+        from .answer_text import rule_lines
+
+        text += "\n\n**When it states a label**\n\n" + "\n".join(f"- {line}" for line in rule_lines(info, reliability))
     return text
 
 
 def answer(result) -> tuple[dict, str]:
-    """What the page headlines for one prediction, and the sentence under it.
+    """What the page headlines for one prediction, and the line under it (the one rule,
+    :mod:`~thyroid_classifier.answer_rule`, decided both; the reason's numbers come from the model's folder).
 
-    A flagged image (unlike the training images) is headlined "Not reliable"; a prediction set with
-    several classes reads "A or B: cannot tell"; only a single-label set (or a model without sets)
-    headlines a label. The probabilities are always there, never as the headline of an unsure answer."""
-    confidences = dict(result.probabilities)
-    if result.flagged:
-        headline = "Not reliable"
-        text = ("**Not reliable: this image is unlike the images the model learned from.** Another scanner, site or kind of "
-                "image: the confidences below are what the model computes, not an answer.")
-    elif len(result.prediction_set) > 1:
-        headline = set_text(result.prediction_set)
-        text = (f"**{headline}.** At the model's confidence level it cannot rule out {' or '.join(result.prediction_set)}; "
-                "the highest score is not an answer.")
-    else:
-        headline = result.label
-        text = f"Predicted **{result.label}**" + (" (the only class its prediction set holds)." if result.prediction_set else ".")
-    return {"headline": headline, "confidences": confidences}, text
+    Only a headlined answer carries its bars; any other shows its headline ("Not reliable", "A or B:
+    cannot tell", "Cannot tell") and, in the line under it, the scores, said not to be an answer."""
+    if result.headlined:
+        return {"headline": result.headline, "confidences": dict(result.probabilities)}, f"**{result.reason}**"
+    scores = ", ".join(f"{label} {p:.0%}" for label, p in sorted(result.probabilities.items(), key=lambda kv: kv[1], reverse=True))
+    return {"headline": result.headline, "confidences": None}, f"**{result.reason}**\n\n_The model's scores, not an answer: {scores}._"
+
+
+def details(result) -> dict:
+    """The answer as data (the API's last output): what the page shows, and why."""
+    return {"answer": result.headline, "headlined": result.headlined, "reason": result.reason, "prediction_set": result.prediction_set,
+            "flagged": result.flagged, "in_domain_score": result.in_domain_score, "regime": result.regime,
+            "scores": dict(result.probabilities), "explained": result.explained}
+
+
+def source_choices(predictor) -> list[tuple[str, str]]:
+    """The "where is this frame from?" choices: any other source (the default), or one of the model's own."""
+    return [("Another hospital or scanner, or not sure", UNSEEN)] + [(f"{name} (one of its training sources)", name) for name in predictor.training_sources]
 
 
 class UploadJanitor:
@@ -289,7 +298,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         # print_exception=False: gradio would print a traceback ending in the file name to the log.
         return gr.Error(message, print_exception=False)
 
-    def predict(path: str | None, model_name: str, opacity: float):
+    def predict(path: str | None, model_name: str, opacity: float, source: str | None = UNSEEN):
         if not path:
             raise fail("Upload an image first.")
         name = safe_name(Path(path).name)
@@ -303,8 +312,10 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
                 if path not in kept_examples():  # an example's cached copy serves every visitor
                     janitor.forget_later(path)  # the upload is not kept
             predictor = predictors[model_name]
+            if source not in (None, UNSEEN) and source not in predictor.training_sources:
+                raise fail(f"{safe_name(str(source))} is not one of this model's training sources; choose another hospital or scanner.")
             # The map is computed on the image as decoded; the overlay is drawn at display size below.
-            result = runner.predict(predictor, image, opacity=None)
+            result = runner.predict(predictor, image, opacity=None, source=source or UNSEEN)
         except ImageError as exc:
             raise fail(str(exc)) from None
         except gr.Error:
@@ -317,12 +328,12 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
             gr.Warning(note)
         value, headline = answer(result)
         message = (
-            f"{headline} The heatmap shows the regions that raised the score of *{result.explained}*."
+            f"{headline}\n\nThe heatmap shows the regions that raised the score of *{result.explained}*."
             + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
         )
         # Kept per browser session for the opacity control only, at display size (uint8 map).
         state = display_state(image, result.heatmap)
-        return value, blended(state, opacity), message, state
+        return value, blended(state, opacity), message, state, details(result)
 
     def reblend(state: dict | None, opacity: float):
         if not state:  # a session with no result (or a direct call): nothing to redraw
@@ -335,6 +346,8 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
             with gr.Column():
                 image = _upload_component()
                 model = gr.Dropdown(names, value=names[0], label="Model", visible=len(names) > 1)
+                source = gr.Dropdown(source_choices(predictors[names[0]]), value=UNSEEN, label="Where is this frame from?",
+                                     info="Only a frame from one of the model's own training sources gets its in-source answers.")
                 opacity = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity")
                 button = gr.Button("Analyse", variant="primary")
                 if examples:
@@ -343,14 +356,17 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
                 label = _answer_component(max(len(p.labels) for p in predictors.values()))
                 slider = _slider_component()
                 message = gr.Markdown()
-                card = gr.Markdown(metrics_markdown(predictors[names[0]].info))
+                with gr.Accordion("The answer as data (what the API returns)", open=False):
+                    data = gr.JSON(label="Answer details")
+                card = gr.Markdown(metrics_markdown(predictors[names[0]].info, predictors[names[0]].reliability))
         state = gr.State(time_to_live=600)  # forgotten after 10 minutes: memory stays bounded
         # One concurrency limit shared by every event that touches images: the opacity control waits
         # its turn like a prediction, so no one can bypass the limit by calling it directly.
         slot = dict(concurrency_limit=concurrency_limit, concurrency_id="images")
-        button.click(predict, [image, model, opacity], [label, slider, message, state], api_name="predict", **slot)
+        button.click(predict, [image, model, opacity, source], [label, slider, message, state, data], api_name="predict", **slot)
         opacity.release(reblend, [state, opacity], [slider], api_name=False, **slot)
-        model.change(lambda name: metrics_markdown(predictors[name].info), [model], [card], api_name=False)
+        model.change(lambda name: (metrics_markdown(predictors[name].info, predictors[name].reliability),
+                                   gr.Dropdown(choices=source_choices(predictors[name]), value=UNSEEN)), [model], [card, source], api_name=False)
     with _environment_defaults(QUEUE_ANALYTICS):  # read when the queue is made
         demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
     return demo

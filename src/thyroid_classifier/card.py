@@ -138,13 +138,19 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
     if reliability.get("conformal"):
         c = reliability["conformal"]
         part = c.get(split) or {}
-        conformal_text = (f"Class-conditional split-conformal sets at {1 - c['alpha']:.0%} coverage (calibrated on validation): every "
+        conformal_text = (f"For frames of its training sources: class-conditional split-conformal sets at {1 - c['alpha']:.0%} coverage (calibrated on validation): every "
                           "class the model cannot rule out is in the set, and a set of several classes reads \"A or B: cannot tell\" "
                           "instead of a headline label."
                           + (f" On the {split} split: coverage {_fmt(part.get('coverage'))}, mean set size {_fmt(part.get('mean_set_size'))}, "
                              f"single-label sets {part.get('share_singletons', 0):.0%}." if part else "")
                           + " Coverage holds on images like the calibration images; on an unseen source it can fall (see the table above).")
+    from .answer_text import rule_lines
+    from .reliability import Reliability
+
+    reliability_state = Reliability.from_pretrained(folder)
     kwargs = dict(
+        headline_lines=rule_lines(metrics, reliability_state),
+        training_sources=", ".join(reliability_state.training_sources) or "none recorded",
         source_rows=source_rows if len(source_rows) > 1 else [],
         by_source_rows=by_source_rows,
         loso_rows=loso_rows,

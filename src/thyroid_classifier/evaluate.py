@@ -35,7 +35,7 @@ from .augment import device_shifts, shift_image
 from .data import DataError, as_dirs, resolve_groups, scan_sources, source_name
 from .folder import AUDIT, PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, with_intervals
-from .reliability import coverage_report, guard_report
+from .reliability import coverage_report, guard_report, regime_report
 from .plots import plot_confusion, plot_roc
 from .predict import Predictor
 from .preprocess import ImageError, open_image
@@ -72,7 +72,7 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     unknown = Counter(e.label for e in scan.images if e.label not in known and str(e.path) not in unreadable)
     rows = [(e, g) for e, g in zip(scan.images, groups, strict=True) if e.label in known and str(e.path) not in unreadable]
     shift_fns = device_shifts(seed) if shifts else {}
-    probs, y, kept_groups, paths, failed, sources, scores, flagged, sets = [], [], [], [], [], [], [], [], []
+    probs, y, kept_groups, paths, failed, sources, scores, flagged, sets, answers = [], [], [], [], [], [], [], [], [], []
     shifted: dict[str, list] = {name: [] for name in shift_fns}
     for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", disable=not progress):
         chunk = rows[start : start + batch_size]
@@ -93,6 +93,7 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
             scores.append(math.nan if result.in_domain_score is None else result.in_domain_score)
             flagged.append(result.flagged)
             sets.append([label in result.prediction_set for label in predictor.labels])
+            answers.append((result.headline, result.headlined))
         for name, fn in shift_fns.items():  # the same images as another machine might show them
             # Stage 3 of the one inference path: each cropped view as another machine might show it.
             results = predictor.predict([im for _, _, im in images], explain=False, view_transform=partial(shift_image, shift=fn))
@@ -112,7 +113,8 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
         "calibrated": predictor.calibrated,
         "external": with_intervals(metrics, intervals),
         "by_source": by_source(y, p, predictor.labels, kept_groups, sources, bootstrap, seed),
-        "reliability": reliability_report(predictor, y, p, sources, np.asarray(scores), np.asarray(flagged, dtype=bool), np.asarray(sets, dtype=bool)),
+        "reliability": reliability_report(predictor, y, p, sources, np.asarray(scores), np.asarray(flagged, dtype=bool), np.asarray(sets, dtype=bool),
+                                          np.asarray([h for _, h in answers], dtype=bool)),
         "unknown_classes": dict(unknown),
         "unreadable": report.unreadable + failed,
         "training_overlap": overlap,
@@ -123,7 +125,8 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     sets_named = [[label for label, inside in zip(predictor.labels, row, strict=True) if inside] for row in sets]
     write_predictions(out_dir / PREDICTIONS, predictor.labels, prediction_rows(paths, predictor.labels, y, np.asarray(p), group=kept_groups, source=sources,
-                                                                                 in_domain_score=scores, flagged=flagged, prediction_set=sets_named))
+                                                                                 in_domain_score=scores, flagged=flagged, prediction_set=sets_named,
+                                                                                 answer=[a for a, _ in answers], headlined=[h for _, h in answers]))
     plot_roc(y, p, predictor.labels, out_dir / "roc.png", "external")
     plot_confusion(metrics["confusion_matrix"], predictor.labels, out_dir / "confusion_matrix.png", "external")
     (out_dir / "report.md").write_text(report_markdown(result) + "\n")
@@ -131,8 +134,9 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
 
 
 def reliability_report(predictor: Predictor, y: Sequence[int], probs: np.ndarray, sources: Sequence[str], scores: np.ndarray,
-                       flagged: np.ndarray, member: np.ndarray) -> dict:
-    """Guard and prediction sets on these images, overall and per source (empty parts when the model has none)."""
+                       flagged: np.ndarray, member: np.ndarray, chosen: np.ndarray | None = None) -> dict:
+    """Guard, prediction sets and headlines (the answers given as a source the model never saw) on these
+    images, overall and per source (empty parts when the model has none)."""
     y, sources = np.asarray(y), np.asarray(sources)
     out: dict = {}
     names = sorted(set(sources.tolist()))
@@ -144,6 +148,8 @@ def reliability_report(predictor: Predictor, y: Sequence[int], probs: np.ndarray
     if predictor.reliability.conformal is not None:
         out["conformal"] = {"alpha": predictor.reliability.conformal.alpha,
                             **{name: coverage_report(y[m], member[m]) for name, m in parts.items()}}
+    if chosen is not None:
+        out["headline"] = {name: regime_report(y[m], probs[m], member[m], chosen[m], labels=predictor.labels) for name, m in parts.items()}
     return out
 
 
@@ -161,6 +167,14 @@ def reliability_lines(rel: dict) -> list[str]:
                   "| part | n | coverage | mean set size | single-label sets |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {v['n']} | {v['coverage']:.3f} | {v['mean_set_size']:.2f} | {v['share_singletons']:.0%} |"
                   for name, v in c.items() if name != "alpha"]
+        lines += [""]
+    if "headline" in rel:
+        lines += ["Headlined answers (as for a source the model never saw: the default of every face):", "",
+                  "| part | n | headlined | wrong among headlined (95% upper bound) | set coverage |", "|---|---|---|---|---|"]
+        for name, h in rel["headline"].items():
+            err = h["error_headlined"]["value"]
+            lines.append(f"| {name} | {h['n']} | {h['n_headlined']} ({h['share_headlined']['value']:.0%}) | "
+                         f"{'n/a' if err != err else f'{err:.0%}'} ({h['error_headlined_upper_95']:.0%}) | {h['coverage']['value']:.3f} |")
         lines += [""]
     return lines
 

@@ -30,8 +30,9 @@ from .metrics import (
     softmax,
     with_intervals,
 )
-from .models import ModelSpec, build_model, count_parameters, guard_features
-from .reliability import ConformalSets, DomainGuard, Reliability, coverage_report
+from .models import ModelSpec, build_model, count_parameters, guard_features, style_layer
+from .answer_rule import IN_SOURCE, UNSEEN, headlined
+from .reliability import ConformalSets, DomainGuard, Reliability, coverage_report, fit_regime, regime_report
 from .transforms import ImageTransforms, collate, expand_views
 from .tuning import FreezeBackbone, WeightAverage, epoch_history, make_compute_metrics, make_optimizer, training_arguments
 from .weighting import SampleWeightedTrainer, class_weights, make_loss, stratum_weights
@@ -72,18 +73,45 @@ def _predict(trainer, views, owner: np.ndarray) -> FrameOutputs:
     return FrameOutputs(frame_logits(logits, owner, n), features)
 
 
+def unseen_evidence(loso: dict | None) -> str:
+    """How the unseen regime's evidence reads on the page and the card."""
+    oos = (loso or {}).get("out_of_source") or {}
+    names = sorted(set(oos.get("sources", [])))
+    return f"sources it never saw (leave-one-source-out over {', '.join(names)}: {len(oos.get('y', []))} frames)"
+
+
 def fit_reliability(trainer, splits: dict, preprocessor, processor, image_size: int, cache, outputs: dict[str, FrameOutputs],
-                    temperature: float, run_args, eval_name: str, y_eval: Sequence[int], eval_sources: Sequence[str]) -> tuple[Reliability, dict]:
-    """The guard (fitted on the training images' features, threshold from validation) and the
-    conformal sets (calibrated on validation), and how they did on the evaluation split."""
-    reliability = Reliability()
+                    temperature: float, run_args, eval_name: str, y_eval: Sequence[int], eval_sources: Sequence[str],
+                    training_sources: Sequence[str] = (), loso: dict | None = None, eval_groups: Sequence[str] | None = None,
+                    labels: Sequence[str] | None = None) -> tuple[Reliability, dict]:
+    """The guard (fitted on the training images' features, threshold from validation), the conformal
+    sets and the headline rule's regimes (in-source: from validation; unseen: from ``loso``'s
+    out-of-source scores), and how they did on the evaluation split."""
+    reliability = Reliability(training_sources=list(training_sources))
     checks: dict = {}
+    oos = (loso or {}).get("out_of_source")
+
+    def fit_unseen(at_least: Sequence[float] | None = None) -> None:
+        # Every frame scored by a model that never saw its source: the rule for a new hospital comes from these.
+        # Its sets never rule out a class the in-source sets keep (``at_least``): on the two real sources, sets
+        # fitted on one unseen source alone covered 72% of the other's frames; with the in-source ones, 86%.
+        if oos is not None:
+            reliability.regimes[UNSEEN] = fit_regime(oos["probs"], oos["y"], unseen_evidence(loso), alpha=run_args.conformal_alpha,
+                                                     max_error=run_args.headline_max_error, per_class=True, sources=oos["sources"],
+                                                     at_least=at_least)
+
     if "validation" not in outputs:
+        fit_unseen()
         checks["note"] = "no validation split: no guard threshold and no prediction sets"
         return reliability, checks
     val_raw = splits["validation"].with_format(None)
     y_val = [int(x) for x in val_raw["label"]]
-    reliability.conformal = ConformalSets.fit(softmax(outputs["validation"].logits, temperature), y_val, run_args.conformal_alpha)
+    val_probs = softmax(outputs["validation"].logits, temperature)
+    reliability.conformal = ConformalSets.fit(val_probs, y_val, run_args.conformal_alpha)
+    # The same validation probabilities (calibrated) fit the in-source regime: its sets are the conformal sets above.
+    reliability.regimes[IN_SOURCE] = fit_regime(val_probs, y_val, f"held-out frames of its training sources ({len(y_val)} validation frames)",
+                                                alpha=run_args.conformal_alpha, max_error=run_args.headline_max_error)
+    fit_unseen(at_least=reliability.conformal.thresholds)
     train_eval = splits["train"].with_format(None).remove_columns([c for c in ("weight",) if c in splits["train"].column_names])
     transforms = ImageTransforms(preprocessor, processor, image_size, train=False, cache=cache)
     train_views, owner = expand_views(train_eval, transforms)
@@ -92,6 +120,8 @@ def fit_reliability(trainer, splits: dict, preprocessor, processor, image_size: 
     if train_out.features is not None and outputs["validation"].features is not None:
         guard = DomainGuard.fit(train_out.features).calibrate(outputs["validation"].features, run_args.guard_coverage)
         reliability.guard = guard
+        layer = style_layer(trainer.model)
+        reliability.guard_layer = next((name for name, module in trainer.model.named_modules() if module is layer), None)
         checks["guard"] = {"threshold": guard.threshold, "coverage_target": guard.coverage, "components": int(len(guard.variances)),
                            "fitted_on": f"{len(train_out.features)} training images", "threshold_from": f"{len(y_val)} validation images"}
     else:
@@ -102,18 +132,41 @@ def fit_reliability(trainer, splits: dict, preprocessor, processor, image_size: 
     checks["conformal"] = {"alpha": run_args.conformal_alpha, eval_name: coverage_report(y_eval, member),
                            "by_source": {s: coverage_report(np.asarray(y_eval)[np.asarray(eval_sources) == s], member[np.asarray(eval_sources) == s])
                                          for s in sorted(set(eval_sources))} if len(set(eval_sources)) > 1 else {}}
+    flagged = np.zeros(len(probs), dtype=bool)
     if reliability.guard is not None and out.features is not None:
         flagged = reliability.guard.flags(out.features)
         checks["guard"][eval_name] = {"n": int(len(flagged)), "share_flagged": float(flagged.mean()) if len(flagged) else math.nan}
+    # The headline rule on the evaluation split (in-source frames): under the in-source regime, which a person
+    # who says where the frame comes from gets, and under the unseen regime, which everyone else gets.
+    checks["headline"] = {"max_error": run_args.headline_max_error, eval_name: {}}
+    # The rule before the regimes (in-source sets and the guard; any single-class set headlined), for comparison.
+    before = reliability.conformal.sets(probs)
+    checks["headline"][f"{eval_name}_before"] = regime_report(y_eval, probs, before, headlined(probs, before, 0.0, flagged), eval_groups,
+                                                              run_args.bootstrap_resamples, run_args.seed, labels)
+    for name, regime in reliability.regimes.items():
+        member = np.asarray(reliability.regime_sets(name, probs))
+        checks["headline"][eval_name][name] = regime_report(y_eval, probs, member, headlined(probs, member, regime.headline_threshold, flagged),
+                                                            eval_groups, run_args.bootstrap_resamples, run_args.seed, labels)
     reliability.facts = {"conformal": checks["conformal"], "guard": checks.get("guard")}
     return reliability, checks
 
 
+def answer_columns(reliability: Reliability, out: FrameOutputs, calibrated: np.ndarray, labels: Sequence[str], regime: str) -> dict[str, list]:
+    """The prediction file's guard and answer columns for frames of known origin (``regime``), decided by
+    the one rule (:mod:`answer_rule`) as every other face decides them."""
+    scores = reliability.guard.score(out.features) if reliability.guard is not None and out.features is not None else None
+    flagged = scores > reliability.guard.threshold if scores is not None else np.zeros(len(calibrated), dtype=bool)
+    answers = [reliability.answer(calibrated[i], labels, bool(flagged[i]), regime) for i in range(len(calibrated))]
+    return {"in_domain_score": None if scores is None else scores.tolist(), "flagged": flagged.tolist(),
+            "prediction_set": [a.prediction_set for a in answers], "answer": [a.headline for a in answers],
+            "headlined": [a.headlined for a in answers]}
+
+
 def loso_summary(loso: dict) -> dict:
     """What the model folder's metrics.json (and so the card and the app) keep of a LOSO run."""
-    return {"held_out": {name: {k: v for k, v in r.items() if k in ("n", "trained_on", "metrics", "guard", "conformal", "wall_seconds")}
+    return {"held_out": {name: {k: v for k, v in r.items() if k in ("n", "trained_on", "metrics", "guard", "conformal", "headline", "wall_seconds")}
                          for name, r in loso["held_out"].items()},
-            "pooled": loso.get("pooled"), "wall_seconds": loso.get("wall_seconds")}
+            "pooled": loso.get("pooled"), "crossfit": loso.get("crossfit"), "wall_seconds": loso.get("wall_seconds")}
 
 
 def source_facts(report, splits: dict) -> dict:
@@ -264,8 +317,10 @@ def train_one(
     metrics = classification_metrics(y_true, probs, labels)
     intervals = bootstrap_intervals(y_true, probs, labels, groups=list(raw["group"]), n_resamples=run_args.bootstrap_resamples, seed=run_args.seed)
     eval_sources = list(raw["source"]) if "source" in raw.column_names else [""] * len(y_true)
+    # A person may say a frame comes from one of these (the in-source regime); one unnamed source is named after its folder.
+    training_sources = sorted({s for s in train_sources if s}) or [Path(str(report.root)).name or "its training data"]
     reliability, checks = fit_reliability(trainer, splits, preprocessor, processor, image_size, cache, outputs, temperature, run_args,
-                                          eval_name, y_true, eval_sources)
+                                          eval_name, y_true, eval_sources, training_sources, loso, list(raw["group"]), labels)
     history = epoch_history(trainer.state.log_history)
     result = {
         "model": spec.name,
@@ -314,7 +369,8 @@ def train_one(
         },
     }
     if state.is_main_process and write:
-        rows = prediction_rows(list(raw["path"]), labels, y_true, probs, group=list(raw["group"]), source=eval_sources)
+        rows = prediction_rows(list(raw["path"]), labels, y_true, probs, group=list(raw["group"]), source=eval_sources,
+                               **answer_columns(reliability, outputs[eval_name], softmax(logits, temperature), labels, IN_SOURCE))
         ModelFolder(out).save_trained(trainer, preprocessor, report, result, labels, rows, temperature, reliability)
     state.wait_for_everyone()
     return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]),

@@ -39,7 +39,7 @@ LOSO_PREDICTIONS = "loso_predictions.csv"
 PREDICTIONS = "predictions.csv"  # evaluate and predict write this name into their output folder
 #: The crop as an image processor that ``config.json`` names in ``auto_map`` (Hub users'
 #: ``pipeline(..., trust_remote_code=True)``); copied from the package, unchanged.
-PIPELINE_CODE = ("ultrasound_processor.py", "ultrasound_crop.py")
+PIPELINE_CODE = ("ultrasound_processor.py", "ultrasound_crop.py", "answer_rule.py", "thyroid_pipeline.py")
 
 
 def test_predictions(split: str = "test") -> str:
@@ -52,7 +52,7 @@ PREDICTION_FILES = (CV_PREDICTIONS, LOSO_PREDICTIONS, test_predictions(), PREDIC
 #: Every prediction file's columns, in order; ``p_<class>`` columns follow ``predicted``. A value
 #: a writer does not know (no true label in ``predict``, no fold outside ``--cv``) is left empty.
 PREDICTION_COLUMNS = ("path", "group", "source", "fold", "label", "predicted")
-TRAILING_COLUMNS = ("in_domain_score", "flagged", "prediction_set", "error")
+TRAILING_COLUMNS = ("in_domain_score", "flagged", "prediction_set", "answer", "headlined", "error")
 #: What a model folder publishes to the Hub. Never: checkpoints (optimizer state),
 #: training_args.bin (a pickle of every setting), audit.json and predictions (file names can hold
 #: patient identifiers).
@@ -161,6 +161,7 @@ class ModelFolder:
         a config naming the pipeline processor, the processor with its code, the preprocessing settings.
         ``save`` writes the weights (``Trainer.save_model`` in training: the main process only)."""
         from .models import temperature_in_weights
+        from .thyroid_pipeline import CUSTOM_PIPELINES
         from .ultrasound_processor import AUTO_MAP
 
         self.path.mkdir(parents=True, exist_ok=True)
@@ -170,6 +171,8 @@ class ModelFolder:
             # crop with trust_remote_code, else the plain class, without a prompt, for both architectures
             # (a local timm folder no longer falls back to timm's ImageNet transform either).
             model.config.auto_map, model.config.image_processor_type = dict(AUTO_MAP), "ViTImageProcessor"
+            # pipeline("image-classification", trust_remote_code=True) runs the folder's own pipeline: the answer, not only scores.
+            model.config.custom_pipelines = {task: dict(info) for task, info in CUSTOM_PIPELINES.items()}
             (save or model.save_pretrained)(str(self.path))
         self.write_pipeline_processor(processor, preprocessor)
         preprocessor.save_pretrained(self.path)

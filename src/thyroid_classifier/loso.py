@@ -11,6 +11,10 @@ training, validation or calibration. Written to ``OUTPUT_DIR/<model>/``:
   AUC on the images it accepts and on those it flags; conformal coverage and set size; wall time.
   Also the pooled out-of-source predictions' metrics.
 * ``loso_predictions.csv`` — a row per image, readable by ``python -m thyroid_classifier.compare``.
+
+The out-of-source scores are also the evidence of the headline rule's ``unseen`` regime
+(:mod:`answer_rule`): returned under ``out_of_source`` for the final model to fit it on, and
+cross-fitted here (:func:`crossfit`): fitted on one held-out source, measured on another.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import numpy as np
 
 from .folder import LOSO_METRICS, LOSO_PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .metrics import HEADLINE, scored, separation_auc, softmax
-from .reliability import coverage_report, guard_report
+from .answer_rule import headlined
+from .reliability import DEFAULT_MAX_ERROR, ConformalSets, coverage_report, fit_headline_threshold, guard_report, regime_report
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args,
         }
         rel = result.reliability
         if rel is not None and rel.conformal is not None:
-            sets = rel.conformal.sets(p)
+            sets = rel.conformal.sets(p)  # the fold's in-source sets: what the page used before the unseen regime
             member[test_rows] = sets
             entry["conformal"] = {"alpha": rel.conformal.alpha, **coverage_report(yt, sets)}
         test_features = result.outputs["test"].features
@@ -99,6 +104,7 @@ def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args,
                   f"[{m['ci'][0]:.3f}, {m['ci'][1]:.3f}], n={entry['n']}, {entry['wall_seconds'] / 60:.1f} min", flush=True)
             shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     wall = time.time() - started
+    names = sorted(set(sources.tolist()))
     result = {
         "model": spec.name, "checkpoint": spec.checkpoint, "init": model_args.init, "labels": labels,
         "sources": sorted(set(sources.tolist())), "n": int(len(y)), "wall_seconds": round(wall, 1),
@@ -106,6 +112,8 @@ def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args,
         # Pooled across held-out sources: one number, but it mixes sources (read the per-source rows first).
         "pooled": scored(y, probs, labels, groups, run_args.bootstrap_resamples, run_args.seed),
         "probabilities": "calibrated with each run's validation temperature",
+        "crossfit": crossfit(probs, y, sources, groups, labels, run_args.conformal_alpha, run_args.headline_max_error,
+                             run_args.bootstrap_resamples, run_args.seed, today=(member, flagged)) if len(names) > 1 else {},
     }
     if state.is_main_process:
         ModelFolder(out).write_json(LOSO_METRICS, result)
@@ -113,8 +121,75 @@ def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args,
         write_predictions(out / LOSO_PREDICTIONS, labels, prediction_rows(paths, labels, y, probs, group=groups, source=sources.tolist(),
                                                                           in_domain_score=scores.tolist(), flagged=flagged.tolist(), prediction_set=sets))
         print(loso_table(result))
+        print(crossfit_table(result["crossfit"]))
         print(f"-> {out / LOSO_METRICS}, {out / LOSO_PREDICTIONS}")
+    # Not written: the per-frame evidence the final model's unseen regime is fitted on.
+    result["out_of_source"] = {"probs": probs, "y": y, "sources": sources.tolist(), "groups": list(groups)}
     return result
+
+
+#: The rules cross-fitting compares. Each is fitted on one held-out source's out-of-source scores.
+CANDIDATES = {
+    "unseen sets: headline any single-class set": dict(per_class=False, threshold=False, with_in_source=False),
+    "unseen sets + threshold, error bound on all headlined": dict(per_class=False, threshold=True, with_in_source=False),
+    "unseen sets + threshold, error bound per true class": dict(per_class=True, threshold=True, with_in_source=False),
+    "unseen and in-source sets: headline any single-class set": dict(per_class=False, threshold=False, with_in_source=True),
+    "unseen and in-source sets + threshold, error bound per true class (the rule)": dict(per_class=True, threshold=True, with_in_source=True),
+}
+TODAY = "in-source sets and guard (the rule before)"
+
+
+def crossfit(probs: np.ndarray, y: np.ndarray, sources: np.ndarray, groups: Sequence[str], labels: Sequence[str], alpha: float,
+             max_error: float = DEFAULT_MAX_ERROR, n_resamples: int = 1000, seed: int = 0,
+             today: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Each headline rule fitted on one held-out source's out-of-source scores and measured on another's
+    (both ways with two sources): set coverage, mean set size, share headlined and error among headlined,
+    with 95% intervals resampling the measured source's patients. ``today``: the in-source sets and
+    guard flags each fold's own model gave its unseen source (the rule before), measured the same way."""
+    sources, y, groups = np.asarray(sources), np.asarray(y), np.asarray(groups)
+    names = sorted(set(sources.tolist()))
+    out: dict = {}
+    for cal in names:
+        for test in names:
+            if cal == test:
+                continue
+            c, t = sources == cal, sources == test
+            rows = {}
+            if today is not None:
+                member, flagged = today
+                rows[TODAY] = regime_report(y[t], probs[t], member[t], headlined(probs[t], member[t], 0.0, flagged[t]),
+                                            groups[t].tolist(), n_resamples, seed, labels)
+                rows[TODAY]["share_flagged"] = float(flagged[t].mean())
+            for name, how in CANDIDATES.items():
+                sets = ConformalSets.fit(probs[c], y[c], alpha)
+                member_c, member_t = sets.sets(probs[c]), sets.sets(probs[t])
+                if how["with_in_source"] and today is not None:  # never rule out a class the fold's own in-source sets keep
+                    member_c, member_t = member_c | today[0][c], member_t | today[0][t]
+                threshold = (fit_headline_threshold(probs[c], y[c], member_c, max_error, how["per_class"]) if how["threshold"] else 0.0)
+                rows[name] = regime_report(y[t], probs[t], member_t, headlined(probs[t], member_t, threshold), groups[t].tolist(), n_resamples, seed, labels)
+                rows[name]["threshold"] = None if math.isinf(threshold) else threshold
+            out[f"{cal} -> {test}"] = {"fitted_on": cal, "measured_on": test, "rules": rows}
+    return out
+
+
+def crossfit_table(crossfit_result: dict) -> str:
+    """The printed cross-fitting table: one row per direction and rule."""
+    def cell(m: dict, pct: bool = False) -> str:
+        if m["value"] != m["value"]:
+            return "n/a"
+        f = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.2f}")
+        return f"{f(m['value'])} [{f(m['ci'][0])}, {f(m['ci'][1])}]" if m["ci"][0] == m["ci"][0] else f(m["value"])
+
+    lines = ["Headline rules cross-fitted (fitted on one source's unseen scores, measured on the other's)",
+             "| fitted on -> measured on | rule | threshold | set coverage | mean set size | headlined | error among headlined (95% upper bound) |",
+             "|---|---|---|---|---|---|---|"]
+    for direction, d in crossfit_result.items():
+        for name, r in d["rules"].items():
+            threshold = r.get("threshold")
+            lines.append(f"| {direction} | {name} | {'never' if threshold is None and 'threshold' in r else (threshold if threshold is not None else '-')} | "
+                         f"{cell(r['coverage'])} | {cell(r['mean_set_size'])} | {cell(r['share_headlined'], True)} ({r['n_headlined']}/{r['n']}) | "
+                         f"{cell(r['error_headlined'], True)} ({r['error_headlined_upper_95']:.0%}) |")
+    return "\n".join(lines)
 
 
 def loso_table(result: dict) -> str:

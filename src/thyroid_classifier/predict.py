@@ -49,13 +49,21 @@ class Prediction:
     in_domain_score: float | None = None
     #: True when the score is above the guard's threshold: the answer is not reliable
     flagged: bool = False
-    #: the conformal prediction set (every class that cannot be ruled out at the model's level); [] without one
+    #: the prediction set under the answer's regime (every class that cannot be ruled out at the model's level)
     prediction_set: list[str] = field(default_factory=list)
+    #: what every face headlines (:mod:`answer_rule`): the label only when ``headlined``; else "Not reliable",
+    #: "A or B: cannot tell" or "Cannot tell"
+    headline: str = ""
+    headlined: bool = False
+    #: one line: why this headline, and where its promise was measured
+    reason: str = ""
+    #: ``unseen`` (the frame's source was not said: a source the model never saw) or ``in_source``
+    regime: str = "unseen"
 
     @property
     def reliable(self) -> bool:
-        """Not flagged by the guard and a single-label prediction set (or no set at all)."""
-        return not self.flagged and len(self.prediction_set) <= 1
+        """The answer headlines a label (the one rule: not flagged, a single-class set, confident enough for its regime)."""
+        return self.headlined
 
 
 class Predictor:
@@ -107,11 +115,16 @@ class Predictor:
         # none (their level would not hold).
         reliability = Reliability.from_pretrained(folder)
         if not calibrated:
-            reliability.conformal = None
+            reliability.conformal, reliability.regimes = None, {}
         predictor = cls(model, processor, preprocessor, temperature=fitted if calibrated else 1.0, logit_scale=logit_scale, info=info,
                         source=name_or_path, reliability=reliability)
         predictor.folder = folder
         return predictor
+
+    @property
+    def training_sources(self) -> list[str]:
+        """The sources a person may say a frame comes from (the in-source regime)."""
+        return list(self.reliability.training_sources)
 
     @property
     def device(self) -> torch.device:
@@ -140,10 +153,14 @@ class Predictor:
         target: str | None = None,
         opacity: float | None = 0.45,
         view_transform: ViewTransform | None = None,
+        source: str | None = None,
     ) -> list[Prediction]:
         """Probabilities (calibrated when the model carries a temperature; a split screen's views
         averaged) and, with ``explain``, Grad-CAM of each view mapped back onto each image as given.
-        ``view_transform`` changes each view before it is normalised (stage 3 of :mod:`inference`)."""
+        ``view_transform`` changes each view before it is normalised (stage 3 of :mod:`inference`).
+        ``source``: where the images come from, when known: one of :attr:`training_sources` (the answer
+        is decided by the in-source regime); None, the default, for any other source (the unseen regime)."""
+        regime = self.reliability.regime_for(source)  # a wrong name fails before any work
         pil = [image if isinstance(image, Image.Image) else open_image(image) for image in images]
         pixels, boxes, owner = self.prepare(pil, view_transform)
         fixed = None if target is None else self.labels.index(target)
@@ -157,7 +174,6 @@ class Predictor:
                 view_logits = self.logits(pixels).float().cpu().numpy()
         probs = frame_probabilities(view_logits, owner, len(pil), self.temperature)
         guard_scores = self._guard_scores(captured, owner, len(pil))
-        member = self.reliability.conformal.sets(probs) if self.reliability.conformal is not None else None
         chosen = [fixed if fixed is not None else int(np.argmax(probs[i])) for i in range(len(pil))]
         if explain and maps is None:
             # Every view of a split screen explains the image's class (alone, its views may disagree).
@@ -178,8 +194,9 @@ class Predictor:
             if guard_scores is not None:
                 prediction.in_domain_score = float(guard_scores[i])
                 prediction.flagged = bool(guard_scores[i] > self.reliability.guard.threshold)
-            if member is not None:
-                prediction.prediction_set = [label for k, label in enumerate(self.labels) if member[i, k]]
+            answer = self.reliability.answer(probs[i], self.labels, prediction.flagged, regime)
+            prediction.prediction_set, prediction.headline, prediction.headlined = answer.prediction_set, answer.headline, answer.headlined
+            prediction.reason, prediction.regime = answer.reason, answer.regime
             if not looks_like_ultrasound(image):
                 prediction.warnings.append("This image has colour content and may not be a grey-scale ultrasound frame; the result is meaningless for other images.")
             out.append(prediction)
@@ -216,8 +233,10 @@ def list_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def predict_folder(predictor: Predictor, images_dir: Path, out_dir: Path, batch_size: int = 8, heatmaps: bool = True, progress: bool = True) -> Path:
-    """Predict every file of ``images_dir``; write ``predictions.csv`` and overlays to ``out_dir``."""
+def predict_folder(predictor: Predictor, images_dir: Path, out_dir: Path, batch_size: int = 8, heatmaps: bool = True, progress: bool = True,
+                   source: str | None = None) -> Path:
+    """Predict every file of ``images_dir`` (from ``source``, when known: see :meth:`Predictor.predict`);
+    write ``predictions.csv`` and overlays to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     overlays = out_dir / "overlays"
     if heatmaps:
@@ -234,10 +253,11 @@ def predict_folder(predictor: Predictor, images_dir: Path, out_dir: Path, batch_
             except ImageError as exc:
                 rows.append({"path": path.relative_to(images_dir).as_posix(), "error": str(exc)})
         if good:
-            for (path, _), result in zip(good, predictor.predict([img for _, img in good], explain=heatmaps), strict=True):
+            for (path, _), result in zip(good, predictor.predict([img for _, img in good], explain=heatmaps, source=source), strict=True):
                 rel = path.relative_to(images_dir)
                 rows.append({"path": rel.as_posix(), "predicted": result.label, "probs": [result.probabilities[label] for label in predictor.labels],
-                             "in_domain_score": result.in_domain_score, "flagged": result.flagged, "prediction_set": result.prediction_set})
+                             "in_domain_score": result.in_domain_score, "flagged": result.flagged, "prediction_set": result.prediction_set,
+                             "answer": result.headline, "headlined": result.headlined})
                 if heatmaps:
                     target = overlays / rel.with_suffix(".png")
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--no_heatmaps", action="store_true", help="probabilities only (faster)")
-    parser.add_argument("--uncalibrated", action="store_true", help="ignore the temperature fitted on validation")
+    parser.add_argument("--uncalibrated", action="store_true", help="ignore the temperature fitted on validation (and so the prediction sets and headlines)")
+    parser.add_argument("--source", default=None, help="the images come from this training source of the model (its in-source answers); "
+                        "leave out for any other source")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.images_dir.is_dir():
@@ -270,7 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a clear one-line reason, not a stack trace
         print(f"error: cannot load model {args.model}: {exc}", file=sys.stderr)
         return 2
-    path = predict_folder(predictor, args.images_dir, args.out, args.batch_size, heatmaps=not args.no_heatmaps)
+    try:
+        predictor.reliability.regime_for(args.source)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    path = predict_folder(predictor, args.images_dir, args.out, args.batch_size, heatmaps=not args.no_heatmaps, source=args.source)
     print(f"wrote {path}")
     return 0
 

@@ -102,6 +102,8 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
         raise ValueError("--loso needs at least two --data_dir folders (one per source)")
     if run_args.ema_decay > 0 and run_args.select_best:
         raise ValueError("--ema_decay keeps the weights' average as the model; drop --select_best (a best checkpoint would replace it)")
+    if not 0 < run_args.headline_max_error < 1:
+        raise ValueError(f"--headline_max_error must be in (0, 1), not {run_args.headline_max_error}")
     if not 0 <= run_args.ema_decay < 1:
         raise ValueError(f"--ema_decay must be in [0, 1), not {run_args.ema_decay}")
     check_models_reachable(specs, model_args.init)

@@ -1,0 +1,100 @@
+"""The image-classification pipeline every model folder ships, so that a Hub user's
+``pipeline("image-classification", model=MODEL, trust_remote_code=True)`` answers as the app does:
+not only each class's probability, but the prediction set, the guard's flag, whether a label is
+headlined and why (:mod:`answer_rule`, the rule every face of the model uses).
+
+    classifier = pipeline("image-classification", model=MODEL, trust_remote_code=True)
+    classifier("frame.png")                   # a frame from a source the model never saw (the default)
+    classifier("frame.png", source="ddti")    # a frame from one of its training sources
+
+returns, per image, ``{"answer", "headlined", "reason", "prediction_set", "flagged", "in_domain_score",
+"regime", "scores": [{"label", "score"}, ...]}``. The scores are the calibrated probabilities; they are
+not an answer unless ``headlined``.
+
+Self-contained on purpose (transformers, torch, numpy, safetensors): it runs as remote code without the
+package. With the package installed: ``pipeline(..., pipeline_class=ThyroidImageClassificationPipeline)``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import ImageClassificationPipeline
+
+from .answer_rule import IN_SOURCE, UNSEEN, Regime, decide, guard_score
+
+#: How ``config.json``'s ``custom_pipelines`` names this class inside a model folder.
+CUSTOM_PIPELINES = {"image-classification": {"impl": "thyroid_pipeline.ThyroidImageClassificationPipeline",
+                                             "pt": ["AutoModelForImageClassification"], "tf": [], "type": "image"}}
+
+
+def _folder_file(name_or_path: str, filename: str) -> str | None:
+    """A file of the model's folder (local, or the Hub snapshot), or None when it has none."""
+    from transformers.utils import cached_file
+
+    return cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+
+
+class ThyroidImageClassificationPipeline(ImageClassificationPipeline):
+    """``ImageClassificationPipeline`` that decides, like the project's Predictor, whether its answer is one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        name = getattr(self.model.config, "_name_or_path", "") or ""
+        path = _folder_file(name, "reliability.json") if name else None
+        state = json.loads(open(path).read()) if path else {}
+        self.regimes = {k: Regime.from_dict(v) for k, v in (state.get("regimes") or {}).items() if k in (UNSEEN, IN_SOURCE)}
+        self.training_sources = list(state.get("training_sources") or [])
+        self.guard = None
+        guard = state.get("guard") or {}
+        arrays_path = _folder_file(name, "guard.safetensors") if guard.get("layer") else None
+        if arrays_path:
+            from safetensors.numpy import load_file
+
+            arrays = load_file(arrays_path)
+            self.guard = {"layer": self.model.get_submodule(guard["layer"]), "threshold": float(guard["threshold"]),
+                          "residual_variance": float(guard["residual_variance"]),
+                          **{k: arrays[k].astype(np.float64) for k in ("mean", "components", "variances")}}
+
+    def _sanitize_parameters(self, source: str | None = None, **kwargs: Any):
+        preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
+        if source is not None and source != UNSEEN and source not in self.training_sources and source != IN_SOURCE:
+            raise ValueError(f"unknown source {source!r}: say one of the model's training sources ({', '.join(self.training_sources)}) "
+                             "or leave it out (a source the model never saw)")
+        postprocess["regime"] = UNSEEN if source in (None, UNSEEN) else IN_SOURCE
+        return preprocess, forward, postprocess
+
+    def _forward(self, model_inputs):
+        captured: list[torch.Tensor] = []
+        handle = None
+        if self.guard is not None:
+            def hook(module, args, output):  # the guard's features: per-channel mean and std of an early stage
+                var, mean = torch.var_mean(output.detach().float(), dim=(2, 3))
+                captured.append(torch.cat([mean, var.sqrt()], dim=1))
+
+            handle = self.guard["layer"].register_forward_hook(hook)
+        try:
+            logits = self.model(**model_inputs).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        return {"logits": logits, "guard_features": captured[0] if captured else None}
+
+    def postprocess(self, model_outputs, function_to_apply=None, top_k=None, regime: str = UNSEEN):
+        logits = model_outputs["logits"][0].float().numpy().astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()  # the calibration temperature is in the weights
+        labels = [self.model.config.id2label[i] for i in range(len(probs))]
+        score, flagged = None, False
+        if self.guard is not None and model_outputs.get("guard_features") is not None:
+            g = self.guard
+            score = float(guard_score(model_outputs["guard_features"].numpy(), g["mean"], g["components"], g["variances"], g["residual_variance"])[0])
+            flagged = score > g["threshold"]
+        answer = decide(probs, labels, self.regimes.get(regime), flagged, regime, self.training_sources)
+        ranked = sorted(({"label": label, "score": float(p)} for label, p in zip(labels, probs)), key=lambda d: d["score"], reverse=True)
+        return {"answer": answer.headline, "headlined": answer.headlined, "reason": answer.reason, "prediction_set": answer.prediction_set,
+                "flagged": bool(flagged), "in_domain_score": score, "regime": answer.regime, "scores": ranked[: top_k or len(ranked)]}
