@@ -67,12 +67,13 @@ def test_card_follows_every_metrics_change(short_run, tmp_path):
 
 
 def test_only_the_folder_module_names_the_folder_files():
-    """File names of the model folder are literals in folder.py only (they were in six modules)."""
+    """File names of the model folder are literals in the folder's room only (folder_files.py, the layout;
+    folder.py, the writer), not in the modules that read or write through it (they were in six modules)."""
     names = ("metrics.json", "cv_metrics.json", "loso_metrics.json", "fingerprints.json", "audit.json", "predictions_test.csv",
              "cv_predictions.csv", "loso_predictions.csv")
     offenders = []
     for path in PACKAGE.glob("*.py"):
-        if path.name == "folder.py":
+        if path.name in ("folder.py", "folder_files.py"):
             continue
         code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith(("#", "help=")))
         for name in names:

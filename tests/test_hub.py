@@ -9,13 +9,9 @@ from pathlib import Path
 import pytest
 
 from thyroid_classifier.card import render_card
-from thyroid_classifier.hub import (
-    HubUnreachableError,
-    check_push_access,
-    files_to_push,
-    main as hub_main,
-    push_folder,
-)
+from thyroid_classifier.hub import main as hub_main
+from thyroid_classifier.locations import HubUnreachableError
+from thyroid_classifier.publish import check_push_access, files_to_push, push_folder
 from thyroid_classifier.training import main as train_main
 
 EXPECTED = {

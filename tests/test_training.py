@@ -492,7 +492,7 @@ def test_every_trainer_option_passes_through_and_help_stays_readable(tmp_path, c
 def test_dataset_name_offline_fails_clearly_and_a_hub_dataset_becomes_class_folders(sample_dir, tiny_models, tmp_path, capsys, monkeypatch):
     import datasets
 
-    from thyroid_classifier.hub import dataset_folder
+    from thyroid_classifier.publish import dataset_folder
     from thyroid_classifier.training import main as train_main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -44,9 +44,10 @@ def regime_sentence(name: str, regime) -> str:
     return f"For {who}: {rule}.{seen}"
 
 
-def rule_lines(info: Mapping, reliability) -> list[str]:
-    """The headline rule in sentences, and its measured numbers, each saying where it holds."""
-    lines = [regime_sentence(name, reliability.regimes.get(name)) for name in (UNSEEN, IN_SOURCE)]
+def rule_lines(info: Mapping, regimes: Mapping) -> list[str]:
+    """The headline rule (``regimes``: name -> :class:`~thyroid_classifier.answer_rule.Regime`) in
+    sentences, and its measured numbers from ``info`` (``metrics.json``), each saying where it holds."""
+    lines = [regime_sentence(name, regimes.get(name)) for name in (UNSEEN, IN_SOURCE)]
     split = info.get("split")
     tested = ((info.get("reliability") or {}).get("headline") or {}).get(split) or {}
     for name, r in tested.items():

@@ -31,12 +31,6 @@ def train(data_dir: str | Sequence[str] | None = None, model: str | Sequence[str
 def evaluate(model: str, data_dir: str | Sequence[str], out_dir: str | None = None, **kwargs) -> dict:
     """Score a trained model on labelled folders it never saw (one source each), like
     ``python -m thyroid_classifier.evaluate``: metrics with intervals, per source, leakage check."""
-    from .data import source_name
-    from .evaluate import evaluate_folder
-    from .folder import ModelFolder
-    from .predict import Predictor
+    from .evaluate import evaluate_model
 
-    dirs = [Path(data_dir)] if isinstance(data_dir, str | Path) else [Path(d) for d in data_dir]
-    out = Path(out_dir) if out_dir else Path("evaluations") / "+".join(source_name(d) for d in dirs)
-    predictor = Predictor.from_pretrained(model)
-    return evaluate_folder(predictor, ModelFolder(predictor.folder).fingerprints() if predictor.folder else [], dirs, out, **kwargs)
+    return evaluate_model(model, data_dir, out_dir, **kwargs)

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import heapq
 import logging
 import math
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from .explain import overlay
 from .preprocess import ImageError, open_image
 from .answer_rule import UNSEEN
 from .serving import MAX_BATCH, ModelRunner
+from .uploads import UploadJanitor, cache_image, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +59,6 @@ DISPLAY_SIDE = 1024
 #: server has run 10000, 2 ms at 100. The app keeps one record and never summarises (a setting the
 #: environment can still override).
 QUEUE_ANALYTICS = {"GRADIO_ANALYTICS_MAX_EVENTS": "1", "GRADIO_ANALYTICS_CACHE_FREQUENCY": str(2**62)}
-
-
-def safe_name(name: str) -> str:
-    """A file name fit to show in a message: no markup, no control characters, not too long."""
-    cleaned = "".join(c if c.isalnum() or c in "._- ()" else "_" for c in name)
-    return cleaned[:80] or "upload"
 
 
 def display_copy(image):
@@ -131,32 +124,6 @@ def _upload_component():
     )
 
 
-def cache_image(array: np.ndarray, cache_dir: str, format: str = "jpeg") -> str:
-    """``array`` encoded and written into gradio's cache as gradio names it (a folder per content,
-    hashed with gradio's seed), but atomically: written aside, then renamed into place.
-
-    gradio rewrites a cached image in place, so when two requests show the same picture (an
-    example, or one frame sent twice) a page fetching the first copy could get an empty body while
-    the second is written (seen under load: "peer closed connection", 1 fetch in 200)."""
-    import tempfile
-
-    from gradio import processing_utils
-
-    data = processing_utils.encode_pil_to_bytes(_as_image(array), format)
-    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"image.{format}"
-    fd, temporary = tempfile.mkstemp(dir=folder, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.replace(temporary, target)  # a new file: a reader of the old one reads it whole
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return str(target.resolve())
-
-
 def _slider_component():
     """``gr.ImageSlider`` (original | Grad-CAM, display-sized JPEGs) whose images reach gradio's
     cache through :func:`cache_image`."""
@@ -205,7 +172,7 @@ def metrics_markdown(info: Mapping, reliability=None) -> str:
     if reliability is not None:
         from .answer_text import rule_lines
 
-        text += "\n\n**When it states a label**\n\n" + "\n".join(f"- {line}" for line in rule_lines(info, reliability))
+        text += "\n\n**When it states a label**\n\n" + "\n".join(f"- {line}" for line in rule_lines(info, reliability.regimes))
     return text
 
 
@@ -231,42 +198,6 @@ def details(result) -> dict:
 def source_choices(predictor) -> list[tuple[str, str]]:
     """The "where is this frame from?" choices: any other source (the default), or one of the model's own."""
     return [("Another hospital or scanner, or not sure", UNSEEN)] + [(f"{name} (one of its training sources)", name) for name in predictor.training_sources]
-
-
-class UploadJanitor:
-    """Deletes uploads some seconds after they are read, from one background thread.
-
-    Not at once: gradio stores uploads by content hash, so identical uploads share one path, and
-    each new upload renames a new file onto it. A file is deleted only if it is still the one that
-    was read (same inode and change time: inode numbers alone are reused)."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self._heap: list[tuple[float, str, tuple[int, int]]] = []  # (due time, path, signature)
-        self._wake = threading.Condition()
-        threading.Thread(target=self._run, name="upload-janitor", daemon=True).start()
-
-    def forget_later(self, path: str) -> None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return
-        with self._wake:
-            heapq.heappush(self._heap, (time.monotonic() + self.delay, path, (st.st_ino, st.st_ctime_ns)))
-            self._wake.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._wake.wait(timeout=None if not self._heap else self._heap[0][0] - time.monotonic())
-                _, path, signature = heapq.heappop(self._heap)
-            try:
-                st = os.stat(path)
-                if (st.st_ino, st.st_ctime_ns) == signature:
-                    os.remove(path)
-            except OSError:
-                pass
 
 
 def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelRunner | None = None, forget_uploads_after: float = FORGET_UPLOAD_AFTER,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .hub import is_local
-from .folder import AUDIT, CARD, CONFIG, METRICS, PROCESSOR
+from .folder_files import AUDIT, CARD, CONFIG, METRICS, PROCESSOR, RELIABILITY_FILE
+from .locations import is_local
 from .known_data import dataset_facts
 
 #: Package data, so an installed wheel renders cards too.
@@ -144,13 +144,15 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
                           + (f" On the {split} split: coverage {_fmt(part.get('coverage'))}, mean set size {_fmt(part.get('mean_set_size'))}, "
                              f"single-label sets {part.get('share_singletons', 0):.0%}." if part else "")
                           + " Coverage holds on images like the calibration images; on an unseen source it can fall (see the table above).")
+    from .answer_rule import REGIMES, Regime
     from .answer_text import rule_lines
-    from .reliability import Reliability
 
-    reliability_state = Reliability.from_pretrained(folder)
+    # The folder's headline rule, read as data (the card renders from the folder's files, not its code).
+    state = json.loads((folder / RELIABILITY_FILE).read_text()) if (folder / RELIABILITY_FILE).is_file() else {}
+    regimes = {name: Regime.from_dict(r) for name, r in (state.get("regimes") or {}).items() if name in REGIMES}
     kwargs = dict(
-        headline_lines=rule_lines(metrics, reliability_state),
-        training_sources=", ".join(reliability_state.training_sources) or "none recorded",
+        headline_lines=rule_lines(metrics, regimes),
+        training_sources=", ".join(state.get("training_sources") or []) or "none recorded",
         source_rows=source_rows if len(source_rows) > 1 else [],
         by_source_rows=by_source_rows,
         loso_rows=loso_rows,

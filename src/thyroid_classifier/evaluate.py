@@ -133,6 +133,17 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     return result
 
 
+def evaluate_model(model: str, data_dir: str | Sequence[str], out_dir: str | None = None, **kwargs) -> dict:
+    """Score a trained model (folder or Hub id) on labelled folders it never saw (one source each):
+    :func:`thyroid_classifier.evaluate` (the public verb) is this."""
+    from .data import source_name
+
+    dirs = [Path(data_dir)] if isinstance(data_dir, str | Path) else [Path(d) for d in data_dir]
+    out = Path(out_dir) if out_dir else Path("evaluations") / "+".join(source_name(d) for d in dirs)
+    predictor = Predictor.from_pretrained(model)
+    return evaluate_folder(predictor, ModelFolder(predictor.folder).fingerprints() if predictor.folder else [], dirs, out, **kwargs)
+
+
 def reliability_report(predictor: Predictor, y: Sequence[int], probs: np.ndarray, sources: Sequence[str], scores: np.ndarray,
                        flagged: np.ndarray, member: np.ndarray, chosen: np.ndarray | None = None) -> dict:
     """Guard, prediction sets and headlines (the answers given as a source the model never saw) on these
@@ -245,9 +256,7 @@ class _CallableModule(types.ModuleType):
     either way."""
 
     def __call__(self, *args, **kwargs) -> dict:
-        from .api import evaluate
-
-        return evaluate(*args, **kwargs)
+        return evaluate_model(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = _CallableModule

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .hub import check_hub_model, is_local
+from .locations import check_hub_model, is_local
 
 logger = logging.getLogger(__name__)
 

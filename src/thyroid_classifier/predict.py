@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .explain import freeze, gradcam, linearize_full_kernel_convs, overlay, to_original
 from .folder import INFERENCE_FILES, PREDICTIONS, ModelFolder, write_predictions
-from .hub import check_hub_model, is_local
+from .locations import check_hub_model, is_local
 from .inference import ViewTransform, frame_probabilities, frame_views, view_pixels
 from .metrics import frame_mean
 from .models import get_spec, guard_features, spec_for_model, target_layer

@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .folder_files import GUARD_FILE, RELIABILITY_FILE
 from .answer_rule import IN_SOURCE, REGIMES, UNSEEN, Regime, guard_score, headlined, set_members, set_text  # noqa: F401 - set_text: re-exported
 
 logger = logging.getLogger(__name__)
 
-GUARD_FILE = "guard.safetensors"
-RELIABILITY_FILE = "reliability.json"
 #: Share of held-out in-source images the guard's threshold lets through.
 DEFAULT_GUARD_COVERAGE = 0.95
 #: 1 - the coverage the prediction sets aim for.

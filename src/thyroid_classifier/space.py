@@ -26,7 +26,8 @@ import shutil
 from pathlib import Path
 
 from .folder import ModelFolder
-from .hub import check_push_access, is_local, stage_publishable
+from .locations import is_local
+from .publish import check_push_access, stage_publishable
 
 logger = logging.getLogger(__name__)
 

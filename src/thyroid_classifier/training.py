@@ -19,7 +19,8 @@ from .audit import audited_dataset
 from .cv import cross_validate
 from .data import GroupSpec
 from .fit import distributed_state, train_one
-from .hub import check_hub_model, check_push_access, dataset_folder, is_local, push_folder
+from .locations import check_hub_model, is_local
+from .publish import check_push_access, dataset_folder, push_folder
 from .metrics import HEADLINE
 from .models import HUB_HELP, ModelSpec, get_spec
 from .plots import plot_comparison
@@ -168,7 +169,7 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .hub import HubUnreachableError
+    from .locations import HubUnreachableError
     from .data import DataError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
