@@ -27,7 +27,8 @@ def test_wheel_holds_the_package_data_and_an_installed_copy_renders_a_card(short
     wheel = next((tmp_path / "dist").glob("thyroid_classifier-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("thyroid_classifier/model_card.md", "thyroid_classifier/ultrasound_processor.py", "thyroid_classifier/ultrasound_crop.py",
-                   "thyroid_classifier/answer_rule.py", "thyroid_classifier/thyroid_pipeline.py"):
+                   "thyroid_classifier/answer_rule.py", "thyroid_classifier/thyroid_pipeline.py", "thyroid_classifier/data_sets/ddti.csv",
+                   "thyroid_classifier/data_sets/les3bdd.csv"):
         assert needed in names, needed
 
     target = tmp_path / "installed"
