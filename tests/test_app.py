@@ -364,3 +364,13 @@ def test_the_frames_source_decides_its_regime_through_the_api(client, server, sa
     assert own["regime"] == "in_source" and own["prediction_set"] == expected.prediction_set and own["answer"] == expected.headline
     with pytest.raises(Exception, match="not one of this model's training sources|not in the list of choices"):
         client.predict(handle_file(str(path)), "tiny-resnet", 0.45, "elsewhere", api_name="/predict")
+
+
+def test_the_page_says_a_synthetic_model_is_synthetic(server):
+    """The quick start's model (trained on the synthetic sample) says so on the page, from its folder."""
+    import json as _json
+
+    demo, predictors = server
+    assert predictors["tiny-resnet"].info["data"]["dataset"]["type"] == "synthetic-sample"
+    page = _json.dumps(demo.config)
+    assert "trained on SYNTHETIC images" in page and "TI-RADS risk categories" not in page

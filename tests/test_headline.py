@@ -169,3 +169,21 @@ def test_the_predictor_decides_under_the_regime_of_the_frames_source(saved_folde
     assert all("validation frames" in r.reason for r in mine)
     with pytest.raises(ValueError, match="unknown source 'elsewhere'"):
         predictor.predict(frames, explain=False, source="elsewhere")
+
+
+def test_the_notice_says_what_the_model_was_trained_on():
+    """The page's sentence about the training data comes from the model's metrics.json, not fixed text."""
+    from thyroid_classifier.answer_text import training_notice
+    from thyroid_classifier.app import notice
+    from thyroid_classifier.known_data import KNOWN_DATASETS
+
+    synthetic = {"data": {"dataset": {"name": "the built-in SYNTHETIC sample", "type": "synthetic-sample", "tirads_labels": False}}}
+    assert "SYNTHETIC" in training_notice(synthetic) and "mean nothing" in training_notice(synthetic)
+    assert "not a diagnosis" in notice(synthetic) and "SYNTHETIC" in notice(synthetic)
+    public = {"data": {"sources": {"ddti": {"dataset": KNOWN_DATASETS["ddti"]}, "les3bdd": {"dataset": KNOWN_DATASETS["les3bdd"]}}}}
+    text = training_notice(public)
+    assert "DDTI" in text and "TI-RADS risk categories, not pathology" in text and "unknown provenance" in text
+    assert "SYNTHETIC" not in text
+    own = {"data": {"dataset": {"name": "hospital_a", "type": "hospital-a", "tirads_labels": False}}}
+    assert "hospital_a: labels as given" in training_notice(own) and "TI-RADS" not in training_notice(own)
+    assert "Nothing is recorded" in training_notice({})

@@ -62,3 +62,27 @@ def rule_lines(info: Mapping, regimes: Mapping) -> list[str]:
                          f"{direction['measured_on']}'s, n = {r['n']}): headlined {_pct(r['share_headlined'])}, wrong among those "
                          f"{_pct(r['error_headlined'])}, set coverage {_pct(r['coverage'])}.")
     return lines
+
+
+def training_notice(info: Mapping) -> str:
+    """What the model was trained on and what its labels mean, in a sentence or two, from its
+    ``metrics.json`` (``data``): a synthetic model says so first; each real source says where its labels
+    come from; a model with no record says that nothing is known."""
+    data = info.get("data") or {}
+    sources = data.get("sources") or {}
+    facts = [(name, s.get("dataset") or {}) for name, s in sources.items()] or ([("", data["dataset"])] if data.get("dataset") else [])
+    if not facts:
+        return "Nothing is recorded about the images this model was trained on: treat every answer as unmeasured."
+    if any(f.get("type") == "synthetic-sample" for _, f in facts):
+        return ("**This model was trained on SYNTHETIC images** (the project's built-in sample: drawn speckle, no patient). "
+                "It only shows that the software runs; its answers mean nothing for a real ultrasound frame.")
+    parts = []
+    for _, f in facts:
+        if f.get("tirads_labels"):
+            why = "labels are radiologists' TI-RADS risk categories, not pathology"
+        elif f.get("type") == "les3bdd":
+            why = "labels of unknown provenance (pathology, cytology or TI-RADS: not said)"
+        else:
+            why = "labels as given in its folders (how they were made is not recorded)"
+        parts.append(f"{f.get('name', 'a folder of images')}: {why}")
+    return "This model was trained on " + "; ".join(parts) + "."

@@ -38,12 +38,21 @@ from .uploads import UploadJanitor, cache_image, safe_name
 
 logger = logging.getLogger(__name__)
 
-NOTICE = (
-    "**Research software, not a diagnosis.** This model was trained on a small public data set whose "
-    "labels are TI-RADS risk categories, not pathology. Its output must not guide the care of a patient. "
+#: What the page says whatever the model (the app's own promises); what it says about the model comes from its folder.
+PAGE_NOTICE = (
+    "**Research software, not a diagnosis.** Its output must not guide the care of a patient. "
     "Upload a grey-scale thyroid ultrasound frame (at most 10 MB and 40 million pixels). The upload and the images "
     "shown back are deleted from the server within two minutes; nothing is kept in your browser's history."
 )
+
+
+def notice(info: Mapping) -> str:
+    """The page's notice for a model: the app's promises, then what the model was trained on (its folder)."""
+    from .answer_text import training_notice
+
+    return f"{PAGE_NOTICE}\n\n{training_notice(info)}"
+
+
 DEFAULT_MODELS = ("outputs/sample/resnet50",)
 MAX_FILE_SIZE = "10mb"
 #: Uploads are deleted this many seconds after they are read ...
@@ -272,7 +281,8 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         return blended(state, opacity)
 
     with gr.Blocks(title="Thyroid ultrasound classifier (research)", delete_cache=tuple(cache_cleanup)) as demo:
-        gr.Markdown("# Thyroid ultrasound classifier\n" + NOTICE)
+        gr.Markdown("# Thyroid ultrasound classifier")
+        header = gr.Markdown(notice(predictors[names[0]].info))
         with gr.Row():
             with gr.Column():
                 image = _upload_component()
@@ -296,8 +306,8 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         slot = dict(concurrency_limit=concurrency_limit, concurrency_id="images")
         button.click(predict, [image, model, opacity, source], [label, slider, message, state, data], api_name="predict", **slot)
         opacity.release(reblend, [state, opacity], [slider], api_name=False, **slot)
-        model.change(lambda name: (metrics_markdown(predictors[name].info, predictors[name].reliability),
-                                   gr.Dropdown(choices=source_choices(predictors[name]), value=UNSEEN)), [model], [card, source], api_name=False)
+        model.change(lambda name: (metrics_markdown(predictors[name].info, predictors[name].reliability), notice(predictors[name].info),
+                                   gr.Dropdown(choices=source_choices(predictors[name]), value=UNSEEN)), [model], [card, header, source], api_name=False)
     with _environment_defaults(QUEUE_ANALYTICS):  # read when the queue is made
         demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
     return demo
