@@ -372,5 +372,5 @@ def test_the_page_says_a_synthetic_model_is_synthetic(server):
 
     demo, predictors = server
     assert predictors["tiny-resnet"].info["data"]["dataset"]["type"] == "synthetic-sample"
-    page = _json.dumps(demo.config)
+    page = _json.dumps(demo.config, default=str)
     assert "trained on SYNTHETIC images" in page and "TI-RADS risk categories" not in page
