@@ -187,3 +187,17 @@ def test_the_notice_says_what_the_model_was_trained_on():
     own = {"data": {"dataset": {"name": "hospital_a", "type": "hospital-a", "tirads_labels": False}}}
     assert "hospital_a: labels as given" in training_notice(own) and "TI-RADS" not in training_notice(own)
     assert "Nothing is recorded" in training_notice({})
+
+
+def test_what_is_measured_is_what_every_face_says():
+    """``headlined`` (which fits and measures the rule) agrees with ``decide`` (which every face shows),
+    frame by frame: a multi-class set, a low probability or a flag is never counted as a headline."""
+    rng = np.random.default_rng(8)
+    probs = rng.dirichlet([1, 1, 1], 500)
+    flagged = rng.random(500) < 0.1
+    regime = Regime([0.55, 0.6, 0.7], 0.1, 0.6, 0.2, True, "x")
+    member = set_members(probs, regime.thresholds)
+    counted = headlined(probs, member, regime.headline_threshold, flagged)
+    shown = [decide(p, ["normal", "benign", "malignant"], regime, bool(f)).headlined for p, f in zip(probs, flagged)]
+    assert counted.tolist() == shown
+    assert 0 < counted.sum() < 500 and (member.sum(1) > 1).any()
