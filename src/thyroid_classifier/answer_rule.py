@@ -136,8 +136,8 @@ def decide(probs: np.ndarray, labels: list[str], regime: Regime | None, flagged:
     else:
         members = [labels[k] for k in np.flatnonzero(set_members(p, regime.thresholds)[0])]
     if flagged:
-        return Answer("Not reliable", False, "Not reliable: this image is unlike the images the model learned from; "
-                      "the scores are what the model computes, not an answer.", members, regime_name)
+        return Answer("Not reliable", False, "Not reliable: this image is unlike the images the model learned from "
+                      "(another scanner, site or kind of image).", members, regime_name)
     if regime is None:
         if regime_name == UNSEEN:
             sources = f" ({', '.join(training_sources)})" if training_sources else ""
@@ -150,7 +150,7 @@ def decide(probs: np.ndarray, labels: list[str], regime: Regime | None, flagged:
     bound = f"{regime.max_error:.0%}" + (" for each true class" if regime.per_class else "")
     if len(members) > 1:
         headline = set_text(members)
-        reason = (f"{headline}: it cannot rule out {' or '.join(members)} at {1 - regime.alpha:.0%} coverage, "
+        reason = (f"It cannot rule out {' or '.join(members)} at {1 - regime.alpha:.0%} coverage, "
                   f"as measured on {where}; the highest score is not an answer.")
         return Answer(headline, False, reason, members, regime_name)
     if math.isinf(regime.headline_threshold):
