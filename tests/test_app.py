@@ -43,7 +43,7 @@ def _ultrasound(sample_dir: Path) -> Image.Image:
 
 def answered(message: str) -> bool:
     """The message carries one of the answers: a headlined label (with where its promise holds), or why not."""
-    return any(words in message for words in ("were wrong on", "cannot tell", "Cannot tell", "Not reliable"))
+    return any(words in message for words in ("at 95% confidence", "cannot tell", "Cannot tell", "Not reliable"))
 
 
 def _check_result(result, size: tuple[int, int]):

@@ -52,7 +52,7 @@ def test_upload_predict_and_see_label_and_heatmap(browser, short_run, sample_dir
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "img[src*='3000_1'], img[src*='gradio_api/file']"))
         button.click()
         # One of the answers: a label, "A or B: cannot tell", "Cannot tell" or "Not reliable" (the tiny models' sets are wide).
-        wait.until(lambda d: any(t in d.find_element(By.TAG_NAME, "body").text for t in ("were wrong on", "cannot tell", "Cannot tell", "Not reliable")))
+        wait.until(lambda d: any(t in d.find_element(By.TAG_NAME, "body").text for t in ("at 95% confidence", "cannot tell", "Cannot tell", "Not reliable")))
         body = browser.find_element(By.TAG_NAME, "body").text
         assert any(f"{label}" in body for label in ("normal", "benign", "malignant"))
         assert "%" in body  # the confidences

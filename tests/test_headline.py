@@ -112,7 +112,9 @@ def test_decide_says_why_for_every_kind_of_answer():
     regime = Regime(thresholds=[0.6, 0.6], alpha=0.1, headline_threshold=0.8, max_error=0.2, per_class=True, evidence="unseen frames (100)")
     said = decide(np.array([0.1, 0.9]), LABELS, regime, False)
     assert said.headlined and said.headline == "malignant" and said.prediction_set == ["malignant"]
-    assert "20% for each true class" in said.reason and "unseen frames (100)" in said.reason
+    assert "at most 20% for each true class at 95% confidence" in said.reason and "unseen frames (100)" in said.reason
+    counted = Regime([0.6, 0.6], 0.1, 0.8, 0.2, True, "unseen frames (100)", measured={"n_headlined": 40, "n_wrong_headlined": 3})
+    assert "3 of 40 were wrong" in decide(np.array([0.1, 0.9]), LABELS, counted, False).reason
     low = decide(np.array([0.25, 0.75]), LABELS, regime, False)
     assert not low.headlined and low.headline == "Cannot tell" and "leans to malignant" in low.reason
     both = decide(np.array([0.45, 0.55]), LABELS, regime, False)

@@ -370,12 +370,12 @@ def test_app_shows_not_reliable_and_cannot_tell(short_run, sample_dir):
         image = handle_file(str(sample_dir / "malignant" / "3000_1.png"))
         label, _, message, *_ = client.predict(image, "flagged", 0.45, api_name="/predict")
         assert label["label"] == "Not reliable"
-        assert "Not reliable: this image is unlike the images the model learned from" in message and "were wrong on" not in message
+        assert "Not reliable: this image is unlike the images the model learned from" in message and "at 95% confidence" not in message
         assert not label.get("confidences")  # no bars under an answer that is not one ...
         assert "The model's scores, not an answer" in message  # ... the numbers stay visible, said not to be an answer
         label, _, message, *_ = client.predict(image, "unsure", 0.45, api_name="/predict")
         assert label["label"] == "normal or benign or malignant: cannot tell"
-        assert "cannot rule out" in message and "were wrong on" not in message
+        assert "cannot rule out" in message and "at 95% confidence" not in message
     finally:
         demo.close()
 

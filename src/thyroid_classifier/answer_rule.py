@@ -161,6 +161,8 @@ def decide(probs: np.ndarray, labels: list[str], regime: Regime | None, flagged:
         reason = (f"Cannot tell: it leans to {labels[top]} ({p[top]:.0%}), below the {regime.headline_threshold:.0%} that "
                   f"kept wrong answers under {bound} on {where}.")
         return Answer("Cannot tell", False, reason, members, regime_name)
-    reason = (f"{labels[top]}: of answers at least this confident ({regime.headline_threshold:.0%}), fewer than {bound} "
-              f"were wrong on {where}. Not a diagnosis.")
+    m = regime.measured or {}
+    seen = (f"{m['n_wrong_headlined']} of {m['n_headlined']} were wrong, " if "n_headlined" in m and "n_wrong_headlined" in m else "")
+    reason = (f"{labels[top]}: among answers at least this confident ({regime.headline_threshold:.0%}) on {where}, {seen}"
+              f"at most {bound} at 95% confidence. Not a diagnosis.")
     return Answer(labels[top], True, reason, members, regime_name)
