@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -202,7 +204,7 @@ def test_metrics_markdown_shows_card_numbers(server):
     assert metrics_markdown({}) == "_No evaluation found for this model._"
 
 
-def test_module_level_demo_and_environment_defaults(short_run, monkeypatch):
+def test_module_level_demo_and_environment_defaults(short_run, monkeypatch, tmp_path):
     """`gradio app.py` and a Space import app.py and serve its `demo`, built from $MODEL_ID; the
     host and port a Space sets are honoured, and locally the app still binds loopback."""
     import importlib.util
@@ -222,6 +224,7 @@ def test_module_level_demo_and_environment_defaults(short_run, monkeypatch):
     space = parse_args([])
     assert space.host == "0.0.0.0" and space.port == 7999 and space.model == [str(out / "tiny-resnet")]
     assert parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"  # a flag still wins
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "files"))  # else the module's demo makes this process's files private to it
     spec = importlib.util.spec_from_file_location("app_module_under_test", Path(__file__).resolve().parents[1] / "app.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -255,7 +258,7 @@ def test_an_example_is_not_deleted_after_someone_uses_it(server):
     assert Path(example).is_file()
 
 
-def test_models_are_loaded_and_run_on_one_thread_of_their_own_and_waiting_requests_share_a_pass(short_run, sample_dir, monkeypatch):
+def test_models_are_loaded_and_run_on_one_thread_of_their_own_and_waiting_requests_share_a_pass(short_run, sample_dir, monkeypatch, tmp_path):
     """torch's CPU thread pool belongs to the thread that calls it: each of gradio's worker threads
     that ran a model started another pool, and on a 2-core CPU every later prediction ran up to
     1.8x slower. The app loads and runs its models on one fixed thread, never on gradio's workers
@@ -287,6 +290,7 @@ def test_models_are_loaded_and_run_on_one_thread_of_their_own_and_waiting_reques
 
     monkeypatch.setattr(Predictor, "from_pretrained", classmethod(spy_load))
     monkeypatch.setattr(Predictor, "predict", spy_predict)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "files"))  # the command line's private folder, without changing this process's
     demo = app.demo_from_arguments(app.parse_args(["--model", str(out / "tiny-resnet"), "--examples"]))
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     frames = [sample_dir / name for name in ("malignant/3000_1.png", "benign/2000_1.png", "normal/1000_1.png", "benign/2001_1.png")] * 2
@@ -374,3 +378,45 @@ def test_the_page_says_a_synthetic_model_is_synthetic(server):
     assert predictors["tiny-resnet"].info["data"]["dataset"]["type"] == "synthetic-sample"
     page = _json.dumps(demo.config, default=str)
     assert "trained on SYNTHETIC images" in page and "TI-RADS risk categories" not in page
+
+
+def test_the_server_keeps_its_files_in_a_private_folder_and_serves_nothing_else(short_run, tmp_path):
+    """`python app.py` puts every file gradio writes in a folder of its own (this user only, removed at exit);
+    a file another gradio process left in the host-wide /tmp/gradio is not served (it was, with status 200)."""
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    out, _ = short_run
+    shared = Path(tempfile.gettempdir()) / "gradio" / f"planted-{os.getpid()}"
+    shared.mkdir(parents=True, exist_ok=True)
+    planted = shared / "someone_elses_upload.txt"
+    planted.write_text("not yours")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    log = (tmp_path / "app.log").open("w+")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[1] / "app.py"), "--model", str(out / "tiny-resnet"),
+                             "--port", str(port), "--examples"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "Running on" not in (tmp_path / "app.log").read_text():
+            assert proc.poll() is None, (tmp_path / "app.log").read_text()
+            time.sleep(0.5)
+        text = (tmp_path / "app.log").read_text()
+        folder = Path(re.search(r"this server's files: (\S+)", text).group(1))
+        assert folder.is_dir() and (folder.stat().st_mode & 0o777) == 0o700 and not str(folder).startswith(str(shared.parent) + "/")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/gradio_api/file={planted}", timeout=30)
+        assert refused.value.code == 403
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl+C: the server closes and the process exits normally
+        proc.wait(timeout=60)
+        shutil.rmtree(shared, ignore_errors=True)
+    assert not folder.exists()

@@ -34,7 +34,7 @@ from .explain import overlay
 from .preprocess import ImageError, open_image
 from .answer_rule import UNSEEN
 from .serving import MAX_BATCH, ModelRunner
-from .uploads import UploadJanitor, cache_image, safe_name
+from .uploads import UploadJanitor, cache_image, private_file_folder, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -411,6 +411,8 @@ def demo_from_arguments(args: argparse.Namespace):
         print(f"error: cannot load a model: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     examples = args.examples if args.examples is not None else default_examples()
+    # This server's files in a folder of its own (gradio reads it when the page is built and launched).
+    logger.info("this server's files: %s", private_file_folder())
     return build_demo(predictors, examples=examples, runner=runner)
 
 

@@ -4,8 +4,11 @@ shown back written into gradio's cache atomically, file names made fit to show. 
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import os
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -80,3 +83,17 @@ class UploadJanitor:
                     os.remove(path)
             except OSError:
                 pass
+
+
+def private_file_folder() -> str:
+    """A folder of this server's own for every file gradio writes and serves (uploads, images shown
+    back), unless ``GRADIO_TEMP_DIR`` is set: created now, readable by this user only, removed when the
+    process exits. Without it gradio uses the host-wide ``/tmp/gradio``, shared by every gradio
+    process, and its file route serves what another process wrote there. Set before the page is built
+    and launched (gradio reads it then)."""
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return os.environ["GRADIO_TEMP_DIR"]
+    folder = tempfile.mkdtemp(prefix="thyroid-app-")  # mode 0700
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
