@@ -238,19 +238,27 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         # print_exception=False: gradio would print a traceback ending in the file name to the log.
         return gr.Error(message, print_exception=False)
 
-    def predict(path: str | None, model_name: str, opacity: float, source: str | None = UNSEEN):
+    def predict(path: str | None, model_name: str, opacity: float, source: str | None = UNSEEN, kept: dict | None = None):
         if not path:
             raise fail("Upload an image first.")
         name = safe_name(Path(path).name)
+        notes: list[str] = []
         try:
             if not Path(path).is_file():
-                raise fail(f"{name}: the upload has expired (uploads are deleted within two minutes); upload it again.")
-            try:
-                with decoding:
-                    image = open_image(path, name=name)
-            finally:
-                if path not in kept_examples():  # an example's cached copy serves every visitor
-                    janitor.forget_later(path)  # the upload is not kept
+                # The upload was deleted after it was read; this session still holds its display-sized copy (the frame
+                # itself when it was no larger): analyse that again rather than ask for the upload.
+                if not (kept and kept.get("upload") == path):
+                    raise fail(f"{name}: the upload has expired (uploads are deleted within two minutes); upload it again.")
+                image = _as_image(kept["original"])
+                if kept.get("reduced"):
+                    notes.append("Analysed again from this page's reduced copy (the upload is deleted); upload the frame again for the full-size analysis.")
+            else:
+                try:
+                    with decoding:
+                        image = open_image(path, name=name)
+                finally:
+                    if path not in kept_examples():  # an example's cached copy serves every visitor
+                        janitor.forget_later(path)  # the upload is not kept
             predictor = predictors[model_name]
             if source not in (None, UNSEEN) and source not in predictor.training_sources:
                 raise fail(f"{safe_name(str(source))} is not one of this model's training sources; choose another hospital or scanner.")
@@ -263,7 +271,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         except Exception as exc:  # noqa: BLE001 - never a stack trace in the page
             logger.error("prediction failed: %s", type(exc).__name__)  # no image data, no file name in logs
             raise fail("Something went wrong while analysing this image. It is deleted from the server within two minutes.") from None
-        notes = list(result.warnings)
+        notes += list(result.warnings)
         for note in notes:
             gr.Warning(note)
         value, headline = answer(result)
@@ -271,8 +279,8 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
             f"{headline}\n\nThe heatmap shows the regions that raised the score of *{result.explained}*."
             + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
         )
-        # Kept per browser session for the opacity control only, at display size (uint8 map).
-        state = display_state(image, result.heatmap)
+        # Kept per browser session, at display size (uint8 map): the opacity control, and "Analyse" again once the upload is deleted.
+        state = {**display_state(image, result.heatmap), "upload": path, "reduced": max(image.size) > DISPLAY_SIDE}
         return value, blended(state, opacity), message, state, details(result)
 
     def reblend(state: dict | None, opacity: float):
@@ -304,7 +312,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         # One concurrency limit shared by every event that touches images: the opacity control waits
         # its turn like a prediction, so no one can bypass the limit by calling it directly.
         slot = dict(concurrency_limit=concurrency_limit, concurrency_id="images")
-        button.click(predict, [image, model, opacity, source], [label, slider, message, state, data], api_name="predict", **slot)
+        button.click(predict, [image, model, opacity, source, state], [label, slider, message, state, data], api_name="predict", **slot)
         opacity.release(reblend, [state, opacity], [slider], api_name=False, **slot)
         model.change(lambda name: (metrics_markdown(predictors[name].info, predictors[name].reliability), notice(predictors[name].info),
                                    gr.Dropdown(choices=source_choices(predictors[name]), value=UNSEEN)), [model], [card, header, source], api_name=False)
