@@ -368,6 +368,10 @@ def test_the_frames_source_decides_its_regime_through_the_api(client, server, sa
     assert own["regime"] == "in_source" and own["prediction_set"] == expected.prediction_set and own["answer"] == expected.headline
     with pytest.raises(Exception, match="not one of this model's training sources|not in the list of choices"):
         client.predict(handle_file(str(path)), "tiny-resnet", 0.45, "elsewhere", api_name="/predict")
+    # Past the dropdown (a direct call of the page's function): the page's own message, before any work.
+    predict = next(fn for fn in server[0].fns.values() if fn.name == "predict").fn
+    with pytest.raises(Exception, match="elsewhere is not one of this model's training sources"):
+        predict(str(path), "tiny-resnet", 0.45, "elsewhere")
 
 
 def test_the_page_says_a_synthetic_model_is_synthetic(server):

@@ -66,6 +66,17 @@ class Regime:
                    measured=dict(d.get("measured") or {}))
 
 
+def regime_of(source: str | None, training_sources: list[str]) -> str:
+    """The regime of a frame said to come from ``source``: ``in_source`` for one of the training sources,
+    ``unseen`` for None (not said) or the word "unseen"; anything else is refused."""
+    if source is None or source == UNSEEN:
+        return UNSEEN
+    if source == IN_SOURCE or source in training_sources:
+        return IN_SOURCE
+    raise ValueError(f"unknown source {source!r}: say one of the model's training sources ({', '.join(training_sources) or 'none recorded'}) "
+                     "or leave it out (a source the model never saw)")
+
+
 def _finite_or_none(value: float) -> float | None:
     return None if value is None or math.isinf(value) else float(value)
 

@@ -260,8 +260,10 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
                     if path not in kept_examples():  # an example's cached copy serves every visitor
                         janitor.forget_later(path)  # the upload is not kept
             predictor = predictors[model_name]
-            if source not in (None, UNSEEN) and source not in predictor.training_sources:
-                raise fail(f"{safe_name(str(source))} is not one of this model's training sources; choose another hospital or scanner.")
+            try:
+                predictor.reliability.regime_for(source)  # the one check of a said source, before any work
+            except ValueError:
+                raise fail(f"{safe_name(str(source))} is not one of this model's training sources; choose another hospital or scanner.") from None
             # The map is computed on the image as decoded; the overlay is drawn at display size below.
             result = runner.predict(predictor, image, opacity=None, source=source or UNSEEN)
         except ImageError as exc:

@@ -107,13 +107,13 @@ def leave_one_source_out(spec, dataset, report, data_args, model_args, run_args,
     names = sorted(set(sources.tolist()))
     result = {
         "model": spec.name, "checkpoint": spec.checkpoint, "init": model_args.init, "labels": labels,
-        "sources": sorted(set(sources.tolist())), "n": int(len(y)), "wall_seconds": round(wall, 1),
+        "sources": names, "n": int(len(y)), "wall_seconds": round(wall, 1),
         "held_out": held_out,
         # Pooled across held-out sources: one number, but it mixes sources (read the per-source rows first).
         "pooled": scored(y, probs, labels, groups, run_args.bootstrap_resamples, run_args.seed),
         "probabilities": "calibrated with each run's validation temperature",
         "crossfit": crossfit(probs, y, sources, groups, labels, run_args.conformal_alpha, run_args.headline_max_error,
-                             run_args.bootstrap_resamples, run_args.seed, today=(member, flagged)) if len(names) > 1 else {},
+                             run_args.bootstrap_resamples, run_args.seed, today=(member, flagged)),
     }
     if state.is_main_process:
         ModelFolder(out).write_json(LOSO_METRICS, result)
@@ -160,8 +160,8 @@ def crossfit(probs: np.ndarray, y: np.ndarray, sources: np.ndarray, groups: Sequ
                 rows[TODAY] = regime_report(y[t], probs[t], member[t], headlined(probs[t], member[t], 0.0, flagged[t]),
                                             groups[t].tolist(), n_resamples, seed, labels)
                 rows[TODAY]["share_flagged"] = float(flagged[t].mean())
+            sets = ConformalSets.fit(probs[c], y[c], alpha)  # the calibration source's unseen sets, shared by every candidate
             for name, how in CANDIDATES.items():
-                sets = ConformalSets.fit(probs[c], y[c], alpha)
                 member_c, member_t = sets.sets(probs[c]), sets.sets(probs[t])
                 if how["with_in_source"] and today is not None:  # never rule out a class the fold's own in-source sets keep
                     member_c, member_t = member_c | today[0][c], member_t | today[0][t]

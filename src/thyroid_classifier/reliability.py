@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .folder_files import GUARD_FILE, RELIABILITY_FILE
-from .answer_rule import IN_SOURCE, REGIMES, UNSEEN, Regime, guard_score, headlined, set_members, set_text  # noqa: F401 - set_text: re-exported
+from .answer_rule import IN_SOURCE, REGIMES, UNSEEN, Regime, decide, guard_score, headlined, regime_of, set_members, set_text  # noqa: F401 - set_text: re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -158,12 +158,7 @@ class Reliability:
     def regime_for(self, source: str | None) -> str:
         """The regime of a frame said to come from ``source``: ``in_source`` for one of the training
         sources, ``unseen`` for None (not said) or the word "unseen"; anything else is refused."""
-        if source is None or source == UNSEEN:
-            return UNSEEN
-        if source == IN_SOURCE or source in self.training_sources:
-            return IN_SOURCE
-        raise ValueError(f"unknown source {source!r}: say one of the model's training sources ({', '.join(self.training_sources) or 'none recorded'}) "
-                         "or leave it out (a source the model never saw)")
+        return regime_of(source, self.training_sources)
 
     def regime_sets(self, regime: str, probs: np.ndarray) -> np.ndarray:
         """Boolean (n, classes): each image's prediction set under ``regime`` (every class without one)."""
@@ -175,8 +170,6 @@ class Reliability:
 
     def answer(self, probs: np.ndarray, labels: Sequence[str], flagged: bool, regime: str = UNSEEN):
         """One image's :class:`~thyroid_classifier.answer_rule.Answer` under ``regime``."""
-        from .answer_rule import decide
-
         return decide(probs, list(labels), self.regimes.get(regime), flagged, regime, self.training_sources)
 
     def save_pretrained(self, folder: str | Path) -> None:

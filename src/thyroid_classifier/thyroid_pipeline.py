@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import ImageClassificationPipeline
 
-from .answer_rule import IN_SOURCE, UNSEEN, Regime, decide, guard_score
+from .answer_rule import REGIMES, UNSEEN, Regime, decide, guard_score, regime_of
 
 #: How ``config.json``'s ``custom_pipelines`` names this class inside a model folder.
 CUSTOM_PIPELINES = {"image-classification": {"impl": "thyroid_pipeline.ThyroidImageClassificationPipeline",
@@ -47,7 +47,7 @@ class ThyroidImageClassificationPipeline(ImageClassificationPipeline):
         name = getattr(self.model.config, "_name_or_path", "") or ""
         path = _folder_file(name, "reliability.json") if name else None
         state = json.loads(open(path).read()) if path else {}
-        self.regimes = {k: Regime.from_dict(v) for k, v in (state.get("regimes") or {}).items() if k in (UNSEEN, IN_SOURCE)}
+        self.regimes = {k: Regime.from_dict(v) for k, v in (state.get("regimes") or {}).items() if k in REGIMES}
         self.training_sources = list(state.get("training_sources") or [])
         self.guard = None
         guard = state.get("guard") or {}
@@ -62,10 +62,8 @@ class ThyroidImageClassificationPipeline(ImageClassificationPipeline):
 
     def _sanitize_parameters(self, source: str | None = None, **kwargs: Any):
         preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
-        if source is not None and source != UNSEEN and source not in self.training_sources and source != IN_SOURCE:
-            raise ValueError(f"unknown source {source!r}: say one of the model's training sources ({', '.join(self.training_sources)}) "
-                             "or leave it out (a source the model never saw)")
-        postprocess["regime"] = UNSEEN if source in (None, UNSEEN) else IN_SOURCE
+        # (transformers calls this from __init__ too, before training_sources is read: no source said then.)
+        postprocess["regime"] = UNSEEN if source is None else regime_of(source, self.training_sources)  # an unknown source is refused
         return preprocess, forward, postprocess
 
     def _forward(self, model_inputs):
