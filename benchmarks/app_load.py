@@ -18,6 +18,10 @@ Grad-CAM, the display overlay, JPEG encoding, and the whole `Predictor.predict` 
 "predict + explain"). Without `--model`, a randomly initialised 224-px ResNet50 folder is made
 (speed does not depend on the weights' values).
 `--aged N` first runs N cheap events through the server's queue, as a server that has been up a while.
+`--burst 8 72` sends, for each number, that many clients at once each analysing a legal 40 Mpx 16-bit RGBA
+PNG (0.3 MB; identical uploads, so they share one file as gradio stores them), with an ordinary 560x360
+frame sent 1 s into it; reports per burst the server's peak memory and its memory 10 s after (both as
+multiples of idle), errors, and the ordinary request's time against its time alone.
 Only loopback traffic; every loop is bounded. Run it on another checkout with PYTHONPATH=OTHER/src
 (and that checkout's app.py: copy this file there) to compare before and after.
 """
@@ -170,7 +174,9 @@ class PageClient:
     def analyse(self, uploaded: dict, model: str, opacity: float = 0.45) -> dict:
         """"Analyse": the answer and both images of the slider in; the output."""
         fn_index, dep = self.dependency(api_name="predict")
-        [output] = self.call(fn_index, dep, [uploaded, model, opacity])
+        # image, model, opacity, then (since the source dropdown) where the frame is from and the session's state
+        data = [uploaded, model, opacity, "unseen", None][: len(dep["inputs"])]
+        [output] = self.call(fn_index, dep, data)
         self.fetch([part["url"] for part in output["data"][1] if part])
         return output
 
@@ -209,6 +215,70 @@ def hostile(url: str, model: str, server) -> None:
         report(f"{path.name} ({path.stat().st_size / 1e6:.1f} MB file)", lambda path=path: page.analyse(page.upload(path), model))
     report("opacity control x3 at once on the 6000 x 4000 result", lambda: page.reblend(0.8, times=3))
     page.close()
+
+
+def legal_large_png(folder: Path, size: tuple[int, int] = (8000, 5000)) -> Path:
+    """A legal upload that is expensive to decode: 40 Mpx (the limit), 16-bit RGBA, a smooth ramp (0.3 MB)."""
+    import cv2
+    import numpy as np
+
+    width, height = size
+    ramp = np.broadcast_to(np.linspace(0, 65535, height).astype(np.uint16)[:, None], (height, width))
+    pixels = np.stack([ramp, ramp, ramp, np.full((height, width), 65535, np.uint16)], axis=-1)
+    path = folder / f"legal_{width}x{height}_rgba16.png"
+    cv2.imwrite(str(path), pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])  # PIL cannot write 16-bit RGBA
+    return path
+
+
+def burst(url: str, model: str, server, clients: int, large: Path, ordinary: str, lone_ms: float, idle: float) -> dict:
+    """``clients`` pages analyse ``large`` at once (uploaded first, as pages do when a file is chosen);
+    1 s in, one more page analyses ``ordinary``. The server's peak and its memory 10 s after, errors,
+    the ordinary request's time. ``idle``: the server's memory after its warm-up, before any burst (MiB)."""
+    start = server.memory_info().rss / 2**20
+    pages = [PageClient(url) for _ in range(clients)]
+    uploads = [page.upload(large) for page in pages]
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def one(page, uploaded) -> None:
+        try:
+            page.analyse(uploaded, model)
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            with lock:
+                errors.append(f"{type(exc).__name__}: {exc}"[:160])
+
+    threads = [threading.Thread(target=one, args=pair) for pair in zip(pages, uploads)]
+    with PeakRss(server) as rss:
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        extra = PageClient(url)
+        t0 = time.perf_counter()
+        try:
+            extra.analyse(extra.upload(ordinary), model)
+            ordinary_ms = (time.perf_counter() - t0) * 1000
+        except Exception as exc:  # noqa: BLE001 - counted and reported
+            ordinary_ms = float("nan")
+            errors.append(f"ordinary: {type(exc).__name__}: {exc}"[:160])
+        for t in threads:
+            t.join(timeout=1800)
+        wall = time.perf_counter() - started
+    time.sleep(10)
+    after = server.memory_info().rss / 2**20
+    for page in (*pages, extra):
+        page.close()
+    kinds: dict[str, int] = {}
+    for error in errors:
+        kind = error.split(":", 1)[0] + ": " + ("expired" if "expired" in error else "no such file" if "no such file" in error else
+                                            "503 queue full" if "503" in error else error.split(":", 1)[-1][:60])
+        kinds[kind] = kinds.get(kind, 0) + 1
+    row = {"clients": clients, "idle_mib": idle, "start_mib": start, "errors_by_kind": kinds, "peak_x": rss.peak / idle, "after_10s_x": after / idle, "errors": len(errors),
+           "first_error": errors[0] if errors else "", "ordinary_ms": ordinary_ms, "ordinary_x_lone": ordinary_ms / lone_ms, "wall_s": wall}
+    print(f"burst of {clients} x {large.name}: idle {idle:.0f} MiB (at its start {start:.0f}), peak {rss.peak:.0f} MiB ({row['peak_x']:.2f}x idle), "
+          f"10 s after {after:.0f} MiB ({row['after_10s_x']:.2f}x), errors {len(errors)}" + (f" {kinds}" if errors else "")
+          + f"; an ordinary request sent 1 s in: {ordinary_ms:.0f} ms ({row['ordinary_x_lone']:.1f}x its time alone); all done in {wall:.0f} s")
+    return row
 
 
 def age(url: str, events: int, chunk: int = 50) -> None:
@@ -281,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="a model folder (default: a random 224-px ResNet50 made in a temporary folder)")
     parser.add_argument("--hostile", action="store_true", help="also send a pixel bomb and a 6000x4000 frame and move the opacity control on it; report peak server memory")
     parser.add_argument("--stages", action="store_true", help="also time each stage of one request in this process")
+    parser.add_argument("--burst", type=int, nargs="+", default=None, metavar="N",
+                        help="for each N: N clients at once analyse a legal 40 Mpx 16-bit RGBA PNG (and one ordinary request 1 s in); "
+                             "then exit without the steady load")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=25)
     parser.add_argument("--image", default=None, help="image to send (default: a 560x360 synthetic frame)")
@@ -338,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             library_times.append((time.perf_counter() - start) * 1000)
         if args.hostile:
             hostile(url, name, server)
+        if args.burst:
+            large = legal_large_png(Path(tempfile.mkdtemp()))
+            lone, idle = statistics.median(alone["both"]), server.memory_info().rss / 2**20
+            rows = [burst(url, name, server, n, large, image, lone, idle) for n in args.burst]
+            print(json.dumps(rows))
+            return 1 if any(r["errors"] for r in rows) else 0
         rss_start = server.memory_info().rss / 2**20
         latencies: list[float] = []
         errors: list[str] = []
@@ -385,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
               f"+ {statistics.median(around):.0f} ms beyond the model (median of 20; goal: + 50 ms at most); for scale, one request "
               f"(upload + Analyse) {single['both']:.0f} ms and, timed later in this process, Predictor.predict {med['Predictor.predict']:.0f} ms")
     print(f"{args.clients} clients x {args.requests} requests = {total} (each: upload + Analyse); model {args.model}; image {image}")
-    print(f"errors: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
+    print(f"errors: {len(errors)}" + (f" {kinds}" if errors else ""))
     print(f"latency p50 {statistics.median(latencies):.0f} ms, p95 {q[18]:.0f} ms, max {max(latencies):.0f} ms "
           f"(queued behind other clients; the app runs one forward pass at a time, for every request that waits); p95 / single p50 = {q[18] / single['both']:.1f} (goal <= 8)")
     print(f"throughput {len(latencies) / wall:.2f} predictions/s over {wall:.1f} s; the {args.clients} clients used {client_cpu / wall:.0%} of one core")

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from thyroid_classifier.app import DISPLAY_SIDE, build_demo, load_predictors, safe_name
+from thyroid_classifier.app import DISPLAY_SIDE, IN_FLIGHT, build_demo, load_predictors, safe_name
 from thyroid_classifier.preprocess import MAX_DECODE_SIDE, MAX_PIXELS, ImageError, open_image
-from thyroid_classifier.serving import MAX_BATCH
 
 CLOCK = (1, 2)  # gradio's clean-up: every second, anything older than 2 s
 
@@ -96,13 +95,89 @@ def test_open_image_decodes_large_images_reduced(tmp_path):
         open_image(tmp_path / "gone.png")
 
 
+def _rgba16_png(path: Path, size: tuple[int, int]) -> Path:
+    """A legal 16-bit RGBA PNG (PIL cannot write one): a ramp, a few hundred KB however large."""
+    import cv2
+
+    width, height = size
+    ramp = np.broadcast_to(np.linspace(0, 65535, height).astype(np.uint16)[:, None], (height, width))
+    cv2.imwrite(str(path), np.stack([ramp, ramp, ramp, np.full_like(ramp, 65535)], axis=-1))
+    return path
+
+
+def test_decoding_a_large_legal_png_costs_its_decoded_size_not_copies_of_it(tmp_path):
+    """A 20 Mpx 16-bit RGBA PNG decodes to 82 MB (PIL's 8-bit RGBA); converted whole to RGB before it
+    was reduced, it peaked at ~5 times that (the issue's burst: 2.65x idle). Measured in a process of its own."""
+    import subprocess
+    import sys
+
+    path = _rgba16_png(tmp_path / "legal_6000x3400_rgba16.png", (6000, 3400))
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from thyroid_classifier.preprocess import open_image\n"
+        "status = lambda key: next(int(l.split()[1]) for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key)) / 1024\n"
+        "Path('/proc/self/clear_refs').write_text('5')\n"
+        "before = status('VmRSS:'); image = open_image(sys.argv[1]); print(image.size, status('VmHWM:') - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True).stdout.split()
+    grown, decoded = float(out[-1]), 6000 * 3400 * 4 / 2**20
+    assert grown < 1.6 * decoded, f"decoding it grew peak memory by {grown:.0f} MiB (decoded: {decoded:.0f} MiB)"
+
+
+def test_a_burst_of_identical_large_uploads_takes_turns_while_an_ordinary_frame_goes_ahead(short_run, sample_dir, tmp_path, monkeypatch):
+    """Six pages analyse the same large legal upload at once (one shared file, deleted a second after
+    it is first read) and a seventh sends an ordinary frame meanwhile: every one is answered, the large
+    decodes take turns in the budget (never two at once), and the ordinary frame is not held up behind them."""
+    import threading
+
+    from gradio_client import Client, handle_file
+
+    from thyroid_classifier.preprocess import probe_image
+    from thyroid_classifier.serving import MemoryBudget
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    large = _rgba16_png(tmp_path / "large.png", (6000, 3400))
+    ordinary = tmp_path / "ordinary.png"
+    frame(sample_dir).save(ordinary)
+    cost = probe_image(large).cost
+    budget = MemoryBudget(int(cost * 1.5))  # one large decode, and ordinary frames beside it
+    out, _ = short_run
+    demo = build_demo(load_predictors([str(out / "tiny-resnet")]), budget=budget, forget_uploads_after=1.0, cache_cleanup=(60, 120))
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, max_file_size="10mb")
+    try:
+        url = f"http://127.0.0.1:{demo.server_port}/"
+        finished: dict[str, float] = {}
+        errors: list[str] = []
+
+        def page(name: str, path: Path, delay: float = 0.0) -> None:
+            client = Client(url, verbose=False)
+            threading.Event().wait(delay)
+            try:
+                client.predict(handle_file(str(path)), "tiny-resnet", 0.45, api_name="/predict")
+                finished[name] = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - collected: every one must be answered
+                errors.append(f"{name}: {exc}")
+
+        threads = [threading.Thread(target=page, args=(f"large {i}", large)) for i in range(6)]
+        threads.append(threading.Thread(target=page, args=("ordinary", ordinary, 1.0)))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        demo.close()
+    assert not errors, errors  # before: "the upload has expired" for the identical uploads that waited
+    assert cost <= budget.high_water < 2 * cost  # through the budget, one large decode at a time
+    assert finished["ordinary"] < max(t for name, t in finished.items() if name != "ordinary"), "the ordinary frame waited behind the decoding"
+
+
 def test_every_image_event_is_queued_under_one_limit(limited):
     demo, _, _ = limited
     slider_id = next(c["id"] for c in demo.get_config_file()["components"] if c["type"] == "imageslider")
     touching = [fn for fn in demo.fns.values() if any(getattr(o, "_id", None) == slider_id for o in fn.outputs)]
     assert sorted(fn.name for fn in touching) == ["predict", "reblend"]  # the prediction and the opacity control
     for fn in touching:
-        assert fn.queue is not False and fn.concurrency_id == "images" and fn.concurrency_limit == MAX_BATCH, fn.name
+        assert fn.queue is not False and fn.concurrency_id == "images" and fn.concurrency_limit == IN_FLIGHT, fn.name
     # The opacity control, called for a session with no result, draws nothing.
     reblend = next(fn for fn in demo.fns.values() if fn.name == "reblend")
     import gradio as gr

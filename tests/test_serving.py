@@ -228,3 +228,107 @@ def test_release_free_memory_says_so_where_the_c_library_cannot(monkeypatch):
 
     monkeypatch.setattr(serving, "_malloc_trim", lambda: None)  # macOS, musl
     assert serving.release_free_memory() is False
+
+
+def _in_thread(fn, *args) -> tuple[threading.Thread, threading.Event]:
+    """``fn(*args)`` started on a thread; an event set once it has returned."""
+    done = threading.Event()
+
+    def run() -> None:
+        fn(*args)
+        done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def test_a_memory_budget_makes_requests_wait_for_room_and_lets_a_small_one_past_a_large_one_that_waits():
+    from thyroid_classifier.serving import MemoryBudget
+
+    budget = MemoryBudget(100)
+    release_first = threading.Event()
+
+    def hold(nbytes: int, until: threading.Event | None = None) -> None:
+        with budget.hold(nbytes):
+            if until is not None:
+                assert until.wait(timeout=30)
+
+    _, first_done = _in_thread(hold, 60, release_first)
+    while budget.held < 60:
+        threading.Event().wait(0.005)
+    _, large_done = _in_thread(hold, 60)  # 60 + 60 > 100: waits for room
+    _, small_done = _in_thread(hold, 30)  # 60 + 30 fits: goes ahead of the large one that waits
+    assert small_done.wait(timeout=10)
+    assert not large_done.wait(timeout=0.3) and budget.held == 60
+    release_first.set()
+    assert first_done.wait(timeout=10) and large_done.wait(timeout=10)
+    assert budget.held == 0 and budget.high_water == 90
+
+
+def test_a_request_larger_than_the_budget_goes_alone_and_a_resized_hold_gives_back_at_once():
+    from thyroid_classifier.serving import MemoryBudget
+
+    budget = MemoryBudget(100)
+    release = threading.Event()
+    entered: list[int] = []
+
+    def hold(nbytes: int, keep: int, until: threading.Event) -> None:
+        with budget.hold(nbytes) as held:
+            entered.append(nbytes)
+            held.resize(keep)
+            held.resize(keep + 1000)  # never grows past what it waited for
+            assert until.wait(timeout=30)
+
+    _, huge_done = _in_thread(hold, 250, 250, release)  # more than the whole budget: alone, since nothing else is held
+    while budget.held < 250:
+        threading.Event().wait(0.005)
+    _, small_done = _in_thread(hold, 1, 1, release)
+    assert not small_done.wait(timeout=0.3) and entered == [250]  # nothing beside the one that took it all
+    release.set()
+    assert huge_done.wait(timeout=10) and small_done.wait(timeout=10) and budget.held == 0
+    release.clear()
+    _, a_done = _in_thread(hold, 80, 10, release)  # decoded: keeps 10 of its 80
+    while 80 not in entered[2:]:
+        threading.Event().wait(0.005)
+    _, b_done = _in_thread(hold, 80, 10, release)  # fits once the first has given back 70
+    while len(entered) < 4:
+        threading.Event().wait(0.005)
+    assert budget.held == 20
+    release.set()
+    assert a_done.wait(timeout=10) and b_done.wait(timeout=10) and budget.held == 0
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        MemoryBudget(0)
+
+
+def test_the_app_gives_memory_back_once_idle_after_a_burst_of_requests_and_never_after_a_lone_one():
+    import time
+
+    from thyroid_classifier.serving import GiveBackWhenIdle
+
+    idle = GiveBackWhenIdle(after=0.3)
+    with idle.request():
+        pass
+    time.sleep(0.5)
+    assert idle.released == 0  # a lone request: nothing to give back, and the next one would pay the page faults
+    first_in, second_in, done = threading.Event(), threading.Event(), threading.Event()
+
+    def request(entered: threading.Event) -> None:
+        with idle.request():
+            entered.set()
+            assert done.wait(timeout=30)
+
+    threads = [threading.Thread(target=request, args=(e,)) for e in (first_in, second_in)]
+    for thread in threads:
+        thread.start()
+    assert first_in.wait(timeout=10) and second_in.wait(timeout=10)
+    done.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    with idle.request():  # one more right after the burst: the burst's give-back waits for it
+        time.sleep(0.1)
+    assert idle.released == 0
+    time.sleep(0.6)
+    assert idle.released == 1  # once, after the idle time
+    time.sleep(0.5)
+    assert idle.released == 1

@@ -9,8 +9,10 @@ never-analysed uploads, the images shown back) is deleted within :data:`FORGET_W
 gradio's cache clean-up; no file name reaches the log; no run history is kept in the browser.
 
 Memory: an image's declared size is checked before decoding (``preprocess.MAX_PIXELS``), large
-legal images are decoded reduced, one at a time, and the session keeps display-sized copies only;
-every event, the opacity control included, runs through the queue under one concurrency limit.
+legal images are decoded reduced, and every request holds its images' bytes from one budget shared
+by all (:class:`~thyroid_classifier.serving.MemoryBudget`: decoding, the frame, its crop and
+heatmap), so a burst of large uploads takes its turns while ordinary frames go ahead; the session
+keeps display-sized copies only.
 
 Speed: models are loaded and run on the fixed threads of a :class:`~thyroid_classifier.serving.ModelRunner`,
 which gives the requests that wait while the model is busy one forward pass together.
@@ -24,16 +26,15 @@ import logging
 import math
 import os
 import sys
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .explain import overlay
-from .preprocess import ImageError, open_image
+from .preprocess import ImageError, probe_image
 from .answer_rule import UNSEEN
-from .serving import MAX_BATCH, ModelRunner
+from .serving import MAX_BATCH, BackgroundWorker, GiveBackWhenIdle, MemoryBudget, ModelRunner
 from .uploads import UploadJanitor, cache_image, private_file_folder, safe_name
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ CACHE_CLEANUP = (30, 60)  # (frequency, age) in seconds
 FORGET_WITHIN = sum(CACHE_CLEANUP)
 #: The longer side of what the page shows and the session keeps (the opacity control reblends it).
 DISPLAY_SIDE = 1024
+#: Requests the app works on at once (the rest wait in gradio's queue, up to QUEUE_SIZE more). Each
+#: opens its upload at once (so its file cannot be deleted from under it while it waits) and then
+#: waits for room in the memory budget and for the model, which bound what they cost together.
+IN_FLIGHT = 128
+QUEUE_SIZE = 64
+#: Bytes a request holds per pixel of its decoded frame until it is done: the RGB frame (4), its
+#: crop's grey and float maps, the heatmap (float32) and the display copies.
+WORKING_BYTES_PER_PIXEL = 16
 #: gradio's queue keeps a record of its last 10000 events and, after every event, summarises them all
 #: with pandas for its /monitoring dashboard (which the app turns off): 12 ms of CPU an event once a
 #: server has run 10000, 2 ms at 100. The app keeps one record and never summarises (a setting the
@@ -78,10 +87,14 @@ def display_copy(image):
 
 
 def display_state(image, heatmap: np.ndarray) -> dict:
-    """What a session keeps for the opacity control: ``image`` (PIL) at display size and the heatmap
-    (values in [0, 1], the image's size) as uint8 at that size."""
+    """What a session keeps for the opacity control: ``image`` (PIL) at display size (one channel when
+    it is grey, as ultrasound is: a third of the memory, the same pixels) and the heatmap (values in
+    [0, 1], the image's size) as uint8 at that size."""
     shown = display_copy(image)
-    return {"original": np.asarray(shown), "heatmap": np.asarray(_as_image(np.uint8(np.round(heatmap * 255))).resize(shown.size))}
+    original = np.asarray(shown)
+    if original.ndim == 3 and (original == original[..., :1]).all():
+        original = np.ascontiguousarray(original[..., 0])
+    return {"original": original, "heatmap": np.asarray(_as_image(np.uint8(np.round(heatmap * 255))).resize(shown.size))}
 
 
 def blended(state: Mapping, opacity: float) -> tuple[np.ndarray, np.ndarray]:
@@ -210,23 +223,25 @@ def source_choices(predictor) -> list[tuple[str, str]]:
 
 
 def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelRunner | None = None, forget_uploads_after: float = FORGET_UPLOAD_AFTER,
-               cache_cleanup: tuple[int, int] = CACHE_CLEANUP):
+               cache_cleanup: tuple[int, int] = CACHE_CLEANUP, budget: MemoryBudget | None = None):
     """The page around one or more :class:`~thyroid_classifier.predict.Predictor` (name → predictor).
 
     Uploads are deleted ``forget_uploads_after`` seconds after they are read; gradio's clean-up
     removes every other file of the app (rejected or never-analysed uploads, images shown back)
     older than ``cache_cleanup[1]`` seconds, every ``cache_cleanup[0]`` seconds. Predictions run on
     ``runner`` (default: one model thread, batches of up to :data:`~thyroid_classifier.serving.MAX_BATCH`);
-    pass the runner that loaded the predictors, so that one thread does all of a model's work. As
-    many requests as the runner can batch are handled at once; their images are decoded one at a time
-    per model thread, so memory stays bounded by a frame's worth each."""
+    pass the runner that loaded the predictors, so that one thread does all of a model's work. Up to
+    :data:`IN_FLIGHT` requests are worked on at once; what their images cost together is bounded by
+    ``budget`` (default: a :class:`~thyroid_classifier.serving.MemoryBudget` of
+    :data:`~thyroid_classifier.serving.IMAGE_BUDGET` bytes), shared by all of them."""
     import gradio as gr
 
     if not predictors:
         raise ValueError("build_demo needs at least one model")
     runner = runner or ModelRunner()
-    concurrency_limit = runner.workers * runner.max_batch
-    decoding = threading.BoundedSemaphore(runner.workers)  # a large legal PNG is decoded whole before it is reduced
+    budget = budget or MemoryBudget()
+    background = BackgroundWorker()  # large uploads are decoded here, at a lower priority than the model and ordinary frames
+    idle = GiveBackWhenIdle()  # after a burst, what gradio's threads freed goes back to the system
     names = list(predictors)
     janitor = UploadJanitor(forget_uploads_after)
 
@@ -239,33 +254,44 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         return gr.Error(message, print_exception=False)
 
     def predict(path: str | None, model_name: str, opacity: float, source: str | None = UNSEEN, kept: dict | None = None):
+        with idle.request():
+            return analyse(path, model_name, opacity, source, kept)
+
+    def analyse(path: str | None, model_name: str, opacity: float, source: str | None, kept: dict | None):
         if not path:
             raise fail("Upload an image first.")
         name = safe_name(Path(path).name)
         notes: list[str] = []
         try:
-            if not Path(path).is_file():
+            try:
+                # Opened at once, before any wait: what this request reads can no longer be deleted from under it
+                # (by the upload clock, gradio's clean-up, or an identical upload that replaced the shared file).
+                upload = open(path, "rb")  # noqa: SIM115 - closed by the with block below
+            except FileNotFoundError:
                 # The upload was deleted after it was read; this session still holds its display-sized copy (the frame
                 # itself when it was no larger): analyse that again rather than ask for the upload.
                 if not (kept and kept.get("upload") == path):
-                    raise fail(f"{name}: the upload has expired (uploads are deleted within two minutes); upload it again.")
-                image = _as_image(kept["original"])
+                    raise fail(f"{name}: the upload has expired (uploads are deleted within two minutes); upload it again.") from None
+                upload = contextlib.nullcontext(_as_image(kept["original"]))
                 if kept.get("reduced"):
                     notes.append("Analysed again from this page's reduced copy (the upload is deleted); upload the frame again for the full-size analysis.")
             else:
-                try:
-                    with decoding:
-                        image = open_image(path, name=name)
-                finally:
-                    if path not in kept_examples():  # an example's cached copy serves every visitor
-                        janitor.forget_later(path)  # the upload is not kept
+                if path not in kept_examples():  # an example's cached copy serves every visitor
+                    janitor.forget_later(path, os.fstat(upload.fileno()))  # the upload is not kept
             predictor = predictors[model_name]
-            try:
-                predictor.reliability.regime_for(source)  # the one check of a said source, before any work
-            except ValueError:
-                raise fail(f"{safe_name(str(source))} is not one of this model's training sources; choose another hospital or scanner.") from None
-            # The map is computed on the image as decoded; the overlay is drawn at display size below.
-            result = runner.predict(predictor, image, opacity=None, source=source or UNSEEN)
+            with upload as frame:
+                try:
+                    predictor.reliability.regime_for(source)  # the one check of a said source, before any work
+                except ValueError:
+                    raise fail(f"{safe_name(str(source))} is not one of this model's training sources; choose another hospital or scanner.") from None
+                pending = probe_image(frame, name=name)  # the header only: a bomb is refused before it costs anything
+                with budget.hold(pending.cost) as held:
+                    image = background.run(pending.decode) if pending.factor > 1 else pending.decode()
+                    held.resize(image.width * image.height * WORKING_BYTES_PER_PIXEL)
+                    # The map is computed on the image as decoded; the overlay is drawn at display size below.
+                    result = runner.predict(predictor, image, opacity=None, source=source or UNSEEN)
+                    # Kept per browser session, at display size (uint8 map): the opacity control, and "Analyse" again once the upload is deleted.
+                    state = {**display_state(image, result.heatmap), "upload": path, "reduced": max(image.size) > DISPLAY_SIDE}
         except ImageError as exc:
             raise fail(str(exc)) from None
         except gr.Error:
@@ -281,14 +307,13 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
             f"{headline}\n\nThe heatmap shows the regions that raised the score of *{result.explained}*."
             + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
         )
-        # Kept per browser session, at display size (uint8 map): the opacity control, and "Analyse" again once the upload is deleted.
-        state = {**display_state(image, result.heatmap), "upload": path, "reduced": max(image.size) > DISPLAY_SIDE}
         return value, blended(state, opacity), message, state, details(result)
 
     def reblend(state: dict | None, opacity: float):
         if not state:  # a session with no result (or a direct call): nothing to redraw
             return gr.skip()
-        return blended(state, opacity)
+        with budget.hold(state["heatmap"].size * 30):  # the blend's float maps and colours: ~30 bytes a pixel
+            return blended(state, opacity)
 
     with gr.Blocks(title="Thyroid ultrasound classifier (research)", delete_cache=tuple(cache_cleanup)) as demo:
         gr.Markdown("# Thyroid ultrasound classifier")
@@ -311,15 +336,15 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
                     data = gr.JSON(label="Answer details")
                 card = gr.Markdown(metrics_markdown(predictors[names[0]].info, predictors[names[0]].reliability))
         state = gr.State(time_to_live=600)  # forgotten after 10 minutes: memory stays bounded
-        # One concurrency limit shared by every event that touches images: the opacity control waits
-        # its turn like a prediction, so no one can bypass the limit by calling it directly.
-        slot = dict(concurrency_limit=concurrency_limit, concurrency_id="images")
+        # One concurrency limit and one memory budget shared by every event that touches images: the opacity
+        # control waits its turn like a prediction, so no one can bypass either by calling it directly.
+        slot = dict(concurrency_limit=IN_FLIGHT, concurrency_id="images")
         button.click(predict, [image, model, opacity, source, state], [label, slider, message, state, data], api_name="predict", **slot)
         opacity.release(reblend, [state, opacity], [slider], api_name=False, **slot)
         model.change(lambda name: (metrics_markdown(predictors[name].info, predictors[name].reliability), notice(predictors[name].info),
                                    gr.Dropdown(choices=source_choices(predictors[name]), value=UNSEEN)), [model], [card, header, source], api_name=False)
     with _environment_defaults(QUEUE_ANALYTICS):  # read when the queue is made
-        demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
+        demo.queue(default_concurrency_limit=IN_FLIGHT, max_size=QUEUE_SIZE)
     return demo
 
 
@@ -362,8 +387,9 @@ def default_examples() -> list[str]:
 def launch(demo, host: str, port: int | None, share: bool, **kwargs):
     """Launch; a share link that cannot be made is reported and the local app keeps running."""
     # No run history in the browser (it would keep a thumbnail of each upload), no /monitoring dashboard.
+    # max_threads: every request in flight has a thread of its own (gradio's default, 40, would hold some back in the queue).
     common = dict(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, quiet=True, run_history=False, enable_monitoring=False,
-                  footer_links=["api", "settings"], **kwargs)
+                  footer_links=["api", "settings"], max_threads=IN_FLIGHT + 8, **kwargs)
     if share:
         try:
             result = demo.launch(share=True, **common)

@@ -25,6 +25,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -48,36 +49,90 @@ class ImageError(ValueError):
 
 
 
-def open_image(source: str | Path | bytes | Image.Image, name: str | None = None) -> Image.Image:
-    """Open and fully decode an image from a path, bytes or PIL image, as upright 8-bit RGB.
+#: PIL's bytes per pixel of a decoded image, by mode (RGB is stored as 4); anything else: 4.
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+#: Rows of the full-size image converted at a time when a large one is reduced (times the factor).
+_STRIP_ROWS = 32
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
-    Every problem becomes an :class:`ImageError` whose message names the input: not an image, empty
-    or truncated file, too many pixels (decompression bomb), too small.
-    """
+
+@dataclass
+class PendingImage:
+    """An image whose header has been read and checked, nothing decoded yet (:func:`probe_image`).
+
+    ``cost`` is what decoding it will hold in memory at its peak, in bytes, so that a server can
+    decide before decoding whether it fits its budget (:class:`~thyroid_classifier.serving.MemoryBudget`)."""
+
+    image: Image.Image
+    label: str
+    factor: int  # the image is reduced by this factor as it is decoded (1: not reduced)
+    owned: bool = True  # opened here (closed once decoded), not a PIL image the caller passed
+
+    @property
+    def cost(self) -> int:
+        width, height = self.image.size
+        decoded = width * height * _BYTES_PER_PIXEL.get(self.image.mode, 4)
+        if self.factor > 1:  # the decoded image, strips of it converted, the reduced RGB result
+            strip = width * _STRIP_ROWS * self.factor * 4 * 2
+            return decoded + strip + math.ceil(width / self.factor) * math.ceil(height / self.factor) * 4 * 2
+        return decoded + width * height * 4 * (3 if _has_alpha(self.image) or self.image.mode.startswith("I") else 1)
+
+    def decode(self) -> Image.Image:
+        """The image decoded as upright 8-bit RGB, reduced by ``factor``; an :class:`ImageError` naming it if it cannot be."""
+        image, label = self.image, self.label
+        try:
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animated GIF / multi-page TIFF: the first frame
+            image.load()
+            rgb = _reduced_rgb(image, self.factor) if self.factor > 1 else to_rgb(image)
+        except ImageError:
+            raise
+        except Image.DecompressionBombError:
+            raise ImageError(f"{label}: too many pixels, more than the {MAX_PIXELS:,} allowed (ultrasound frames are under ~2 million)") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for broken files
+            raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+        finally:
+            if self.owned:
+                image.close()  # its decoder and buffers: not kept past the decode
+        if min(rgb.size) < MIN_SIDE:
+            raise ImageError(f"{label}: {rgb.width}x{rgb.height} pixels is too small (at least {MIN_SIDE} px a side)")
+        return rgb
+
+
+def probe_image(source: str | Path | bytes | BinaryIO | Image.Image, name: str | None = None) -> PendingImage:
+    """Read and check an image's header without decoding it: not an image, an empty file or too many
+    pixels (a decompression bomb declares 100 Mpx in a 100 KB file) are refused here, at no cost.
+
+    ``source``: a path, bytes, an open binary file (read from where it is: a file deleted meanwhile
+    is still read whole) or a PIL image. A JPEG larger than :data:`MAX_DECODE_SIDE` is set to decode
+    at a reduced DCT scale."""
     import io
 
-    label = name or (Path(source).name if isinstance(source, (str, Path)) else "image")
+    label = name or (Path(source).name if isinstance(source, (str, Path)) else Path(str(getattr(source, "name", "image"))).name)
     try:
         if isinstance(source, Image.Image):
             image = source
         else:
-            try:
-                data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
-            except FileNotFoundError:
-                raise ImageError(f"{label}: no such file") from None
-            if not data:
+            if isinstance(source, (str, Path)):
+                try:
+                    source = Path(source).read_bytes()
+                except FileNotFoundError:
+                    raise ImageError(f"{label}: no such file") from None
+            if isinstance(source, bytes):
+                if not source:
+                    raise ImageError(f"{label}: empty file (0 bytes)")
+                source = io.BytesIO(source)
+            elif source.seek(0, io.SEEK_END) == 0:
                 raise ImageError(f"{label}: empty file (0 bytes)")
-            image = Image.open(io.BytesIO(data))
+            source.seek(0)
+            image = Image.open(source)
         if image.width * image.height > MAX_PIXELS:  # the header's size: nothing decoded yet
             raise ImageError(f"{label}: {image.width}x{image.height} pixels is more than the {MAX_PIXELS:,} allowed (ultrasound frames are under ~2 million)")
         factor = math.ceil(max(image.size) / MAX_DECODE_SIDE)
         if factor > 1 and image.format == "JPEG":
             image.draft("RGB" if image.mode not in ("L", "RGB") else image.mode, (image.width // factor, image.height // factor))
-        image.load()
-        rgb = to_rgb(image)
-        factor = math.ceil(max(rgb.size) / MAX_DECODE_SIDE)
-        if factor > 1:
-            rgb = rgb.reduce(factor)
+            factor = math.ceil(max(image.size) / MAX_DECODE_SIDE)  # what is left to reduce after the DCT scale
     except ImageError:
         raise
     except Image.DecompressionBombError:
@@ -85,9 +140,43 @@ def open_image(source: str | Path | bytes | Image.Image, name: str | None = None
     except (OSError, SyntaxError, ValueError) as exc:  # what PIL raises for non-images and broken files
         problem = "not an image, or an image format that cannot be read" if "cannot identify" in str(exc) else f"corrupt or truncated image ({exc})"
         raise ImageError(f"{label}: {problem}") from None
-    if min(rgb.size) < MIN_SIDE:
-        raise ImageError(f"{label}: {rgb.width}x{rgb.height} pixels is too small (at least {MIN_SIDE} px a side)")
-    return rgb
+    return PendingImage(image, label, factor, owned=not isinstance(source, Image.Image))
+
+
+def open_image(source: str | Path | bytes | BinaryIO | Image.Image, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image from a path, bytes, an open binary file or a PIL image, as upright 8-bit RGB.
+
+    Every problem becomes an :class:`ImageError` whose message names the input: not an image, empty
+    or truncated file, too many pixels (decompression bomb), too small. An image whose longer side
+    exceeds :data:`MAX_DECODE_SIDE` comes back reduced.
+    """
+    return probe_image(source, name).decode()
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def _reduced_rgb(image: Image.Image, factor: int) -> Image.Image:
+    """A decoded image reduced by ``factor`` (box average), as :func:`to_rgb` of it would be, without
+    ever converting the whole full-size image: strips of it are converted and reduced one at a time.
+    A 40 Mpx 16-bit RGBA PNG peaked at ~780 MB converted whole; in strips, at its decoded size (~170 MB)."""
+    width, height = image.size
+    orientation = image.getexif().get(0x0112)  # the reduced copy has no EXIF: turned upright below
+    wide = image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+    # 16-bit and float: reduced as 32-bit values, stretched to 8 bits once reduced (to_rgb: its
+    # percentiles are then the reduced frame's, a few grey levels from the full frame's on a smooth
+    # image); the rest exactly as to_rgb then reduce: each strip as to_rgb makes it, then averaged.
+    mode = ("F" if image.mode == "F" else "I") if wide else "RGB"
+    out = Image.new(mode, (math.ceil(width / factor), math.ceil(height / factor)))
+    step = _STRIP_ROWS * factor  # a multiple of the factor: strips reduce exactly as the whole would
+    for top in range(0, height, step):
+        strip = image.crop((0, top, width, min(height, top + step)))
+        strip = strip.convert(mode) if wide else to_rgb(strip, upright=False)
+        out.paste(strip.reduce(factor), (0, top // factor))
+    if orientation in _ORIENTATION:
+        out = out.transpose(_ORIENTATION[orientation])
+    return to_rgb(out)
 
 
 def looks_like_ultrasound(image: Image.Image) -> bool:

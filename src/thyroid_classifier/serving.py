@@ -17,12 +17,13 @@ for :data:`GIVE_BACK_AFTER` seconds after a batch, that memory is returned to th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,140 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+#: Bytes of images that all requests together may hold at once (decoding, the decoded frame, its
+#: crop and heatmap): one 40 Mpx upload's decode (~210 MB at its peak) and ordinary frames beside it,
+#: never two such decodes at once. The model's own working memory (a batch) is bounded by MAX_BATCH.
+IMAGE_BUDGET = 320 * 2**20
+
+
+class MemoryBudget:
+    """Bytes that requests may hold at once for their images, shared by every request of a server.
+
+    A request takes what its decode will need at its peak before decoding
+    (:attr:`~thyroid_classifier.preprocess.PendingImage.cost`, read from the header), and keeps what
+    it still holds after (:meth:`Hold.resize`) until it is done. One that needs more than the whole
+    budget waits until nothing else is held, then goes alone. Not first come, first served: an
+    ordinary frame that fits goes ahead of a large upload that waits for room, so a person's request
+    does not queue behind someone else's decoding (the large ones take their turns among themselves)."""
+
+    def __init__(self, total: int = IMAGE_BUDGET) -> None:
+        if total < 1:
+            raise ValueError(f"a memory budget must be at least 1 byte (got {total})")
+        self.total = total
+        self.held = 0
+        #: the most ever held at once (for tests and benchmarks)
+        self.high_water = 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[Hold]:
+        """Wait until ``nbytes`` fit (or nothing else is held), hold them for the block, then give them back."""
+        nbytes = max(0, int(nbytes))
+        with self._room:
+            self._room.wait_for(lambda: self.held == 0 or self.held + nbytes <= self.total)
+            self.held += nbytes
+            self.high_water = max(self.high_water, self.held)
+        held = Hold(self, nbytes)
+        try:
+            yield held
+        finally:
+            held.resize(0)
+
+    def _give_back(self, nbytes: int) -> None:
+        with self._room:
+            self.held -= nbytes
+            self._room.notify_all()
+
+
+@dataclass
+class Hold:
+    """Bytes held from a :class:`MemoryBudget` by one request."""
+
+    budget: MemoryBudget
+    nbytes: int
+
+    def resize(self, nbytes: int) -> None:
+        """Hold ``nbytes`` from now on (never more than already held: growing would skip the wait)."""
+        nbytes = max(0, min(int(nbytes), self.nbytes))
+        if nbytes < self.nbytes:
+            freed, self.nbytes = self.nbytes - nbytes, nbytes
+            self.budget._give_back(freed)
+
+
+class GiveBackWhenIdle:
+    """Counts the requests in flight (``with idle.request():``); once the last of a burst (two or more
+    at once) is done and none has come for ``after`` seconds, the memory that every thread freed goes
+    back to the system (:func:`release_free_memory`). gradio's worker threads each keep a malloc arena
+    of their own: after a flood they held ~300 MiB they no longer used. Lone requests never trigger
+    it (they would pay the page faults again)."""
+
+    def __init__(self, after: float = GIVE_BACK_AFTER) -> None:
+        self.after = after
+        self.released = 0  # times memory was given back (for tests)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._burst = False
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        with self._lock:
+            self._in_flight += 1
+            self._burst = self._burst or self._in_flight > 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                last_of_a_burst = self._in_flight == 0 and self._burst
+                if last_of_a_burst:
+                    self._burst = False
+            if last_of_a_burst:
+                timer = threading.Timer(self.after, self._give_back_if_idle)
+                timer.daemon = True
+                timer.start()
+
+    def _give_back_if_idle(self) -> None:
+        with self._lock:
+            if self._in_flight:  # busy again: the last request of this burst schedules it
+                self._burst = True
+                return
+        release_free_memory()
+        self.released += 1
+
+
+def _lower_this_threads_priority(niceness: int) -> None:
+    """Lower the calling thread's CPU priority (Linux: niceness is per thread); nothing where the OS says no."""
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
+
+
+class BackgroundWorker:
+    """One thread at a lower CPU priority (nice ``niceness``) for heavy work that must not slow the
+    model's thread or other people's requests on a small CPU: decoding a large upload (a 40 Mpx PNG
+    takes ~2 s of one core). One thread: such work takes turns, and its freed memory stays in one
+    malloc arena, given back to the system after each job (:func:`release_free_memory`)."""
+
+    def __init__(self, niceness: int = 10) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="background", initializer=_lower_this_threads_priority, initargs=(niceness,))
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the background thread; its result, or its exception raised here."""
+        return self._pool.submit(self._then_release, fn, *args).result()
+
+    @staticmethod
+    def _then_release(fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        finally:
+            release_free_memory()
 
 
 @dataclass

@@ -14,9 +14,10 @@ from PIL import Image, ImageOps
 Box = tuple[int, int, int, int]  # left, top, right, bottom (PIL convention, right/bottom exclusive)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB, upright (EXIF orientation applied)."""
-    image = ImageOps.exif_transpose(image) or image
+def to_rgb(image: Image.Image, upright: bool = True) -> Image.Image:
+    """Any PIL image as 8-bit RGB, upright (EXIF orientation applied unless ``upright`` is False)."""
+    if upright:
+        image = ImageOps.exif_transpose(image) or image
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF / multi-page TIFF: the first frame
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -62,11 +62,13 @@ class UploadJanitor:
         self._wake = threading.Condition()
         threading.Thread(target=self._run, name="upload-janitor", daemon=True).start()
 
-    def forget_later(self, path: str) -> None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return
+    def forget_later(self, path: str, st: os.stat_result | None = None) -> None:
+        """Delete ``path`` after the delay if it is still the file ``st`` describes (default: the one there now)."""
+        if st is None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return
         with self._wake:
             heapq.heappush(self._heap, (time.monotonic() + self.delay, path, (st.st_ino, st.st_ctime_ns)))
             self._wake.notify()
