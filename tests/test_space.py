@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -59,9 +60,21 @@ def test_space_folder_launches_offline_and_predicts(short_run, sample_dir, tmp_p
                 time.sleep(1)
         else:
             pytest.fail("the Space did not start: " + (tmp_path / "space.log").read_text())
-        result = client.predict(handle_file(str(sample_dir / "malignant" / "3000_1.png")), "model", 0.45, api_name="/predict")
+        frame = sample_dir / "malignant" / "3000_1.png"
+        result = client.predict(handle_file(str(frame)), "model", 0.45, api_name="/predict")
         label, message, data = result[0], result[2], result[-1]
         assert set(data["scores"]) == {"normal", "benign", "malignant"} and label["label"] == data["answer"] and data["reason"] in message
+        # The Space answers as the model folder does (its crop, calibration, guard and sets all travelled) ...
+        from thyroid_classifier.predict import Predictor
+
+        [local] = Predictor.from_pretrained(str(out / "tiny-resnet")).predict([frame], explain=False)
+        assert data["scores"] == pytest.approx(local.probabilities, abs=1e-5)
+        assert (data["answer"], data["reason"], data["prediction_set"], data["flagged"]) == (local.headline, local.reason, local.prediction_set, local.flagged)
+        # ... and its page shows the folder's evaluation, not "No evaluation found".
+        import httpx
+
+        page = json.dumps(httpx.get(f"http://127.0.0.1:{port}/config").json())
+        assert "In-source evaluation" in page and "No evaluation found" not in page
     finally:
         proc.terminate()
         proc.wait(timeout=30)
