@@ -63,3 +63,80 @@ def test_upload_predict_and_see_label_and_heatmap(browser, short_run, sample_dir
         assert SCREENSHOT.stat().st_size > 10_000
     finally:
         demo.close()
+
+
+def test_a_session_goes_on_after_its_first_answer(browser, short_run, sample_dir):
+    """What a person does after the first answer: reads the headline, moves the opacity control, comes
+    back after the upload has been deleted and presses Analyse again, then uploads a second frame. Bugs
+    it catches: the opacity control redrawing nothing, "Analyse" again failing once the upload is gone
+    (the session's copy not used), a second upload answered with the first one's result."""
+    import time
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from thyroid_classifier.app import build_demo, load_predictors
+
+    out, _ = short_run
+    demo = build_demo(load_predictors([str(out / "tiny-resnet")]), forget_uploads_after=1.0)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    wordings = ("at 95% confidence", "cannot tell", "Cannot tell", "Not reliable")
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(f"http://127.0.0.1:{demo.server_port}/")
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+
+        def body() -> str:
+            return browser.find_element(By.TAG_NAME, "body").text
+
+        def shown() -> list[str]:  # the slider's two images served by the app
+            return sorted(i.get_attribute("src") for i in browser.find_elements(By.TAG_NAME, "img")
+                          if "gradio_api/file" in (i.get_attribute("src") or "") and i.is_displayed())
+
+        def analyse(previous: list[str]) -> list[str]:
+            wait.until(ec.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Analyse']"))).click()
+            wait.until(lambda d: len(shown()) >= 2 and shown() != previous)
+            wait.until(lambda d: any(t in body() for t in wordings))
+            return shown()
+
+        def upload(path: Path) -> None:
+            browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(path))
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"img[src*='{path.stem}']"))
+
+        upload(sample_dir / "malignant" / "3000_1.png")
+        first = analyse([])
+        text = body()
+        assert "The heatmap shows the regions that raised the score of" in text and "Error" not in text
+        # The headline is one of the rule's answers, with its reason under it (never a bare label and number).
+        assert any(t in text for t in wordings)
+
+        # The opacity control: its thumb moved with the keyboard, the overlay is drawn again.
+        thumb = browser.find_element(By.CSS_SELECTOR, "input[type=range]")
+        thumb.click()
+        for _ in range(6):
+            thumb.send_keys(Keys.ARROW_RIGHT)
+        browser.execute_script("arguments[0].dispatchEvent(new Event('pointerup', {bubbles: true}));"
+                               "arguments[0].dispatchEvent(new Event('mouseup', {bubbles: true}));", thumb)
+        wait.until(lambda d: len(shown()) >= 2 and shown() != first)
+        redrawn = shown()
+
+        # A while later the upload is deleted from the server; Analyse again still answers, from the session's copy
+        # (the same frame at the same opacity: the same images, so wait for an error long enough to be sure there is none).
+        time.sleep(2.5)
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Analyse']"))).click()
+        clicked = time.monotonic()
+        WebDriverWait(browser, 30).until(lambda d: "Error" in body() or time.monotonic() - clicked > 5)
+        text = body()
+        assert "upload has expired" not in text and "Error" not in text and any(t in text for t in wordings)
+        again = shown()
+        assert len(again) >= 2
+
+        # A second frame in the same session gets its own answer and images.
+        upload(sample_dir / "benign" / "2000_1.png")
+        second = analyse(again)
+        assert second != again and "Error" not in body()
+        assert demo.server_port  # still serving
+    finally:
+        demo.close()

@@ -37,12 +37,20 @@ def test_group_resamples_draw_whole_patients() -> None:
 
 
 @pytest.mark.slow
-def test_paired_difference_of_a_model_with_itself_is_exactly_zero() -> None:
-    y, groups, weak, _ = _data()
-    result = paired_difference(y, weak, weak, groups, n_resamples=200)
-    assert result["roc_auc"]["difference"] == 0.0
-    assert result["roc_auc"]["ci"] == [0.0, 0.0]
-    assert result["roc_auc"]["share_b_better"] == 0.0
+def test_paired_difference_is_b_minus_a_on_the_same_resamples() -> None:
+    """Fast, and able to fail: two different models (a model against itself gives 0 whatever the code does
+    with its second argument). Bugs it catches: b compared with itself, a and b swapped, the difference
+    of intervals instead of the interval of paired differences, resamples not shared by a and b."""
+    y, groups, weak, good = _data()
+    auc = paired_difference(y, weak, good, groups, n_resamples=100)["roc_auc"]
+    assert auc["a"] == pytest.approx(macro_auc(y, weak)) and auc["b"] == pytest.approx(macro_auc(y, good))
+    assert auc["difference"] == pytest.approx(auc["b"] - auc["a"]) and auc["difference"] > 0.05
+    assert auc["ci"][0] <= auc["difference"] <= auc["ci"][1] and auc["ci"][0] > 0
+    flipped = paired_difference(y, good, weak, groups, n_resamples=100)["roc_auc"]
+    assert flipped["difference"] == pytest.approx(-auc["difference"])
+    assert flipped["ci"] == pytest.approx([-auc["ci"][1], -auc["ci"][0]])  # the same resamples, read the other way
+    same = paired_difference(y, weak, weak, groups, n_resamples=100)["roc_auc"]
+    assert same["difference"] == 0.0 and same["ci"] == [0.0, 0.0]
 
 
 @pytest.mark.slow

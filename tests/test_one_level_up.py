@@ -240,3 +240,65 @@ def test_the_page_never_headlines_a_label_whose_set_holds_two_classes(short_run,
             assert "cannot rule out normal or benign" in message and "The model's scores, not an answer" in message
     finally:
         demo.close()
+
+
+def test_a_resumed_run_takes_only_the_steps_after_its_checkpoint(tiny_models, sample_dir, tmp_path):
+    """Fast version of the slow resume test. Bug: ``--resume`` ignored (the run starts over from step 1
+    and takes every step again)."""
+    from test_training import _args, _Interrupt, _StepCounter
+
+    from thyroid_classifier.training import run
+
+    data_args, model_args, run_args = _args(sample_dir, [tiny_models["tiny-resnet"]], tmp_path, bootstrap_resamples=10)
+    with pytest.raises(KeyboardInterrupt):
+        run(data_args, model_args, run_args, callbacks=[_Interrupt()])
+    [checkpoint] = (tmp_path / "tiny-resnet" / "checkpoints").glob("checkpoint-*")
+    start = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    run_args.resume = True
+    counter = _StepCounter()
+    run(data_args, model_args, run_args, callbacks=[counter])
+    assert counter.steps[0] == start + 1 and counter.steps[-1] == 2 * start  # only the second epoch's steps
+
+
+def test_leave_one_source_out_never_trains_on_the_source_it_scores(two_sources, tiny_models, tmp_path, monkeypatch):
+    """Fast version of the slow LOSO test (no model is trained: each held-out run is a stand-in that
+    records its splits and scores its test rows perfectly). Bugs: the held-out source left in training
+    or validation; a run's scores written onto another source's rows; a frame scored twice or never."""
+    from types import SimpleNamespace
+
+    from thyroid_classifier import fit, training
+    from thyroid_classifier.training import DataArguments, ModelArguments, RunArguments, run
+
+    seen: list[dict] = []
+    handed: list = []
+
+    def held_out_run(spec, fold, *args, **kwargs):
+        seen.append({split: sorted(set(ds.with_format(None)["source"])) for split, ds in fold.items()})
+        y = np.asarray(fold["test"].with_format(None)["label"])
+        logits = np.eye(3)[y] * 6.0  # right about every frame it scores
+        return SimpleNamespace(metrics={"calibration": {"temperature": 1.0}}, reliability=None,
+                               outputs={"test": SimpleNamespace(logits=logits, features=None), "validation": None})
+
+    def final_run(spec, dataset, *args, loso=None, **kwargs):
+        handed.append(loso)
+        scored = {"roc_auc": {"value": 1.0, "ci": [1.0, 1.0]}, "balanced_accuracy": {"value": 1.0}}
+        return SimpleNamespace(metrics={"split": "test", "test": scored, "n": 0})  # what run() prints of it
+
+    monkeypatch.setattr(fit, "train_one", held_out_run)
+    monkeypatch.setattr(training, "train_one", final_run)
+    monkeypatch.setattr(training, "write_comparison", lambda *args, **kwargs: None)
+    run(DataArguments(data_dir=[str(p) for p in two_sources]), ModelArguments(model=[str(tiny_models["tiny-resnet"])], image_size=32),
+        RunArguments(output_dir=str(tmp_path), bootstrap_resamples=10, loso=True))
+    assert [s["test"] for s in seen] == [["site_a"], ["site_b"]]
+    for s in seen:
+        assert s["test"][0] not in s["train"] + s["validation"] and s["train"]
+    import csv
+
+    with (tmp_path / "tiny-resnet" / "loso_predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    n_files = sum(1 for p in two_sources for _ in p.rglob("*.png"))
+    assert len(rows) == n_files == len({r["path"] for r in rows})
+    assert all(float(r[f"p_{r['label']}"]) > 0.9 for r in rows)  # each run's scores are on its own source's rows
+    [loso] = handed
+    assert not np.isnan(loso["out_of_source"]["probs"]).any()
+    assert {name: entry["trained_on"] for name, entry in loso["held_out"].items()} == {"site_a": ["site_b"], "site_b": ["site_a"]}
