@@ -15,7 +15,9 @@ test session per mutant).
 Modules are the ones where a silent bug costs a patient's trust: splitting and groups (data),
 duplicates and leakage (audit), metrics, intervals and calibration (metrics), the guard and the
 prediction sets (reliability), the prediction-file schema and the folder (folder), Grad-CAM (explain) and the
-Predictor (predict).
+Predictor (predict); the app's serving threads and memory budget (serving) and its decoder (preprocess).
+Run a checkout's own tests against its own code: copy this file into another checkout's benchmarks/ to
+score that checkout (before / after).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ TARGETS: dict[str, list[str]] = {
     # Grad-CAM and the Predictor's predict(): test_explain's untrained tiny Predictors (no training run per mutant).
     "explain": ["tests/test_explain.py", "-k", "not batch_cli and not localize and not randomised"],
     "predict": ["tests/test_predictor.py", "tests/test_explain.py", "-k", "not batch_cli and not localize and not randomised"],
+    # The app's model threads and memory budget: their unit tests (not the one that trains a model).
+    "serving": ["tests/test_serving.py", "-k", "not batched_prediction"],
+    # The decoder: every fast test that decodes, by name, wherever it lives (no test that needs a trained model or a server).
+    "preprocess": ["tests/", "-m", "not slow", "-k", "(preprocess or open_image or bomb or decod or to_rgb or crop) and not costs_a_frame and not old_limit "
+                   "and not burst and not space and not app_"],
 }
 
 

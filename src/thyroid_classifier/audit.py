@@ -91,6 +91,23 @@ def inspect_file(path: Path, label: str, split: str, source: str = "") -> ImageI
     return info
 
 
+def training_overlap(images: Iterable[ImageInfo], fingerprints: Sequence[dict], near_threshold: int = DEFAULT_NEAR_THRESHOLD) -> list[dict]:
+    """The (readable) ``images`` that match a model's training fingerprint: byte-identical or perceptually near."""
+    if not fingerprints:
+        return []
+    shas = {f["sha256"] for f in fingerprints}
+    hashes = np.array([int(f["phash"], 16) for f in fingerprints], dtype=np.uint64)
+    found = []
+    for info in images:
+        if info.sha256 in shas:
+            found.append({"path": info.path, "kind": "exact", "distance": 0})
+            continue
+        distance = int(np.bitwise_count(hashes ^ np.uint64(info.phash)).min())
+        if distance <= near_threshold:
+            found.append({"path": info.path, "kind": "near", "distance": distance})
+    return found
+
+
 @dataclass
 class AuditReport:
     """The audit's findings; ``to_dict()`` is the JSON written beside each model."""

@@ -1,6 +1,7 @@
 """External validation: score a trained model on any labelled folder, with the same metrics.
 
     python -m thyroid_classifier.evaluate MODEL DATA_DIR [DATA_DIR ...] [--out DIR] [--shifts]
+    python -m thyroid_classifier.evaluate MODEL SITE_DIR --unlabelled [--out DIR]   # before labelling: thyroid_classifier.site
 
 Writes ``predictions.csv``, ``report.json`` / ``report.md`` (metrics with 95% intervals resampling
 patients, per-class numbers, ROC and confusion plots) and the folder's audit. The audit includes a
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .audit import DEFAULT_NEAR_THRESHOLD, audit_scan
+from .audit import audit_scan, training_overlap
 from .augment import device_shifts, shift_image
 from .data import DataError, as_dirs, resolve_groups, scan_sources, source_name
 from .folder import AUDIT, PREDICTIONS, ModelFolder, prediction_rows, write_predictions
@@ -41,23 +42,6 @@ from .predict import Predictor
 from .preprocess import ImageError, open_image
 
 
-def training_overlap(report, fingerprints: Sequence[dict], near_threshold: int = DEFAULT_NEAR_THRESHOLD) -> list[dict]:
-    """Images of ``report`` that match a training fingerprint: byte-identical or perceptually near."""
-    if not fingerprints:
-        return []
-    shas = {f["sha256"] for f in fingerprints}
-    hashes = np.array([int(f["phash"], 16) for f in fingerprints], dtype=np.uint64)
-    found = []
-    for info in report.readable:
-        if info.sha256 in shas:
-            found.append({"path": info.path, "kind": "exact", "distance": 0})
-            continue
-        distance = int(np.bitwise_count(hashes ^ np.uint64(info.phash)).min())
-        if distance <= near_threshold:
-            found.append({"path": info.path, "kind": "near", "distance": distance})
-    return found
-
-
 def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir: Path | Sequence[Path], out_dir: Path,
                     batch_size: int = 8, bootstrap: int = 1000, seed: int = 0, progress: bool = True, shifts: bool = False,
                     source_names: Sequence[str] | None = None) -> dict:
@@ -65,7 +49,7 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     scan = scan_sources(data_dir, source_names)
     report = audit_scan(scan, progress=progress)
     report.save(out_dir / AUDIT)
-    overlap = training_overlap(report, fingerprints, report.near_threshold)
+    overlap = training_overlap(report.readable, fingerprints, report.near_threshold)
     unreadable = {u["path"] for u in report.unreadable}
     groups, group_source = resolve_groups(scan)
     known = set(predictor.labels)
@@ -231,9 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--shifts", action="store_true", help="also score the images under simulated machine differences (gain, depth gain, resolution, speckle, aspect, burned-in marks)")
+    parser.add_argument("--unlabelled", action="store_true", help="DATA_DIR is a new site's frames, labelled or not (labels are ignored): "
+                        "report how they sit against the model's training sources before anyone labels them (thyroid_classifier.site)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     out = args.out or Path("evaluations") / "+".join(source_name(d) for d in args.data_dir)
+    if args.unlabelled:
+        return _site(args, out)
     try:
         predictor = Predictor.from_pretrained(args.model)
         fingerprints = ModelFolder(predictor.folder).fingerprints() if predictor.folder else []  # a Hub model's: downloaded
@@ -245,6 +233,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report_markdown(result))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def _site(args: argparse.Namespace, out: Path) -> int:
+    """``--unlabelled``: the before-labelling report of one site's folder."""
+    from .site import site_report
+
+    if len(args.data_dir) != 1:
+        print("error: --unlabelled takes one site folder", file=sys.stderr)
+        return 2
+    try:
+        predictor = Predictor.from_pretrained(args.model)
+        fingerprints = ModelFolder(predictor.folder).fingerprints() if predictor.folder else []
+        report = site_report(predictor, fingerprints, args.data_dir[0], out, args.batch_size, progress=not args.quiet, model_name=args.model)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report["advice"])
     print(f"\nwritten to {out}")
     return 0
 

@@ -117,3 +117,20 @@ def plot_comparison(results: Mapping[str, Mapping], path: Path, split: str = "te
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_guard_scores(scores: Sequence[float], threshold: float, path: Path, expected_flagged: float, title: str = "") -> Path:
+    """A site's guard scores (log scale) against the model's threshold: what lies right of the line
+    is flagged as unlike the training images (``expected_flagged`` of the model's own held-out frames were)."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s) & (s > 0)]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if len(s):
+        bins = np.geomspace(min(s.min(), threshold) * 0.9, max(s.max(), threshold) * 1.1, 40)
+        ax.hist(s, bins=bins, color="tab:blue", alpha=0.8, label=f"these frames (n = {len(s)}), {np.mean(s > threshold):.0%} flagged")
+    ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold ({expected_flagged:.0%} of its own held-out frames beyond)")
+    ax.set_xscale("log")
+    ax.set(xlabel="guard score (larger: further from the training images)", ylabel="frames", title=f"How foreign {title}".strip())
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
