@@ -65,3 +65,6 @@ def test_the_paragraph_says_what_the_numbers_mean():
     assert "benign 70% (trained on 20%)" in different and "3 frame(s) are copies" in different
     alike = advice(_report(0.06, {"benign": 0.2, "malignant": 0.8}))
     assert "look like the training images (6% flagged, 5% expected)" in alike and "label a sample" in alike
+    assert "it would state a label for 10% of them" in alike
+    never_measured = advice({**_report(0.06, {"benign": 0.2, "malignant": 0.8}), "measured_on_unseen_sources": False})
+    assert "never measured on a source it did not see" in never_measured and "state a label for" not in never_measured

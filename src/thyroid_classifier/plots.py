@@ -130,7 +130,7 @@ def plot_guard_scores(scores: Sequence[float], threshold: float, path: Path, exp
         ax.hist(s, bins=bins, color="tab:blue", alpha=0.8, label=f"these frames (n = {len(s)}), {np.mean(s > threshold):.0%} flagged")
     ax.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold ({expected_flagged:.0%} of its own held-out frames beyond)")
     ax.set_xscale("log")
-    ax.set(xlabel="guard score (larger: further from the training images)", ylabel="frames", title=f"How foreign {title}".strip())
+    ax.set(xlabel="guard score (larger: further from the training images)", ylabel="frames", title=f"Guard scores {title}".strip())
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)

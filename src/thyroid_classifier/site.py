@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .answer_rule import UNSEEN
 from .audit import inspect_file, training_overlap
 from .folder import ModelFolder, prediction_rows, write_predictions
 from .plots import plot_guard_scores
@@ -86,6 +87,8 @@ def site_report(predictor: Predictor, fingerprints: Sequence[dict], site_dir: Pa
         },
         "set_sizes": {str(k): sizes.get(k, 0) / n for k in range(1, len(labels) + 1)} if n else {},
         "headlined": float(np.mean([r.headlined for r in results])) if n else float("nan"),
+        # without it (no --loso) the rule states no label for another hospital's frame, whatever the frame
+        "measured_on_unseen_sources": UNSEEN in predictor.reliability.regimes,
         "predicted_balance": {label: predicted.get(label, 0) / n for label in labels} if n else {},
         "training_balance": training_balance(predictor.info),
         "training_overlap": overlap,
@@ -99,7 +102,7 @@ def site_report(predictor: Predictor, fingerprints: Sequence[dict], site_dir: Pa
                            answer=[r.headline for r in results], headlined=[r.headlined for r in results])
     write_predictions(out_dir / PREDICTIONS_CSV, labels, rows)
     if guard is not None and n:
-        plot_guard_scores(scores, guard.threshold, out_dir / SCORES_PNG, 1 - guard.coverage, title=f"{site_dir.name} is to this model")
+        plot_guard_scores(scores, guard.threshold, out_dir / SCORES_PNG, 1 - guard.coverage, title=f"of {site_dir.parent.name}/{site_dir.name}")
     return report
 
 
@@ -121,7 +124,11 @@ def advice(report: Mapping) -> str:
                              f"{expected:.0%} expected). That does not show that its answers hold here: label a sample and evaluate it.")
     else:
         sentences.append("The model carries no guard, so nothing here says how unlike its training images these frames are.")
-    sentences.append(f"For a hospital it never saw, it would state a label for {report['headlined']:.0%} of them.")
+    if report.get("measured_on_unseen_sources", True):
+        sentences.append(f"For a hospital it never saw, it would state a label for {report['headlined']:.0%} of them.")
+    else:
+        sentences.append("It was never measured on a source it did not see (trained without --loso), so for frames from another "
+                         "hospital it states no label at all.")
     gaps = {c: report["predicted_balance"].get(c, 0) - s for c, s in report["training_balance"].items()}
     if gaps and max(abs(g) for g in gaps.values()) >= BALANCE_GAP:
         shown = ", ".join(f"{c} {report['predicted_balance'].get(c, 0):.0%} (trained on {report['training_balance'][c]:.0%})" for c in gaps)
@@ -136,7 +143,7 @@ def advice(report: Mapping) -> str:
 
 
 def report_markdown(report: Mapping) -> str:
-    lines = [f"# {Path(report['site']).name} against {report['model']} (before labelling)", "",
+    lines = [f"# {report['site']} against {report['model']} (before labelling)", "",
              f"{report['n']} frames; the model was trained on {', '.join(report['training_sources']) or 'unnamed sources'}.", "",
              report["advice"], ""]
     guard = report["guard"]
