@@ -184,7 +184,9 @@ def test_the_notice_says_what_the_model_was_trained_on():
     assert "not a diagnosis" in notice(synthetic) and "SYNTHETIC" in notice(synthetic)
     public = {"data": {"sources": {"ddti": {"dataset": KNOWN_DATASETS["ddti"]}, "les3bdd": {"dataset": KNOWN_DATASETS["les3bdd"]}}}}
     text = training_notice(public)
-    assert "DDTI" in text and "TI-RADS risk categories, not pathology" in text and "unknown provenance" in text
+    assert "DDTI" in text and "TI-RADS risk categories, not pathology" in text and text.count("unknown provenance") == 1
+    older = {"data": {"sources": {"les3bdd": {"dataset": {**KNOWN_DATASETS["les3bdd"], "name": "LES3BDD (three merged public collections, labels of unknown provenance)"}}}}}
+    assert training_notice(older).count("unknown provenance") == 1  # a folder trained before the name changed says it once too
     assert "SYNTHETIC" not in text
     own = {"data": {"dataset": {"name": "hospital_a", "type": "hospital-a", "tirads_labels": False}}}
     assert "hospital_a: labels as given" in training_notice(own) and "TI-RADS" not in training_notice(own)

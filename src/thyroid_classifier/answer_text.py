@@ -84,5 +84,6 @@ def training_notice(info: Mapping) -> str:
             why = "labels of unknown provenance (pathology, cytology or TI-RADS: not said)"
         else:
             why = "labels as given in its folders (how they were made is not recorded)"
-        parts.append(f"{f.get('name', 'a folder of images')}: {why}")
+        name = f.get("name", "a folder of images").replace(", labels of unknown provenance", "")  # folders trained before it left the name
+        parts.append(f"{name}: {why}")
     return "This model was trained on " + "; ".join(parts) + "."

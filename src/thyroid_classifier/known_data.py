@@ -19,7 +19,7 @@ DDTI_CITATION = (
 #: Data sets the card recognises from their folder name, to name and cite them.
 KNOWN_DATASETS = {
     "ddti": {"name": "DDTI (Digital Database of Thyroid Ultrasound Images)", "type": "ddti", "citation": DDTI_CITATION, "tirads_labels": True},
-    "les3bdd": {"name": "LES3BDD (three merged public collections, labels of unknown provenance)", "type": "les3bdd", "citation": None, "tirads_labels": False},
+    "les3bdd": {"name": "LES3BDD (three merged public collections)", "type": "les3bdd", "citation": None, "tirads_labels": False},
 }
 
 
