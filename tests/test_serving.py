@@ -247,6 +247,7 @@ def test_a_memory_budget_makes_requests_wait_for_room_and_lets_a_small_one_past_
     from thyroid_classifier.serving import MemoryBudget
 
     budget = MemoryBudget(100)
+    assert (budget.total, budget.held, budget.high_water) == (100, 0, 0)
     release_first = threading.Event()
 
     def hold(nbytes: int, until: threading.Event | None = None) -> None:
@@ -299,6 +300,7 @@ def test_a_request_larger_than_the_budget_goes_alone_and_a_resized_hold_gives_ba
     assert a_done.wait(timeout=10) and b_done.wait(timeout=10) and budget.held == 0
     with pytest.raises(ValueError, match="at least 1 byte"):
         MemoryBudget(0)
+    assert MemoryBudget(1).total == 1
 
 
 def test_the_app_gives_memory_back_once_idle_after_a_burst_of_requests_and_never_after_a_lone_one():

@@ -263,6 +263,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         name = safe_name(Path(path).name)
         notes: list[str] = []
         try:
+            predictor = predictors[model_name]
             try:
                 # Opened at once, before any wait: what this request reads can no longer be deleted from under it
                 # (by the upload clock, gradio's clean-up, or an identical upload that replaced the shared file).
@@ -278,7 +279,6 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
             else:
                 if path not in kept_examples():  # an example's cached copy serves every visitor
                     janitor.forget_later(path, os.fstat(upload.fileno()))  # the upload is not kept
-            predictor = predictors[model_name]
             with upload as frame:
                 try:
                     predictor.reliability.regime_for(source)  # the one check of a said source, before any work
