@@ -117,3 +117,45 @@ def test_folders_saved_before_views_were_split_keep_whole_frames(tmp_path):
     assert UltrasoundPreprocessor.from_pretrained(tmp_path).split_views is False
     UltrasoundPreprocessor(split_views=True).save_pretrained(tmp_path)
     assert UltrasoundPreprocessor.from_pretrained(tmp_path).split_views is True
+
+
+def test_probe_reads_headers_from_paths_bytes_open_files_and_images_and_prices_the_decode(tmp_path):
+    """The decoder's first step, as the app uses it: an open upload is read whole even once its file is
+    deleted (the upload clock may run while the request waits), empty and foreign inputs are named,
+    a caller's PIL image is left usable, and the price of a decode grows with what it will hold."""
+    import io
+
+    from thyroid_classifier.preprocess import MAX_DECODE_SIDE, ImageError, open_image, probe_image
+
+    path = tmp_path / "frame.png"
+    Image.new("L", (300, 200), 90).save(path)
+    with path.open("rb") as upload:
+        path.unlink()  # deleted after it was opened, before it is decoded
+        pending = probe_image(upload)
+        assert pending.label == "frame.png" and pending.factor == 1
+        assert pending.decode().size == (300, 200)
+    with pytest.raises(ImageError, match=r"notes.png: empty file \(0 bytes\)"):
+        probe_image(io.BytesIO(b""), name="notes.png")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with empty.open("rb") as f, pytest.raises(ImageError, match=r"empty.png: empty file \(0 bytes\)"):
+        probe_image(f)
+    with pytest.raises(ImageError, match="text.png: not an image"):
+        probe_image(b"just text", name="text.png")
+    given = Image.new("RGB", (120, 80), (30, 30, 30))
+    assert open_image(given).size == (120, 80)
+    assert given.getpixel((0, 0)) == (30, 30, 30)  # the caller's image is still open and whole
+    grey, rgba = (probe_image(_png(Image.new(mode, (400, 300)))) for mode in ("L", "RGBA"))
+    assert grey.cost < rgba.cost  # 1 byte a pixel decoded vs 4, and RGBA is composited over black:
+    assert rgba.cost >= 400 * 300 * 4 * 4  # the decoded image and three copies of its size (convert, background, composite)
+    big = probe_image(_png(Image.new("L", (3 * MAX_DECODE_SIDE, 2 * MAX_DECODE_SIDE))))
+    assert big.factor == 3 and big.cost >= 3 * MAX_DECODE_SIDE * 2 * MAX_DECODE_SIDE  # at least the full-size decode
+    assert max(big.decode().size) <= MAX_DECODE_SIDE
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    data = io.BytesIO()
+    image.save(data, "PNG")
+    return data.getvalue()
