@@ -83,3 +83,75 @@ def frame_outline(path: str | Path, xml_dir: str | Path) -> list[list[tuple[floa
         return None
     return ddti_outlines(xml).get(key[1]) or None
 
+
+
+# --------------------------------------------------------------------------------------------
+# DDTI's TI-RADS descriptors (issue 30, part 1: the labels; no model uses them yet)
+
+#: The four descriptors DDTI's case files hold, by XML tag (echogenic foci are DDTI's "calcifications").
+DESCRIPTORS = ("composition", "echogenicity", "margins", "calcifications")
+#: DDTI's words (normalised: :func:`normalise_descriptor`) → the ACR TI-RADS lexicon's term and its points
+#: (Tessler et al., J Am Coll Radiol 2017). None: a word of DDTI's the ACR lexicon does not define
+#: (kept as DDTI wrote it; missing for anything that needs the ACR term). Where DDTI's vocabulary differs:
+#: "predominantly solid" and "predominantly cystic" are both ACR's "mixed cystic and solid"; "well defined"
+#: and "well defined smooth" are both "smooth"; micro- and macrolobulated and spiculated margins are all
+#: "lobulated or irregular"; DDTI has no "extrathyroidal extension", no "anechoic", no rim or comet-tail foci.
+ACR_LEXICON: dict[str, dict[str, tuple[str, int] | None]] = {
+    "composition": {
+        "cystic": ("cystic or almost completely cystic", 0), "spongiform": ("spongiform", 0),
+        "predominantly cystic": ("mixed cystic and solid", 1), "predominantly solid": ("mixed cystic and solid", 1),
+        "solid": ("solid or almost completely solid", 2), "dense": None,
+    },
+    "echogenicity": {
+        "isoechogenicity": ("hyperechoic or isoechoic", 1), "hyperechogenicity": ("hyperechoic or isoechoic", 1),
+        "hypoechogenicity": ("hypoechoic", 2), "marked hypoechogenicity": ("very hypoechoic", 3),
+    },
+    "margins": {
+        "well defined": ("smooth", 0), "well defined smooth": ("smooth", 0), "ill defined": ("ill-defined", 0),
+        "microlobulated": ("lobulated or irregular", 2), "macrolobulated": ("lobulated or irregular", 2),
+        "spiculated": ("lobulated or irregular", 2),
+    },
+    "calcifications": {
+        "none": ("none or large comet-tail artifacts", 0), "macrocalcifications": ("macrocalcifications", 1),
+        "microcalcifications": ("punctate echogenic foci", 3),
+    },
+}
+_SPELLINGS = {"non": "none", "no": "none", "microcalcification": "microcalcifications", "macrocalcification": "macrocalcifications"}
+
+
+def normalise_descriptor(word: str | None) -> str | None:
+    """One spelling per word: lower case, single spaces, "ill- defined" → "ill defined", singular
+    calcification → plural, "non" → "none"; empty → None (missing, never a class)."""
+    if word is None:
+        return None
+    text = re.sub(r"\s+", " ", re.sub(r"-\s*", " ", word.strip().lower())).strip()
+    return _SPELLINGS.get(text, text) or None
+
+
+def ddti_descriptors(xml_path: str | Path) -> dict[str, str | None]:
+    """The radiologist's descriptors of one DDTI case, normalised (None: not given)."""
+    root = ET.parse(xml_path).getroot()
+    return {name: normalise_descriptor(root.findtext(name)) for name in DESCRIPTORS}
+
+
+def acr_terms(descriptors: dict[str, str | None]) -> dict[str, tuple[str, int] | None]:
+    """Each descriptor as the ACR lexicon's term and points; None when missing or not an ACR term.
+    A word this table does not know raises: a new spelling must be added, never guessed."""
+    out: dict[str, tuple[str, int] | None] = {}
+    for name, word in descriptors.items():
+        if word is None:
+            out[name] = None
+            continue
+        if word not in ACR_LEXICON[name]:
+            raise ValueError(f"{name}: {word!r} is not a known DDTI word (known: {', '.join(ACR_LEXICON[name])})")
+        out[name] = ACR_LEXICON[name][word]
+    return out
+
+
+def frame_descriptors(path: str | Path, xml_dir: str | Path) -> dict[str, str | None] | None:
+    """The descriptors of one ``<case>_<frame>`` image (its case's), or None when it has no case file."""
+    key = frame_number(path)
+    xml = Path(xml_dir) / f"{key[0]}.xml" if key else None
+    if xml is None or not xml.is_file():
+        return None
+    return ddti_descriptors(xml)
