@@ -220,38 +220,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     out = args.out or Path("evaluations") / "+".join(source_name(d) for d in args.data_dir)
-    if args.unlabelled:
-        return _site(args, out)
+    if args.unlabelled and len(args.data_dir) != 1:
+        print("error: --unlabelled takes one site folder", file=sys.stderr)
+        return 2
     try:
         predictor = Predictor.from_pretrained(args.model)
         fingerprints = ModelFolder(predictor.folder).fingerprints() if predictor.folder else []  # a Hub model's: downloaded
         if not fingerprints:
             print("warning: the model carries no training fingerprints; leakage against its training data cannot be checked", file=sys.stderr)
-        result = evaluate_folder(predictor, fingerprints, args.data_dir, out, args.batch_size, args.bootstrap, progress=not args.quiet, shifts=args.shifts,
-                                 source_names=args.source_names)
+        if args.unlabelled:  # before labelling: thyroid_classifier.site
+            from .site import site_report
+
+            report = site_report(predictor, fingerprints, args.data_dir[0], out, args.batch_size, progress=not args.quiet, model_name=args.model)
+        else:
+            result = evaluate_folder(predictor, fingerprints, args.data_dir, out, args.batch_size, args.bootstrap, progress=not args.quiet,
+                                     shifts=args.shifts, source_names=args.source_names)
     except (DataError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(report_markdown(result))
-    print(f"\nwritten to {out}")
-    return 0
-
-
-def _site(args: argparse.Namespace, out: Path) -> int:
-    """``--unlabelled``: the before-labelling report of one site's folder."""
-    from .site import site_report
-
-    if len(args.data_dir) != 1:
-        print("error: --unlabelled takes one site folder", file=sys.stderr)
-        return 2
-    try:
-        predictor = Predictor.from_pretrained(args.model)
-        fingerprints = ModelFolder(predictor.folder).fingerprints() if predictor.folder else []
-        report = site_report(predictor, fingerprints, args.data_dir[0], out, args.batch_size, progress=not args.quiet, model_name=args.model)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report["advice"])
+    print(report["advice"] if args.unlabelled else report_markdown(result))
     print(f"\nwritten to {out}")
     return 0
 

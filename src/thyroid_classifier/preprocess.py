@@ -30,7 +30,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from .ultrasound_crop import Box, crop_region, find_ultrasound_box, marks_mask, to_rgb  # noqa: F401 - the crop's one copy
+from .ultrasound_crop import WIDE_MODES, Box, crop_region, find_ultrasound_box, has_alpha, marks_mask, to_rgb  # noqa: F401 - the crop's one copy
 
 CONFIG_NAME = "ultrasound_preprocessing.json"
 #: Refuse an image declaring more pixels than this, before decoding it. Ultrasound frames are under
@@ -53,8 +53,6 @@ class ImageError(ValueError):
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 #: Rows of the full-size image converted at a time when a large one is reduced (times the factor).
 _STRIP_ROWS = 32
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
 @dataclass
@@ -76,7 +74,7 @@ class PendingImage:
         if self.factor > 1:  # the decoded image, strips of it converted, the reduced RGB result
             strip = width * _STRIP_ROWS * self.factor * 4 * 2
             return decoded + strip + math.ceil(width / self.factor) * math.ceil(height / self.factor) * 4 * 2
-        return decoded + width * height * 4 * (3 if _has_alpha(self.image) or self.image.mode.startswith("I") else 1)
+        return decoded + width * height * 4 * (3 if has_alpha(self.image) or self.image.mode.startswith("I") else 1)
 
     def decode(self) -> Image.Image:
         """The image decoded as upright 8-bit RGB, reduced by ``factor``; an :class:`ImageError` naming it if it cannot be."""
@@ -153,17 +151,13 @@ def open_image(source: str | Path | bytes | BinaryIO | Image.Image, name: str | 
     return probe_image(source, name).decode()
 
 
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-
-
 def _reduced_rgb(image: Image.Image, factor: int) -> Image.Image:
     """A decoded image reduced by ``factor`` (box average), as :func:`to_rgb` of it would be, without
     ever converting the whole full-size image: strips of it are converted and reduced one at a time.
     A 40 Mpx 16-bit RGBA PNG peaked at ~780 MB converted whole; in strips, at its decoded size (~170 MB)."""
     width, height = image.size
-    orientation = image.getexif().get(0x0112)  # the reduced copy has no EXIF: turned upright below
-    wide = image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+    orientation = image.getexif().get(0x0112)  # the reduced copy has no EXIF of its own: given this one's below
+    wide = image.mode in WIDE_MODES
     # 16-bit and float: reduced as 32-bit values, stretched to 8 bits once reduced (to_rgb: its
     # percentiles are then the reduced frame's, a few grey levels from the full frame's on a smooth
     # image); the rest exactly as to_rgb then reduce: each strip as to_rgb makes it, then averaged.
@@ -174,8 +168,8 @@ def _reduced_rgb(image: Image.Image, factor: int) -> Image.Image:
         strip = image.crop((0, top, width, min(height, top + step)))
         strip = strip.convert(mode) if wide else to_rgb(strip, upright=False)
         out.paste(strip.reduce(factor), (0, top // factor))
-    if orientation in _ORIENTATION:
-        out = out.transpose(_ORIENTATION[orientation])
+    if orientation is not None:
+        out.getexif()[0x0112] = orientation  # to_rgb turns it upright as it would the full-size image
     return to_rgb(out)
 
 

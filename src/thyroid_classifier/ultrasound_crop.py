@@ -14,19 +14,28 @@ from PIL import Image, ImageOps
 Box = tuple[int, int, int, int]  # left, top, right, bottom (PIL convention, right/bottom exclusive)
 
 
+#: Modes of more than 8 bits a pixel: stretched to 8 bits by :func:`to_rgb`.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether ``image`` carries transparency (composited over black by :func:`to_rgb`)."""
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
 def to_rgb(image: Image.Image, upright: bool = True) -> Image.Image:
     """Any PIL image as 8-bit RGB, upright (EXIF orientation applied unless ``upright`` is False)."""
     if upright:
         image = ImageOps.exif_transpose(image) or image
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF / multi-page TIFF: the first frame
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in WIDE_MODES:
         # 16-bit / float: stretch the used range to 0..255 rather than clipping to the low byte.
         array = np.asarray(image, dtype=np.float64)
         lo, hi = np.percentile(array, (0.5, 99.5)) if array.size else (0.0, 1.0)
         array = np.clip((array - lo) / max(hi - lo, 1e-9) * 255.0, 0, 255).astype(np.uint8)
         image = Image.fromarray(array, mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if has_alpha(image):
         # Transparent areas become black, like the background of a scanner frame.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
