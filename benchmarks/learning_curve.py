@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     (out / "learning_curve.md").write_text(table + "\n")
     print(table)
-    _plot(curves, out / "learning_curve.png")
+    plot_curves(curves, out / "learning_curve.png")
     print(f"wall {time.time() - started:.0f} s -> {out}")
     return 0
 
@@ -193,7 +193,7 @@ def _grouped(rows: list[dict]) -> dict:
     return grouped
 
 
-def _plot(curves: dict, path: Path) -> None:
+def plot_curves(curves: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -86,4 +86,75 @@ def training_notice(info: Mapping) -> str:
             why = "labels as given in its folders (how they were made is not recorded)"
         name = f.get("name", "a folder of images").replace(", labels of unknown provenance", "")  # folders trained before it left the name
         parts.append(f"{name}: {why}")
-    return "This model was trained on " + "; ".join(parts) + "."
+    return "This model was trained on " + "; ".join(parts) + "." + "".join(" " + line for line in adaptation_lines(info))
+
+
+def _auc(m: Mapping | None) -> str:
+    m = m or {}
+    ci = m.get("ci") or [math.nan, math.nan]
+    value = m.get("value", math.nan)
+    if value is None or value != value:
+        return "n/a"
+    return f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None and ci[0] == ci[0] else "")
+
+
+def adaptation_lines(info: Mapping) -> list[str]:
+    """For a model adapted from another (``metrics.json``'s ``adapted_from``): what it started from and, per
+    site, how many labelled frames of it the adaptation used and what it measured on the site's other frames
+    (in-source for the site: the test split holds other patients of the same site, never a new one)."""
+    start = info.get("adapted_from")
+    if not start:
+        return []
+    own = start.get("its_evaluation") or {}
+    trained_on = ", ".join(start.get("trained_on") or []) or "sources not recorded"
+    lines = [f"It was adapted from {start['model']} (trained on {trained_on}"
+             + (f"; macro ROC AUC {_auc({'value': own.get('roc_auc'), 'ci': own.get('ci')})} on {own.get('n')} held-out frames of those sources"
+                if own.get("roc_auc") is not None else "") + ")."]
+    split = info.get("split", "test")
+    evaluation = info.get(split) or {}
+    by_source = evaluation.get("by_source") or {}
+    for site, counts in (start.get("sites") or {}).items():
+        scored = by_source.get(site) or (evaluation if not by_source else None)
+        what = f"macro ROC AUC {_auc((scored or {}).get('roc_auc'))}" if scored and counts.get("measured_on") else "not measured (no test frames)"
+        lines.append(f"Adapted to {site} with {counts['labelled']} labelled frames of it ({counts['train']} trained on, "
+                     f"{counts['validation']} calibrated on); on its other {counts.get('measured_on', 0)} frames: {what}.")
+    return lines
+
+
+#: What the page and the card call each descriptor (DDTI's "calcifications" are ACR's echogenic foci).
+DESCRIPTOR_NAMES = {"composition": "Composition", "echogenicity": "Echogenicity", "margins": "Margin", "calcifications": "Echogenic foci"}
+
+
+def _kappa(facts: Mapping, name: str) -> str:
+    k = (((facts.get("per_descriptor") or {}).get(name) or {}).get("kappa")) or {}
+    value, ci = k.get("value"), k.get("ci") or [None, None]
+    if value is None or value != value:
+        return "agreement not measured"
+    bounds = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None and ci[0] == ci[0] else ""
+    return f"κ {value:.2f}{bounds}, n = {k.get('n')}"
+
+
+def descriptor_facts(info: Mapping, saved: Mapping | None = None) -> Mapping | None:
+    """Where the descriptor heads' agreement was measured best: the cross-validation's pooled out-of-fold frames
+    (``--cv_final``), else the heads' own evaluation split (``metrics.json``, or ``saved``: ``descriptors.json``)."""
+    return (info.get("cross_validation") or {}).get("descriptors") or info.get("descriptors") or saved
+
+
+def descriptor_lines(described: Mapping, facts: Mapping, flagged: bool = False) -> list[str]:
+    """The predicted TI-RADS descriptors of one frame in the lexicon's words with their confidence, the ACR points and
+    level they imply, and, per descriptor, the agreement with the radiologists measured where the heads were evaluated
+    (``facts``: the model folder's ``descriptors.json``)."""
+    where = facts.get("split") or "held-out"
+    lines = [f"**TI-RADS descriptors, as the model reads them** (agreement with the radiologists' descriptors on {where} frames "
+             "of its training sources, held-out patients; Cohen's κ: 1 is perfect, 0 is chance)"]
+    if flagged:
+        lines.append("_This frame is unlike the images the model learned from: these readings are not reliable either._")
+    for name, label in DESCRIPTOR_NAMES.items():
+        d = described.get(name)
+        if d:
+            lines.append(f"- {label}: {d['term']} ({d['probabilities'][d['term']]:.0%}; {_kappa(facts, name)})")
+    tirads = described.get("tirads")
+    if tirads:
+        lines.append(f"- ACR points these four imply (expected under the probabilities): {tirads['points']:.1f} of 10 (shape is not read: "
+                     f"not in the training descriptors) → {tirads['level']}. A radiologist's TI-RADS also weighs shape and size.")
+    return lines

@@ -34,6 +34,7 @@ import numpy as np
 from .explain import overlay
 from .preprocess import ImageError, probe_image
 from .answer_rule import UNSEEN
+from .answer_text import descriptor_facts, descriptor_lines
 from .serving import MAX_BATCH, BackgroundWorker, GiveBackWhenIdle, MemoryBudget, ModelRunner
 from .uploads import UploadJanitor, cache_image, private_file_folder, safe_name
 
@@ -214,7 +215,7 @@ def details(result) -> dict:
     """The answer as data (the API's last output): what the page shows, and why."""
     return {"answer": result.headline, "headlined": result.headlined, "reason": result.reason, "prediction_set": result.prediction_set,
             "flagged": result.flagged, "in_domain_score": result.in_domain_score, "regime": result.regime,
-            "scores": dict(result.probabilities), "explained": result.explained}
+            "scores": dict(result.probabilities), "explained": result.explained, "descriptors": result.descriptors}
 
 
 def source_choices(predictor) -> list[tuple[str, str]]:
@@ -305,6 +306,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         value, headline = answer(result)
         message = (
             f"{headline}\n\nThe heatmap shows the regions that raised the score of *{result.explained}*."
+            + ("\n\n" + "\n".join(descriptor_lines(result.descriptors, descriptor_facts(predictor.info, predictor.descriptors.facts) or {}, result.flagged)) if result.descriptors else "")
             + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
         )
         return value, blended(state, opacity), message, state, details(result)

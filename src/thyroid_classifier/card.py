@@ -145,13 +145,17 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
                              f"single-label sets {part.get('share_singletons', 0):.0%}." if part else "")
                           + " Coverage holds on images like the calibration images; on an unseen source it can fall (see the table above).")
     from .answer_rule import REGIMES, Regime
-    from .answer_text import rule_lines
+    from .answer_text import adaptation_lines, descriptor_facts, rule_lines
 
     # The folder's headline rule, read as data (the card renders from the folder's files, not its code).
     state = json.loads((folder / RELIABILITY_FILE).read_text()) if (folder / RELIABILITY_FILE).is_file() else {}
     regimes = {name: Regime.from_dict(r) for name, r in (state.get("regimes") or {}).items() if name in REGIMES}
     kwargs = dict(
         headline_lines=rule_lines(metrics, regimes),
+        adaptation_lines=adaptation_lines(metrics),
+        descriptor_rows=descriptor_rows(descriptor_facts(metrics)),
+        descriptor_route=_descriptor_route(descriptor_facts(metrics)),
+        descriptor_split=(descriptor_facts(metrics) or {}).get("split"),
         training_sources=", ".join(state.get("training_sources") or []) or "none recorded",
         source_rows=source_rows if len(source_rows) > 1 else [],
         by_source_rows=by_source_rows,
@@ -196,6 +200,26 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         repo_id=repo_id,
     )
     return ModelCard.from_template(card_data, template_path=str(template or CARD_TEMPLATE), **kwargs)
+
+
+def descriptor_rows(report: dict | None) -> list[dict]:
+    """The card's TI-RADS descriptor table: each head's agreement with the radiologist (Cohen's kappa, 95% interval over patients)."""
+    from .answer_text import DESCRIPTOR_NAMES
+
+    rows = []
+    for name, r in ((report or {}).get("per_descriptor") or {}).items():
+        k = r["kappa"]
+        rows.append({"name": DESCRIPTOR_NAMES.get(name, name), "kappa": _fmt(k["value"]), "ci": _ci(k["ci"]), "n": k["n"],
+                     "patients": k.get("patients"), "classes": ", ".join(r["classes"])})
+    return rows
+
+
+def _descriptor_route(report: dict | None) -> str | None:
+    route = (report or {}).get("route")
+    if not route:
+        return None
+    auc = route["auc_malignant"]
+    return f"{_fmt(auc['value'])} {_ci(auc['ci'])} (n = {route['n']})"
 
 
 def _audit_text(path: Path) -> str:

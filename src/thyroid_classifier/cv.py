@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
+from .descriptors import descriptor_report, frame_labels
 from .fit import distributed_state, train_one
 from .folder import CV_METRICS, CV_PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .known_data import sources_facts
@@ -87,6 +88,7 @@ def cross_validate(
     cv_set = pooled_folds(dataset, run_args.cv, run_args.seed)
     full, labels, y, groups, paths, folds = cv_set.full, cv_set.labels, cv_set.y, cv_set.groups, cv_set.paths, cv_set.folds
     oof = np.full((len(y), len(labels)), np.nan)
+    oof_descriptors: dict[str, np.ndarray] = {}  # descriptor -> out-of-fold logits (a model with descriptor heads)
     per_fold = []
     cache: dict = {}
     started = time.time()
@@ -98,6 +100,8 @@ def cross_validate(
         fold_dir = out / "cv" / f"fold-{k}"
         result = train_one(spec, fold_data, report, data_args, model_args, run_args, callbacks, out=fold_dir, write=False, cache=cache)
         oof[held] = result.probs
+        for name, logits in (result.descriptor_logits or {}).items():
+            oof_descriptors.setdefault(name, np.full((len(y), logits.shape[1]), np.nan))[held] = logits
         m = result.metrics["test"]
         per_fold.append({"fold": k, "n": m["n"], **{key: m[key]["value"] for key in HEADLINE},
                          "recall": {label: v["recall"] for label, v in m["per_class"].items()},
@@ -123,6 +127,11 @@ def cross_validate(
         "recipe": {"image_size": model_args.image_size, **recipe(run_args),
                    "preprocessing": asdict(data_args.preprocessor())},
     }
+    if oof_descriptors and all(not np.isnan(v).any() for v in oof_descriptors.values()):
+        # Pooled out-of-fold agreement with the radiologist, per descriptor (the folds' own are on a few dozen frames each).
+        targets = frame_labels(paths, cv_set.sources, report.sources or {}, str(report.root))
+        cv["descriptors"] = descriptor_report(oof_descriptors, targets, groups, y, labels, run_args.bootstrap_resamples, run_args.seed)
+        cv["descriptors"]["split"] = "pooled out-of-fold"
     # Split screens can stand in for the label (on DDTI they do): report how the score follows them.
     split = report.split_screens(paths)
     if split.any() and not split.all():
@@ -138,6 +147,13 @@ def cross_validate(
         for name, m in cv["by_source"].items():
             print(f"{spec.name}: source {name}: pooled out-of-fold macro ROC AUC {m['roc_auc']['value']:.3f} "
                   f"[{m['roc_auc']['ci'][0]:.3f}, {m['roc_auc']['ci'][1]:.3f}], balanced accuracy {m['balanced_accuracy']['value']:.3f}, n={m['n']} (in-source)")
+        for name, r in (cv.get("descriptors") or {}).get("per_descriptor", {}).items():
+            k = r["kappa"]
+            print(f"{spec.name}: descriptor {name}: pooled out-of-fold Cohen's kappa {k['value']:.3f} [{k['ci'][0]:.3f}, {k['ci'][1]:.3f}], "
+                  f"n={k['n']} frames, {k['patients']} patients (in-source)")
+        if "route" in (cv.get("descriptors") or {}):
+            a = cv["descriptors"]["route"]["auc_malignant"]
+            print(f"{spec.name}: descriptor route (expected ACR points) malignant AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]")
         if "by_layout" in cv:
             b = cv["by_layout"]
             print(f"{spec.name}: split screens {b['split_screen']['n']} of {len(y)} frames; AUC on single-view frames {b['single_view']['roc_auc']:.3f}, "
@@ -148,7 +164,7 @@ def cross_validate(
         result = train_one(spec, final_data, report, data_args, model_args, run_args, callbacks, cache=cache)
         if state.is_main_process:
             # The final model's folder carries the CV numbers; its card is re-rendered with them.
-            folder.update_metrics(cross_validation={k: cv[k] for k in ("k", "n", "groups", "pooled", "by_source", "spread", "by_layout") if k in cv})
+            folder.update_metrics(cross_validation={k: cv[k] for k in ("k", "n", "groups", "pooled", "by_source", "spread", "by_layout", "descriptors") if k in cv})
         del result
     return cv
 

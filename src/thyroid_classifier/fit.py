@@ -5,6 +5,7 @@ GPUs or machines; evaluation gathers each example exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -16,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .adaptation import StartingModel
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
+from .descriptors import MISSING, DescriptorHeads, DescriptorState, descriptor_logits, descriptor_report, frame_labels, pooled_width
 from .folder import ModelFolder, prediction_rows
 from .known_data import dataset_facts, sources_facts
 from .metrics import (
@@ -216,6 +219,7 @@ class TrainResult:
     sources: list[str] = field(default_factory=list)
     reliability: Reliability | None = None
     outputs: dict = field(default_factory=dict)  # split -> FrameOutputs (logits, features)
+    descriptor_logits: dict | None = None  # descriptor -> (frames, classes) logits of the evaluation split (a model with heads)
 
 
 def train_one(
@@ -230,9 +234,11 @@ def train_one(
     write: bool = True,
     cache: dict | None = None,
     loso: dict | None = None,
+    start: StartingModel | None = None,
 ) -> TrainResult:
     """Train one model on ``dataset`` (train / validation / test) and evaluate it; with ``write``,
-    write its folder (weights, card, plots, metrics) to ``out`` (default OUTPUT_DIR/<model>)."""
+    write its folder (weights, card, plots, metrics) to ``out`` (default OUTPUT_DIR/<model>).
+    ``start``: a trained model to go on from (its head, labels, preprocessing and size kept)."""
     from transformers import EarlyStoppingCallback, set_seed
 
     state = distributed_state()
@@ -240,11 +246,15 @@ def train_one(
     checkpoints = out / "checkpoints"
     labels = dataset["train"].features["label"].names
     set_seed(run_args.seed)
-    model, processor = build_model(spec, labels, model_args.init, model_args.image_size)
+    if start is not None:
+        model, processor = start.build(labels)
+        preprocessor = start.preprocessor
+    else:
+        model, processor = build_model(spec, labels, model_args.init, model_args.image_size)
+        preprocessor = data_args.preprocessor()
     if run_args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     image_size = processor.size["height"]
-    preprocessor = data_args.preprocessor()
 
     splits = {name: ds for name, ds in dataset.items()}
     views = {}  # evaluation splits, one row per view, and each row's frame
@@ -268,8 +278,23 @@ def train_one(
         splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
                                       columns=["path", "label", "weight"])
 
+    heads, descriptor_targets = None, {}
+    if run_args.descriptor_loss_weight > 0:
+        # The radiologist's descriptors, where a source's case files give them (DDTI); the rest train the class head only.
+        descriptor_targets = {name: frame_labels(ds.with_format(None)["path"], ds.with_format(None)["source"], report.sources or {},
+                                                 str(report.root)) for name, ds in splits.items()}
+        if (descriptor_targets["train"] != MISSING).any():
+            heads = DescriptorHeads(pooled_width(model))
+            model.descriptor_heads = heads  # a submodule while training: the optimizer, the device and checkpoints include it
+            columns = [c for c in ("path", "label", "weight") if c in splits["train"].column_names]
+            splits["train"] = splits["train"].add_column("descriptors", descriptor_targets["train"].tolist())
+            splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
+                                          columns=[*columns, "descriptors"])
+        else:
+            logger.warning("--descriptor_loss_weight: no training frame has a radiologist's descriptors (only DDTI's case files give them): class head only")
+
     trainer_callbacks = list(callbacks)
-    if run_args.freeze_backbone_epochs > 0 and model_args.init == "pretrained":
+    if run_args.freeze_backbone_epochs > 0 and model_args.init == "pretrained" and start is None:
         trainer_callbacks.append(FreezeBackbone(run_args.freeze_backbone_epochs).callback)
     if run_args.ema_decay > 0:
         trainer_callbacks.append(WeightAverage(run_args.ema_decay).callback)
@@ -277,6 +302,7 @@ def train_one(
         trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=run_args.early_stopping_patience))
     trainer = SampleWeightedTrainer(
         label_smoothing=run_args.label_smoothing,
+        descriptor_weight=run_args.descriptor_loss_weight,
         model=model,
         args=training_arguments(run_args, checkpoints, has_validation),
         train_dataset=splits["train"],
@@ -286,8 +312,8 @@ def train_one(
         compute_metrics=make_compute_metrics(labels, views["validation"][1] if has_validation else None),
         compute_loss_func=make_loss(weights, run_args.label_smoothing),
         callbacks=trainer_callbacks,
-        # The schedule is still the Trainer's. From scratch every layer is new: one learning rate.
-        optimizers=(make_optimizer(model, run_args, run_args.head_lr_multiplier if model_args.init == "pretrained" else 1.0), None),
+        # The schedule is still the Trainer's. From scratch every layer is new, from a trained model none is: one learning rate.
+        optimizers=(make_optimizer(model, run_args, run_args.head_lr_multiplier if model_args.init == "pretrained" and start is None else 1.0), None),
     )
     resume_from = _last_checkpoint(checkpoints) if run_args.resume else None
     if run_args.resume and resume_from is None:
@@ -302,12 +328,17 @@ def train_one(
     # and the in-domain guard's threshold also come from validation (never from what is scored).
     temperature = 1.0
     outputs = {}
+    # The descriptor heads' logits of the evaluation split, from the same passes as its class logits.
+    capture = (lambda: descriptor_logits(trainer.model, heads)) if heads is not None else (lambda: contextlib.nullcontext([]))
+    described: list = []
     if has_validation:
-        outputs["validation"] = _predict(trainer, *views["validation"])
+        with capture() as described:
+            outputs["validation"] = _predict(trainer, *views["validation"])
         temperature = fit_temperature(outputs["validation"].logits, [int(x) for x in splits["validation"].with_format(None)["label"]])
     eval_ds = splits[eval_name]
     if eval_name not in outputs:
-        outputs[eval_name] = _predict(trainer, *views[eval_name]) if eval_name in views else _predict(trainer, eval_ds, np.arange(len(eval_ds)))
+        with capture() as described:
+            outputs[eval_name] = _predict(trainer, *views[eval_name]) if eval_name in views else _predict(trainer, eval_ds, np.arange(len(eval_ds)))
     logits = outputs[eval_name].logits
     raw = eval_ds.with_format(None)
     y_true = [int(x) for x in raw["label"]]
@@ -321,6 +352,14 @@ def train_one(
     training_sources = sorted({s for s in train_sources if s}) or [Path(str(report.root)).name or "its training data"]
     reliability, checks = fit_reliability(trainer, splits, preprocessor, processor, image_size, cache, outputs, temperature, run_args,
                                           eval_name, y_true, eval_sources, training_sources, loso, list(raw["group"]), labels)
+    descriptor_metrics, frame = None, None
+    if heads is not None and described:
+        owner = views[eval_name][1] if eval_name in views else np.arange(len(eval_ds))
+        frame = {name: frame_mean(torch.cat([b[name].detach().float().cpu() for b in described]).numpy().astype(np.float64), owner, len(y_true))
+                 for name in heads.names}
+        descriptor_metrics = descriptor_report(frame, descriptor_targets[eval_name], list(raw["group"]), y_true, labels,
+                                               run_args.bootstrap_resamples, run_args.seed)
+        descriptor_metrics["split"] = f"the {eval_name} split's"
     history = epoch_history(trainer.state.log_history)
     result = {
         "model": spec.name,
@@ -333,6 +372,8 @@ def train_one(
                     "by_source": by_source(y_true, probs, labels, list(raw["group"]), eval_sources, run_args.bootstrap_resamples, run_args.seed)},
         "reliability": checks,
         **({"leave_one_source_out": loso_summary(loso)} if loso else {}),
+        **({"adapted_from": start.record(splits)} if start else {}),
+        **({"descriptors": descriptor_metrics} if descriptor_metrics else {}),
         "calibration": {
             "temperature": temperature,
             "fitted_on": "validation" if has_validation else None,
@@ -371,8 +412,11 @@ def train_one(
     if state.is_main_process and write:
         rows = prediction_rows(list(raw["path"]), labels, y_true, probs, group=list(raw["group"]), source=eval_sources,
                                **answer_columns(reliability, outputs[eval_name], softmax(logits, temperature), labels, IN_SOURCE))
-        ModelFolder(out).save_trained(trainer, preprocessor, report, result, labels, rows, temperature, reliability)
+        if heads is not None:
+            del trainer.model.descriptor_heads  # saved in a file of their own: model.safetensors stays the plain classifier pipeline() loads
+        ModelFolder(out).save_trained(trainer, preprocessor, report, result, labels, rows, temperature, reliability,
+                                      descriptors=DescriptorState(heads, descriptor_metrics or {}) if heads is not None else None)
     state.wait_for_everyone()
     return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]),
-                       sources=eval_sources, reliability=reliability, outputs=outputs)
+                       sources=eval_sources, reliability=reliability, outputs=outputs, descriptor_logits=frame)
 

@@ -164,7 +164,7 @@ class ModelFolder:
     # ---- a trained model
 
     def save_trained(self, trainer, preprocessor, report, metrics: dict, labels: Sequence[str], rows: Sequence[dict],
-                     temperature: float, reliability) -> None:
+                     temperature: float, reliability, descriptors=None) -> None:
         """Everything a training run leaves: safetensors weights, config (labels, temperature), image
         processor, preprocessing, guard and sets, audit, fingerprints, metrics, plots, predictions, card."""
         from .plots import plot_auc, plot_confusion, plot_loss, plot_roc
@@ -172,6 +172,8 @@ class ModelFolder:
         out = self.path
         self.save_model(trainer.model, trainer.processing_class, preprocessor, temperature, save=trainer.save_model)
         reliability.save_pretrained(out)
+        if descriptors is not None:  # the TI-RADS descriptor heads (descriptors.DescriptorState)
+            descriptors.save_pretrained(out)
         report.save(self.file(AUDIT))
         self.write_json(FINGERPRINTS, report.fingerprints())
         split, name = metrics["split"], metrics["model"]

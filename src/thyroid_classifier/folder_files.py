@@ -8,6 +8,8 @@ from .preprocess import CONFIG_NAME as PREPROCESSING
 
 GUARD_FILE = "guard.safetensors"
 RELIABILITY_FILE = "reliability.json"
+DESCRIPTOR_HEADS = "descriptors.safetensors"  # the TI-RADS descriptor heads' weights (descriptors.DescriptorState)
+DESCRIPTOR_CONFIG = "descriptors.json"  # their classes (ACR terms, points) and what they measured
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PROCESSOR = "preprocessor_config.json"
@@ -35,13 +37,13 @@ PREDICTION_FILES = (CV_PREDICTIONS, LOSO_PREDICTIONS, test_predictions(), PREDIC
 #: Every prediction file's columns, in order; ``p_<class>`` columns follow ``predicted``. A value
 #: a writer does not know (no true label in ``predict``, no fold outside ``--cv``) is left empty.
 PREDICTION_COLUMNS = ("path", "group", "source", "fold", "label", "predicted")
-TRAILING_COLUMNS = ("in_domain_score", "flagged", "prediction_set", "answer", "headlined", "error")
+TRAILING_COLUMNS = ("in_domain_score", "flagged", "prediction_set", "answer", "headlined", "tirads_descriptors", "error")
 #: What a model folder publishes to the Hub. Never: checkpoints (optimizer state),
 #: training_args.bin (a pickle of every setting), audit.json and predictions (file names can hold
 #: patient identifiers).
 PUSH_FILES = (WEIGHTS, CONFIG, PROCESSOR, PREPROCESSING, CARD, METRICS, CV_METRICS, LOSO_METRICS, FINGERPRINTS,
-              RELIABILITY_FILE, GUARD_FILE, *PIPELINE_CODE)
+              RELIABILITY_FILE, GUARD_FILE, DESCRIPTOR_HEADS, DESCRIPTOR_CONFIG, *PIPELINE_CODE)
 PUSH_PATTERNS = ("*.png",)
 #: What the Predictor needs of a Hub model beside its weights, config and image processor (fingerprints:
 #: ``evaluate MODEL_ID`` checks the data against the pushed model's training images).
-INFERENCE_FILES = (PREPROCESSING, METRICS, RELIABILITY_FILE, GUARD_FILE, FINGERPRINTS)
+INFERENCE_FILES = (PREPROCESSING, METRICS, RELIABILITY_FILE, GUARD_FILE, FINGERPRINTS, DESCRIPTOR_HEADS, DESCRIPTOR_CONFIG)

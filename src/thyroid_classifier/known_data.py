@@ -148,6 +148,18 @@ def acr_terms(descriptors: dict[str, str | None]) -> dict[str, tuple[str, int] |
     return out
 
 
+def case_files(data_dir: str | Path) -> Path | None:
+    """The folder of DDTI's case files (``xml/``) for a DDTI data folder (``ddti/images`` or ``ddti``), else None:
+    only DDTI's layout is known to hold a radiologist's descriptors."""
+    if dataset_facts(str(data_dir)).get("type") != "ddti":
+        return None
+    folder = Path(data_dir).expanduser().resolve()
+    for candidate in (folder / "xml", folder.parent / "xml", folder.parent.parent / "xml"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def frame_descriptors(path: str | Path, xml_dir: str | Path) -> dict[str, str | None] | None:
     """The descriptors of one ``<case>_<frame>`` image (its case's), or None when it has no case file."""
     key = frame_number(path)

@@ -53,3 +53,11 @@ def check_hub_model(repo_id: str, *, what_to_do: str = "", timeout: float = 10.0
         f"Cannot download '{repo_id}' from the Hugging Face Hub ({reason}), and it is not in the "
         f"local cache. {what_to_do}".strip()
     )
+
+
+def hub_snapshot(repo_id: str, patterns: list[str], local_only: bool) -> Path:
+    """The local snapshot folder of the files of ``repo_id`` that match ``patterns`` (downloaded, or
+    from the cache when ``local_only``)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=list(patterns), local_files_only=local_only))

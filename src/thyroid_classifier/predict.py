@@ -10,6 +10,7 @@ overlay PNG per image. An unreadable file gets its error in the CSV and the run 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -23,11 +24,12 @@ from tqdm.auto import tqdm
 
 from .explain import freeze, gradcam, linearize_full_kernel_convs, overlay, to_original
 from .folder import INFERENCE_FILES, PREDICTIONS, ModelFolder, write_predictions
-from .locations import check_hub_model, is_local
+from .locations import check_hub_model, hub_snapshot, is_local
 from .inference import ViewTransform, frame_probabilities, frame_views, view_pixels
 from .metrics import frame_mean
 from .models import get_spec, guard_features, spec_for_model, target_layer
 from .preprocess import Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, open_image
+from .descriptors import DescriptorState, describe, descriptor_logits, one_line
 from .reliability import Reliability
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class Prediction:
     reason: str = ""
     #: ``unseen`` (the frame's source was not said: a source the model never saw) or ``in_source``
     regime: str = "unseen"
+    #: the TI-RADS descriptor heads' answer (:func:`descriptors.describe`: each descriptor's probabilities by
+    #: ACR term and most likely term, the expected points and level); None when the model has no heads
+    descriptors: dict | None = None
 
     @property
     def reliable(self) -> bool:
@@ -84,6 +89,8 @@ class Predictor:
         #: the model's files: the local folder, or the Hub snapshot of its inference files (None: not found)
         self.folder: Path | None = None
         self.reliability = reliability or Reliability()
+        #: the TI-RADS descriptor heads and what they measured (None: the model has none)
+        self.descriptors: DescriptorState | None = None
         spec = spec_for_model(model) or get_spec(source or "model")
         self.layer = target_layer(model, spec)
         self.labels: list[str] = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -119,6 +126,9 @@ class Predictor:
         predictor = cls(model, processor, preprocessor, temperature=fitted if calibrated else 1.0, logit_scale=logit_scale, info=info,
                         source=name_or_path, reliability=reliability)
         predictor.folder = folder
+        predictor.descriptors = DescriptorState.from_pretrained(folder)
+        if predictor.descriptors is not None and device:
+            predictor.descriptors.heads.to(device)
         return predictor
 
     @property
@@ -165,7 +175,9 @@ class Predictor:
         pixels, boxes, owner = self.prepare(pil, view_transform)
         fixed = None if target is None else self.labels.index(target)
         maps = None
-        with guard_features(self.model) as captured:  # the guard's features, from the same pass
+        heads = self.descriptors.heads if self.descriptors is not None else None
+        with guard_features(self.model) as captured, \
+                (descriptor_logits(self.model, heads) if heads is not None else contextlib.nullcontext([])) as described:  # the same pass
             if explain and (fixed is not None or len(owner) == len(pil)):
                 # One view per image, or a given class: scores and maps from one forward pass.
                 result = gradcam(self.model, self.layer, pixels, None if fixed is None else [fixed] * len(owner))
@@ -174,6 +186,7 @@ class Predictor:
                 view_logits = self.logits(pixels).float().cpu().numpy()
         probs = frame_probabilities(view_logits, owner, len(pil), self.temperature)
         guard_scores = self._guard_scores(captured, owner, len(pil))
+        described = describe({name: frame_mean(v.detach().double().cpu().numpy(), owner, len(pil)) for name, v in described[0].items()}) if described else None
         chosen = [fixed if fixed is not None else int(np.argmax(probs[i])) for i in range(len(pil))]
         if explain and maps is None:
             # Every view of a split screen explains the image's class (alone, its views may disagree).
@@ -194,6 +207,8 @@ class Predictor:
             if guard_scores is not None:
                 prediction.in_domain_score = float(guard_scores[i])
                 prediction.flagged = bool(guard_scores[i] > self.reliability.guard.threshold)
+            if described is not None:
+                prediction.descriptors = described[i]
             answer = self.reliability.answer(probs[i], self.labels, prediction.flagged, regime)
             prediction.prediction_set, prediction.headline, prediction.headlined = answer.prediction_set, answer.headline, answer.headlined
             prediction.reason, prediction.regime = answer.reason, answer.regime
@@ -215,10 +230,8 @@ class Predictor:
 
 def _hub_folder(repo_id: str, local_only: bool) -> Path | None:
     """The snapshot folder of a Hub model (for its preprocessing settings and metrics), if any."""
-    from huggingface_hub import snapshot_download
-
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(INFERENCE_FILES), local_files_only=local_only))
+        return hub_snapshot(repo_id, list(INFERENCE_FILES), local_only)
     except Exception as exc:  # noqa: BLE001 - the model itself loaded; these files are optional
         logger.warning("%s: no preprocessing settings found (%s); using none", repo_id, exc)
         return None
@@ -257,7 +270,7 @@ def predict_folder(predictor: Predictor, images_dir: Path, out_dir: Path, batch_
                 rel = path.relative_to(images_dir)
                 rows.append({"path": rel.as_posix(), "predicted": result.label, "probs": [result.probabilities[label] for label in predictor.labels],
                              "in_domain_score": result.in_domain_score, "flagged": result.flagged, "prediction_set": result.prediction_set,
-                             "answer": result.headline, "headlined": result.headlined})
+                             "answer": result.headline, "headlined": result.headlined, "tirads_descriptors": one_line(result.descriptors)})
                 if heatmaps:
                     target = overlays / rel.with_suffix(".png")
                     target.parent.mkdir(parents=True, exist_ok=True)

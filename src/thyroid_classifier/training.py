@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .adaptation import StartingModel, align_labels
 from .arguments import DataArguments, ModelArguments, RunArguments, parse_args
 from .audit import audited_dataset
 from .cv import cross_validate
@@ -91,7 +92,10 @@ def write_comparison(results: dict[str, dict], output_dir: Path) -> None:
 def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArguments, callbacks: Sequence = ()) -> dict[str, dict]:
     """The whole job: audit, split, train and evaluate each model, compare. Returns each model's metrics."""
     state = distributed_state()
-    specs = [get_spec(name) for name in model_args.model]
+    # A model folder this project trained is a starting point (a site adapting it), not a new model.
+    starts = {name: StartingModel.read(name) for name in model_args.model}
+    specs = [starts[name].spec() if starts[name] else get_spec(name) for name in model_args.model]
+    start_of = {spec.name: starts[name] for spec, name in zip(specs, model_args.model, strict=True)}
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"two models share an output folder name: {[s.name for s in specs]}")
     # Settings first: a wrong flag should not wait for the Hub or the data.
@@ -103,6 +107,14 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
         raise ValueError("--loso needs at least two --data_dir folders (one per source)")
     if run_args.ema_decay > 0 and run_args.select_best:
         raise ValueError("--ema_decay keeps the weights' average as the model; drop --select_best (a best checkpoint would replace it)")
+    for start in filter(None, starts.values()):
+        if run_args.cv or run_args.loso:
+            raise ValueError(f"--model {start.location} starts from a trained model: --cv and --loso would score folds on sources "
+                             "it may already have seen; adapt it with a plain run (its test split is measured on frames it never saw)")
+        if model_args.init != "pretrained":
+            raise ValueError(f"--model {start.location} is a trained model: --init {model_args.init} would throw its weights away")
+        if data_args.preprocessor() != start.preprocessor:
+            logger.warning("%s keeps its own preprocessing %s (not the flags' %s)", start.location, start.preprocessor, data_args.preprocessor())
     if not 0 < run_args.headline_max_error < 1:
         raise ValueError(f"--headline_max_error must be in (0, 1), not {run_args.headline_max_error}")
     if not 0 <= run_args.ema_decay < 1:
@@ -149,7 +161,9 @@ def run(data_args: DataArguments, model_args: ModelArguments, run_args: RunArgum
             from .loso import leave_one_source_out
 
             loso = leave_one_source_out(spec, dataset, report, data_args, model_args, run_args, callbacks)
-        results[spec.name] = train_one(spec, dataset, report, data_args, model_args, run_args, callbacks, loso=loso).metrics
+        start = start_of[spec.name]
+        data = align_labels(dataset, start.labels, start.location) if start else dataset
+        results[spec.name] = train_one(spec, data, report, data_args, model_args, run_args, callbacks, loso=loso, start=start).metrics
     if run_args.cv:
         return results
     if state.is_main_process:

@@ -80,6 +80,8 @@ class ImageTransforms:
         out = {"pixel_values": pixels, "labels": batch["label"]}
         if self.train and "weight" in batch:
             out["sample_weight"] = batch["weight"]
+        if self.train and "descriptors" in batch:  # the radiologist's descriptors (descriptors.MISSING where not given)
+            out["descriptor_labels"] = batch["descriptors"]
         return out
 
 
@@ -100,5 +102,7 @@ def collate(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
     }
     if "sample_weight" in examples[0]:
         batch["sample_weight"] = torch.tensor([e["sample_weight"] for e in examples], dtype=torch.float32)
+    if "descriptor_labels" in examples[0]:
+        batch["descriptor_labels"] = torch.tensor([e["descriptor_labels"] for e in examples], dtype=torch.long)
     return batch
 

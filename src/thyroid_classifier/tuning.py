@@ -77,8 +77,10 @@ def epoch_history(log_history: Sequence[dict]) -> list[dict]:
 
 
 def head_parameters(model) -> set[int]:
-    """ids of the new classification head's parameters (timm: get_classifier(); transformers: .classifier)."""
-    return {id(p) for p in classifier_head(model).parameters()}
+    """ids of the new heads' parameters: the classification head (timm: get_classifier(); transformers:
+    .classifier) and, when the model carries them, the descriptor heads (new too)."""
+    extra = model.get_submodule("descriptor_heads").parameters() if hasattr(model, "descriptor_heads") else ()
+    return {id(p) for p in classifier_head(model).parameters()} | {id(p) for p in extra}
 
 
 class FreezeBackbone:

@@ -8,6 +8,7 @@ carries a weight (:func:`stratum_weights`) so that each (source, class) cell cou
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from .descriptors import descriptor_logits, descriptor_loss
 
 
 def stratum_weights(labels: Sequence[int], sources: Sequence[str]) -> np.ndarray:
@@ -60,17 +63,25 @@ def _weighted_trainer_class():
     from transformers import Trainer
 
     class _SampleWeightedTrainer(Trainer):
-        def __init__(self, *args, label_smoothing: float = 0.0, **kwargs) -> None:
+        def __init__(self, *args, label_smoothing: float = 0.0, descriptor_weight: float = 0.0, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.label_smoothing = label_smoothing
+            self.descriptor_weight = descriptor_weight
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weight = inputs.pop("sample_weight", None)
-            if weight is None:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            loss = weighted_loss(outputs.logits, labels, weight, self.label_smoothing)
+            targets = inputs.pop("descriptor_labels", None)
+            heads = getattr(self.accelerator.unwrap_model(model), "descriptor_heads", None) if targets is not None else None
+            # The descriptor heads read the class head's input in the same forward pass (descriptors.descriptor_logits).
+            with descriptor_logits(self.accelerator.unwrap_model(model), heads) if heads is not None else contextlib.nullcontext([]) as captured:
+                if weight is None:
+                    loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+                else:
+                    labels = inputs.pop("labels")
+                    outputs = model(**inputs)
+                    loss = weighted_loss(outputs.logits, labels, weight, self.label_smoothing)
+            if captured:
+                loss = loss + self.descriptor_weight * descriptor_loss(captured[0], targets.to(loss.device), heads.names)
             return (loss, outputs) if return_outputs else loss
 
     return _SampleWeightedTrainer

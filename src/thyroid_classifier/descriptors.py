@@ -1,0 +1,264 @@
+"""TI-RADS descriptors beside the class head: what a radiologist would say of the nodule.
+
+One small linear head per descriptor (composition, echogenicity, margins, echogenic foci) reads the
+same pooled features as the class head, in the same forward pass (a pre-hook on the class head
+captures its input: no second pass, Grad-CAM and the guard unchanged). The classes are the ACR
+TI-RADS lexicon's terms that DDTI's radiologists used (:data:`known_data.ACR_LEXICON`), ordered by
+their points; a frame whose case file lacks a descriptor has it *missing* (the loss skips it), never
+a class of its own. Sources without case files (LES3BDD, a user's folder) train the class head only.
+
+The descriptor route to the risk: ACR points expected under each head's probabilities, summed, and
+the TI-RADS level they reach. DDTI records no shape ("taller than wide", 3 points): the sum is out of
+10 of ACR's 13 here, and the level is what these four descriptors alone imply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .folder_files import DESCRIPTOR_CONFIG, DESCRIPTOR_HEADS
+from .known_data import ACR_LEXICON, DESCRIPTORS, case_files, frame_descriptors
+from .models import classifier_head
+
+MISSING = -1
+#: What the page and the card call each descriptor (DDTI's "calcifications" are ACR's echogenic foci).
+DISPLAY = {"composition": "Composition", "echogenicity": "Echogenicity", "margins": "Margin", "calcifications": "Echogenic foci"}
+
+
+def _classes(name: str) -> list[tuple[str, int]]:
+    terms = {term for term in ACR_LEXICON[name].values() if term is not None}
+    return sorted(terms, key=lambda t: (t[1], t[0]))
+
+
+#: Each descriptor's classes (ACR term, points), fewest points first.
+CLASSES: dict[str, list[tuple[str, int]]] = {name: _classes(name) for name in DESCRIPTORS}
+
+
+def class_index(name: str, word: str | None) -> int:
+    """The head's class of one of DDTI's (normalised) words; :data:`MISSING` when missing or not an ACR term."""
+    term = ACR_LEXICON[name].get(word) if word is not None else None
+    return MISSING if term is None else CLASSES[name].index(term)
+
+
+def frame_labels(paths: Sequence[str], sources: Sequence[str], folders: Mapping[str, str], default_folder: str = "") -> np.ndarray:
+    """Each frame's descriptor classes, (n, len(DESCRIPTORS)), :data:`MISSING` where its case file does not
+    give one or its source has no case files (``folders``: source name → data folder)."""
+    out = np.full((len(paths), len(DESCRIPTORS)), MISSING, dtype=np.int64)
+    xml_dirs: dict[str, Path | None] = {}
+    for i, (path, source) in enumerate(zip(paths, sources, strict=True)):
+        folder = folders.get(source, default_folder)
+        if folder not in xml_dirs:
+            xml_dirs[folder] = case_files(folder) if folder else None
+        if xml_dirs[folder] is None:
+            continue
+        words = frame_descriptors(path, xml_dirs[folder])
+        if words:
+            out[i] = [class_index(name, words.get(name)) for name in DESCRIPTORS]
+    return out
+
+
+def tirads_level(points: float) -> str:
+    """ACR TI-RADS level of a points total (TR1 0, TR2 2, TR3 3, TR4 4-6, TR5 7 or more; 1 point is TR2 too)."""
+    p = round(points)
+    return "TR1" if p <= 0 else "TR2" if p <= 2 else "TR3" if p == 3 else "TR4" if p <= 6 else "TR5"
+
+
+class DescriptorHeads(nn.Module):
+    """A linear head per descriptor on the pooled features the class head reads."""
+
+    def __init__(self, in_features: int, names: Sequence[str] = DESCRIPTORS) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.heads = nn.ModuleDict({name: nn.Linear(in_features, len(CLASSES[name])) for name in self.names})
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = features.flatten(1)
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+def pooled_width(model: nn.Module) -> int:
+    """The width of the features the class head reads (its first linear layer's input)."""
+    head = classifier_head(model)
+    linear = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+    return int(linear.in_features)
+
+
+@contextmanager
+def descriptor_logits(model: nn.Module, heads: DescriptorHeads) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Inside the block every forward pass of ``model`` also runs ``heads`` on the class head's input,
+    appending ``{descriptor: logits}`` (with gradients while training) to the yielded list."""
+    captured: list[dict[str, torch.Tensor]] = []
+
+    def hook(module, args):
+        captured.append(heads(args[0]))
+
+    handle = classifier_head(model).register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def descriptor_loss(logits: Mapping[str, torch.Tensor], targets: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """Mean over descriptors of the cross-entropy on the examples that have the descriptor (``targets``:
+    (batch, descriptors), :data:`MISSING` skipped); 0 (with a gradient path) when none has any."""
+    losses = []
+    for j, name in enumerate(names):
+        y = targets[:, j]
+        known = y != MISSING
+        if known.any():
+            losses.append(F.cross_entropy(logits[name][known], y[known]))
+    if not losses:
+        return sum(v.sum() * 0.0 for v in logits.values())
+    return torch.stack(losses).mean()
+
+
+def expected_points(probs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """ACR points expected under each descriptor's probabilities, summed: (n,)."""
+    total = None
+    for name, p in probs.items():
+        points = np.array([pts for _, pts in CLASSES[name]], dtype=np.float64)
+        part = np.asarray(p, dtype=np.float64) @ points
+        total = part if total is None else total + part
+    return total if total is not None else np.zeros(0)
+
+
+def cohen_kappa(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Cohen's kappa of two raters (NaN with fewer than two examples or one category in all)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true) < 2 or len(set(y_true.tolist()) | set(y_pred.tolist())) < 2:
+        return math.nan
+    return float(cohen_kappa_score(y_true, y_pred))
+
+
+def kappa_with_interval(y_true: Sequence[int], y_pred: Sequence[int], groups: Sequence[str], n_resamples: int = 1000,
+                        seed: int = 0) -> dict:
+    """Kappa against the radiologist with a 95% interval resampling patients (``groups``)."""
+    y_true, y_pred, groups = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
+    value = cohen_kappa(y_true, y_pred)
+    rng = np.random.default_rng(seed)
+    patients = np.unique(groups)
+    rows = {g: np.flatnonzero(groups == g) for g in patients}
+    samples = []
+    for _ in range(n_resamples):
+        idx = np.concatenate([rows[g] for g in rng.choice(patients, len(patients))])
+        k = cohen_kappa(y_true[idx], y_pred[idx])
+        if k == k:
+            samples.append(k)
+    ci = [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))] if samples else [math.nan, math.nan]
+    return {"value": value, "ci": ci, "n": int(len(y_true)), "patients": int(len(patients))}
+
+
+@dataclass
+class DescriptorState:
+    """The heads and what they read, as a model folder keeps them."""
+
+    heads: DescriptorHeads
+    facts: dict
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}, str(folder / DESCRIPTOR_HEADS))
+        config = {"names": self.heads.names, "in_features": next(iter(self.heads.heads.values())).in_features,
+                  "classes": {name: [{"term": t, "points": p} for t, p in CLASSES[name]] for name in self.heads.names}, "facts": self.facts}
+        (folder / DESCRIPTOR_CONFIG).write_text(json.dumps(config, indent=2, default=float) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path | None) -> DescriptorState | None:
+        """The folder's heads (safetensors only), or None when it has none."""
+        from safetensors.torch import load_file
+
+        if folder is None or not (Path(folder) / DESCRIPTOR_HEADS).is_file() or not (Path(folder) / DESCRIPTOR_CONFIG).is_file():
+            return None
+        config = json.loads((Path(folder) / DESCRIPTOR_CONFIG).read_text())
+        heads = DescriptorHeads(int(config["in_features"]), config["names"])
+        heads.load_state_dict(load_file(str(Path(folder) / DESCRIPTOR_HEADS)))
+        return cls(heads.eval(), config.get("facts") or {})
+
+
+def describe(logits: Mapping[str, torch.Tensor | np.ndarray]) -> list[dict[str, dict]]:
+    """Per image: each descriptor's probabilities by ACR term, its most likely term, and the expected
+    points and TI-RADS level they imply (``"tirads": {"points": .., "level": ..}``)."""
+    probs = {name: torch.softmax(torch.as_tensor(v, dtype=torch.float64), dim=1).numpy() for name, v in logits.items()}
+    n = len(next(iter(probs.values()))) if probs else 0
+    points = expected_points(probs) if probs else np.zeros(n)
+    out = []
+    for i in range(n):
+        row: dict[str, dict] = {}
+        for name, p in probs.items():
+            terms = [t for t, _ in CLASSES[name]]
+            row[name] = {"probabilities": {t: float(p[i, k]) for k, t in enumerate(terms)}, "term": terms[int(np.argmax(p[i]))]}
+        row["tirads"] = {"points": float(points[i]), "level": tirads_level(points[i])}
+        out.append(row)
+    return out
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if len(set(y.tolist())) == 2 else math.nan
+
+
+def descriptor_report(logits: Mapping[str, np.ndarray], targets: np.ndarray, groups: Sequence[str], y_true: Sequence[int],
+                      labels: Sequence[str], n_resamples: int = 1000, seed: int = 0) -> dict:
+    """How the heads agree with the radiologist on the frames that have each descriptor (Cohen's kappa, 95%
+    interval over patients; the confusion matrix, rows: radiologist), and the descriptor route's risk: the
+    expected ACR points as a score of malignancy (ROC AUC over every frame, against the class labels)."""
+    groups_a = np.asarray(groups)
+    out: dict = {"per_descriptor": {}}
+    probs = {}
+    for j, name in enumerate(logits):
+        p = torch.softmax(torch.as_tensor(logits[name]), dim=1).numpy()
+        probs[name] = p
+        known = targets[:, j] != MISSING
+        pred = p.argmax(1)
+        k = len(CLASSES[name])
+        confusion = np.zeros((k, k), dtype=int)
+        for t, q in zip(targets[known, j], pred[known], strict=True):
+            confusion[t, q] += 1
+        out["per_descriptor"][name] = {
+            "kappa": kappa_with_interval(targets[known, j], pred[known], groups_a[known].tolist(), n_resamples, seed) if known.any()
+            else {"value": math.nan, "ci": [math.nan, math.nan], "n": 0, "patients": 0},
+            "classes": [t for t, _ in CLASSES[name]], "confusion": confusion.tolist(),
+        }
+    points = expected_points(probs)
+    y = np.asarray(y_true)
+    if "malignant" in labels:
+        positive = (y == list(labels).index("malignant")).astype(int)
+        rng = np.random.default_rng(seed)
+        patients = np.unique(groups_a)
+        rows = {g: np.flatnonzero(groups_a == g) for g in patients}
+        samples = []
+        for _ in range(n_resamples):
+            idx = np.concatenate([rows[g] for g in rng.choice(patients, len(patients))])
+            a = _auc(positive[idx], points[idx])
+            if a == a:
+                samples.append(a)
+        ci = [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))] if samples else [math.nan, math.nan]
+        out["route"] = {"auc_malignant": {"value": _auc(positive, points), "ci": ci}, "n": int(len(y)),
+                        "score": "expected ACR points of the four descriptors (shape not recorded)"}
+    return out
+
+
+def one_line(described: Mapping | None) -> str | None:
+    """A frame's descriptors in one prediction-file cell: ``composition=solid or almost completely solid (0.78); ...;
+    points=6.1; level=TR4`` (None when the model has no heads)."""
+    if not described:
+        return None
+    parts = [f"{name}={d['term']} ({d['probabilities'][d['term']]:.2f})" for name, d in described.items() if name != "tirads"]
+    tirads = described.get("tirads") or {}
+    return "; ".join(parts + ([f"points={tirads['points']:.1f}", f"level={tirads['level']}"] if tirads else []))

@@ -1,0 +1,256 @@
+"""TI-RADS descriptor heads (issue 30, part 2): trained beside the class head on the frames whose source has a
+radiologist's descriptors, saved beside the plain classifier, read by the Predictor from the same pass."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from thyroid_classifier.descriptors import (
+    CLASSES,
+    MISSING,
+    DescriptorHeads,
+    class_index,
+    descriptor_logits,
+    descriptor_loss,
+    expected_points,
+    frame_labels,
+    tirads_level,
+)
+from thyroid_classifier.known_data import DESCRIPTORS
+
+#: What the synthetic radiologist writes for each class (a benign "normal" case leaves margins and echogenicity out).
+WORDS = {
+    "malignant": ("solid", "marked hypoechogenicity", "spiculated", "microcalcifications"),
+    "benign": ("spongiform", "isoechogenicity", "well defined", "none"),
+    "normal": ("predominantly cystic", "", "", "macrocalcifications"),
+}
+CASE = ("<case><number>{n}</number><composition>{c}</composition><echogenicity>{e}</echogenicity><margins>{m}</margins>"
+        "<calcifications>{k}</calcifications><tirads>4a</tirads></case>")
+
+
+@pytest.fixture(scope="module")
+def ddti_like(tmp_path_factory) -> Path:
+    """A DDTI-shaped source (``ddti/images/<class>/<case>_<frame>.png`` and ``ddti/xml/<case>.xml``) of synthetic frames."""
+    from thyroid_classifier.sample import make_sample_dataset
+
+    root = tmp_path_factory.mktemp("descriptors") / "ddti"
+    images = make_sample_dataset(root / "images", cases_per_class=6, size=(96, 128), seed=5, split_screen_every=2)
+    (root / "xml").mkdir()
+    with (images / "manifest.csv").open(newline="") as f:
+        for row in csv.DictReader(f):
+            c, e, m, k = WORDS[row["label"]]
+            (root / "xml" / f"{row['case']}.xml").write_text(CASE.format(n=row["case"], c=c, e=e, m=m, k=k))
+    return images
+
+
+@pytest.fixture(scope="module")
+def recorded(ddti_like, tiny_models, tmp_path_factory):
+    """The tiny ResNet trained with descriptor heads on ``ddti_like``: the Trainer it used, and its folder."""
+    from thyroid_classifier import fit
+    from thyroid_classifier.training import main
+
+    made = []
+    original = fit.SampleWeightedTrainer
+    out = tmp_path_factory.mktemp("heads")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit, "SampleWeightedTrainer", lambda **kwargs: made.append(original(**kwargs)) or made[-1])
+        assert main(["--model", str(tiny_models["tiny-resnet"]), "--data_dir", str(ddti_like), "--output_dir", str(out), "--image_size", "32",
+                     "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--bootstrap_resamples", "20", "--learning_rate", "3e-4",
+                     "--descriptor_loss_weight", "0.7", "--split_views", "true"]) == 0  # split screens: a frame's views averaged
+    return made[0], out / "tiny-resnet"
+
+
+@pytest.fixture(scope="module")
+def with_heads(recorded) -> Path:
+    return recorded[1]
+
+
+def test_the_runs_loss_is_the_class_loss_plus_the_weighted_descriptor_loss_of_its_frames(recorded):
+    """Bugs: the descriptor loss computed and never added (heads left untrained), its weight ignored, or the
+    frames given other frames' descriptors: the Trainer's own loss on the whole train set is checked."""
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from thyroid_classifier.descriptors import DescriptorState
+
+    trainer, folder = recorded
+    metrics = json.loads((folder / "metrics.json").read_text())
+    rows = trainer.train_dataset.with_format(None)
+    batch = next(iter(DataLoader(trainer.train_dataset, batch_size=len(rows), shuffle=False, collate_fn=trainer.data_collator)))
+    expected_targets = frame_labels(rows["path"], rows["source"], {}, str(folder.parents[1] / "nothing"))  # no folder: all missing
+    assert (expected_targets == MISSING).all()
+    source_dir = {s: str(Path(p).parent.parent) for p, s in zip(rows["path"], rows["source"], strict=True)}
+    np.testing.assert_array_equal(batch["descriptor_labels"].numpy(), frame_labels(rows["path"], rows["source"], source_dir))
+    model = trainer.model.eval()
+    model.descriptor_heads = DescriptorState.from_pretrained(folder).heads  # as saved (the run took them off the model to save it)
+    try:
+        with torch.no_grad(), descriptor_logits(model, model.descriptor_heads) as captured:
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            class_loss = F.cross_entropy(logits, batch["labels"], weight=torch.tensor(metrics["training"]["class_weights"]),
+                                         label_smoothing=metrics["training"]["label_smoothing"])
+            expected = class_loss + 0.7 * descriptor_loss(captured[0], batch["descriptor_labels"], DESCRIPTORS)
+            got = trainer.compute_loss(model, dict(batch))
+        assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+        assert got.item() > class_loss.item() * 1.05  # the descriptors add to what the run minimises
+    finally:
+        del model.descriptor_heads
+
+
+def test_frames_take_their_cases_descriptors_and_other_sources_have_none(ddti_like, sample_dir):
+    paths = sorted(str(p) for p in ddti_like.glob("*/*.png"))
+    labels = frame_labels(paths, ["ddti"] * len(paths), {"ddti": str(ddti_like)})
+    for path, row in zip(paths, labels, strict=True):
+        c, e, m, k = WORDS[Path(path).parent.name]
+        assert row.tolist() == [class_index("composition", c), class_index("echogenicity", e or None), class_index("margins", m or None),
+                                class_index("calcifications", k)]
+    assert (labels[:, 1] == MISSING).sum() == len([p for p in paths if "/normal/" in p])  # missing stays missing, never a class
+    other = sorted(str(p) for p in sample_dir.glob("*/*.png"))[:4]
+    assert (frame_labels(other, ["sample"] * 4, {"sample": str(sample_dir)}) == MISSING).all()
+
+
+def test_the_descriptor_loss_skips_what_the_radiologist_did_not_say():
+    torch.manual_seed(0)
+    logits = {name: torch.randn(3, len(CLASSES[name]), requires_grad=True) for name in DESCRIPTORS}
+    targets = torch.tensor([[0, MISSING, 1, 2], [3, 1, MISSING, 0], [MISSING, MISSING, MISSING, MISSING]])
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[name][targets[:, j] != MISSING], targets[targets[:, j] != MISSING, j])
+                            for j, name in enumerate(DESCRIPTORS)]).mean()
+    assert torch.allclose(descriptor_loss(logits, targets, DESCRIPTORS), expected)
+    none = descriptor_loss(logits, torch.full((3, 4), MISSING), DESCRIPTORS)
+    none.backward()  # no descriptor given: zero, and training goes on
+    assert none.item() == 0
+
+
+def test_the_points_and_level_follow_the_acr_table():
+    certain = {name: np.eye(len(CLASSES[name]))[[-1]] for name in DESCRIPTORS}  # the most points of each
+    assert expected_points(certain).tolist() == [2 + 3 + 2 + 3]
+    assert [tirads_level(p) for p in (0, 2, 3, 4, 6, 7, 10)] == ["TR1", "TR2", "TR3", "TR4", "TR4", "TR5", "TR5"]
+
+
+def test_heads_train_beside_the_class_head_and_are_saved_apart_from_the_plain_classifier(with_heads):
+    from safetensors import safe_open
+
+    with safe_open(str(with_heads / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "descriptor" in k]  # pipeline() loads the plain classifier, no stray weights
+    config = json.loads((with_heads / "descriptors.json").read_text())
+    assert config["names"] == list(DESCRIPTORS)
+    metrics = json.loads((with_heads / "metrics.json").read_text())
+    per = metrics["descriptors"]["per_descriptor"]
+    with (with_heads / "predictions_test.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    # Scored on every test frame that has the descriptor, and on no other.
+    assert per["composition"]["kappa"]["n"] == len(rows)
+    assert per["echogenicity"]["kappa"]["n"] == sum(1 for r in rows if WORDS[r["label"]][1]) < len(rows)
+    assert sum(map(sum, per["echogenicity"]["confusion"])) == per["echogenicity"]["kappa"]["n"]
+    assert "auc_malignant" in metrics["descriptors"]["route"]
+    assert metrics["training"]["descriptor_loss_weight"] == 0.7
+
+
+def test_the_predictor_gives_descriptors_from_the_same_pass_as_the_class(with_heads, ddti_like):
+    """Its descriptors are the saved heads on the features the class head read (views averaged as the classes are)."""
+    from thyroid_classifier.predict import Predictor
+
+    predictor = Predictor.from_pretrained(str(with_heads))
+    frames = sorted(ddti_like.glob("*/*.png"))[:6]
+    predictions = predictor.predict(frames)
+    assert len(predictor.prepare([Image.open(p) for p in frames])[2]) > len(frames)  # a split screen among them: views averaged
+    single = [p for p in frames if len(predictor.prepare([Image.open(p)])[2]) == 1][:2]
+    calls = []
+    handle = predictor.model.register_forward_hook(lambda *a: calls.append(1))
+    assert predictor.predict(single)[0].descriptors is not None
+    handle.remove()
+    assert len(calls) == 1  # single views: one pass gives the class, the heatmap, the guard and the descriptors
+    pixels, _, owner = predictor.prepare([Image.open(p) for p in frames])
+    heads = predictor.descriptors.heads
+    with torch.no_grad(), descriptor_logits(predictor.model, heads) as captured:
+        predictor.model(pixel_values=pixels)
+    for i, prediction in enumerate(predictions):
+        got = prediction.descriptors
+        for name in DESCRIPTORS:
+            expected = torch.softmax(captured[0][name][owner == i].double().mean(0), 0).numpy()
+            assert np.allclose(list(got[name]["probabilities"].values()), expected, atol=1e-5)
+            assert got[name]["term"] == CLASSES[name][int(expected.argmax())][0]
+        assert got["tirads"]["level"] == tirads_level(got["tirads"]["points"])
+
+
+def test_a_source_without_case_files_trains_the_class_head_alone(sample_dir, tiny_models, tmp_path):
+    from thyroid_classifier.training import main
+
+    assert main(["--model", str(tiny_models["tiny-resnet"]), "--data_dir", str(sample_dir), "--output_dir", str(tmp_path), "--image_size", "32",
+                 "--num_train_epochs", "1", "--bootstrap_resamples", "10", "--descriptor_loss_weight", "1"]) == 0
+    folder = tmp_path / "tiny-resnet"
+    assert not (folder / "descriptors.safetensors").exists() and "descriptors" not in json.loads((folder / "metrics.json").read_text())
+
+
+def test_the_page_lists_the_descriptors_in_the_lexicons_words_with_their_measured_agreement(with_heads, ddti_like):
+    """Through the running page's API: the message names each descriptor's most likely ACR term with its confidence,
+    the agreement measured in the folder, and the level the points imply; the API's details carry the same."""
+    from gradio_client import Client, handle_file
+
+    from thyroid_classifier.app import build_demo, load_predictors
+
+    predictors = load_predictors([str(with_heads)])
+    demo = build_demo(predictors)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False)
+        frame = sorted(ddti_like.glob("malignant/*.png"))[0]
+        _, _, message, details = client.predict(handle_file(str(frame)), "tiny-resnet", 0.45, api_name="/predict")
+    finally:
+        demo.close()
+    expected = predictors["tiny-resnet"].predict([frame], explain=False)[0].descriptors
+    facts = json.loads((with_heads / "descriptors.json").read_text())["facts"]
+    for name, label in (("composition", "Composition"), ("echogenicity", "Echogenicity"), ("margins", "Margin"), ("calcifications", "Echogenic foci")):
+        term = expected[name]["term"]
+        kappa = facts["per_descriptor"][name]["kappa"]
+        measured = f"κ {kappa['value']:.2f}" if kappa["value"] == kappa["value"] else "agreement not measured"
+        assert f"- {label}: {term} ({expected[name]['probabilities'][term]:.0%}; {measured}" in message
+    assert f"→ {expected['tirads']['level']}" in message and "shape is not read" in message
+    assert details["descriptors"]["tirads"]["level"] == expected["tirads"]["level"]
+
+
+def test_the_card_reports_each_descriptors_agreement_from_the_folder(with_heads):
+    card = (with_heads / "README.md").read_text()
+    report = json.loads((with_heads / "metrics.json").read_text())["descriptors"]
+    assert "### TI-RADS descriptors" in card
+    for name, label in (("composition", "Composition"), ("calcifications", "Echogenic foci")):
+        k = report["per_descriptor"][name]["kappa"]
+        value = f"{k['value']:.3f}" if k["value"] == k["value"] else "n/a"
+        assert f"| {label} | {value} |" in card
+    assert "The descriptor route to the risk" in card
+
+
+def test_the_batch_file_carries_each_frames_descriptors(with_heads, ddti_like, tmp_path):
+    from thyroid_classifier.predict import main
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for p in sorted(ddti_like.glob("benign/*.png"))[:2]:
+        (frames / p.name).write_bytes(p.read_bytes())
+    assert main([str(with_heads), str(frames), "--out", str(tmp_path / "out"), "--no_heatmaps"]) == 0
+    with (tmp_path / "out" / "predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    from thyroid_classifier.predict import Predictor
+
+    expected = Predictor.from_pretrained(str(with_heads)).predict([frames / rows[0]["path"]], explain=False)[0].descriptors
+    assert rows[0]["tirads_descriptors"].startswith(f"composition={expected['composition']['term']} (")
+    assert rows[0]["tirads_descriptors"].endswith(f"level={expected['tirads']['level']}")
+
+
+def test_cross_validation_pools_each_descriptors_agreement_over_every_held_out_frame(ddti_like, tiny_models, tmp_path):
+    from thyroid_classifier.training import main
+
+    assert main(["--model", str(tiny_models["tiny-resnet"]), "--data_dir", str(ddti_like), "--output_dir", str(tmp_path), "--image_size", "32",
+                 "--num_train_epochs", "1", "--bootstrap_resamples", "10", "--descriptor_loss_weight", "1", "--cv", "2"]) == 0
+    cv = json.loads((tmp_path / "tiny-resnet" / "cv_metrics.json").read_text())
+    per = cv["descriptors"]["per_descriptor"]
+    frames = sorted(ddti_like.glob("*/*.png"))
+    assert per["composition"]["kappa"]["n"] == len(frames)  # every frame held out once
+    assert per["echogenicity"]["kappa"]["n"] == sum(1 for p in frames if WORDS[p.parent.name][1])
+    assert cv["descriptors"]["split"] == "pooled out-of-fold"
