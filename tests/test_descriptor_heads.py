@@ -254,3 +254,15 @@ def test_cross_validation_pools_each_descriptors_agreement_over_every_held_out_f
     assert per["composition"]["kappa"]["n"] == len(frames)  # every frame held out once
     assert per["echogenicity"]["kappa"]["n"] == sum(1 for p in frames if WORDS[p.parent.name][1])
     assert cv["descriptors"]["split"] == "pooled out-of-fold"
+
+
+def test_evaluate_scores_the_heads_against_the_radiologist_and_the_route_beside_the_class_head(with_heads, ddti_like, tmp_path):
+    from thyroid_classifier.evaluate import main
+
+    assert main([str(with_heads), str(ddti_like), "--out", str(tmp_path), "--bootstrap", "20", "--quiet"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    frames = sorted(ddti_like.glob("*/*.png"))
+    assert report["descriptors"]["per_descriptor"]["composition"]["kappa"]["n"] == len(frames)
+    assert report["descriptors"]["per_descriptor"]["margins"]["kappa"]["n"] == sum(1 for p in frames if WORDS[p.parent.name][2])
+    text = (tmp_path / "report.md").read_text()
+    assert "Descriptor route (expected ACR points as a malignancy score): ROC AUC" in text

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .audit import audit_scan, training_overlap
 from .augment import device_shifts, shift_image
+from .descriptors import CLASSES, descriptor_report, frame_labels, one_line
 from .data import DataError, as_dirs, resolve_groups, scan_sources, source_name
 from .folder import AUDIT, PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, with_intervals
@@ -57,6 +58,7 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     rows = [(e, g) for e, g in zip(scan.images, groups, strict=True) if e.label in known and str(e.path) not in unreadable]
     shift_fns = device_shifts(seed) if shifts else {}
     probs, y, kept_groups, paths, failed, sources, scores, flagged, sets, answers = [], [], [], [], [], [], [], [], [], []
+    described: list = []  # the descriptor heads' answers (a model with heads)
     shifted: dict[str, list] = {name: [] for name in shift_fns}
     for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", disable=not progress):
         chunk = rows[start : start + batch_size]
@@ -78,6 +80,7 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
             flagged.append(result.flagged)
             sets.append([label in result.prediction_set for label in predictor.labels])
             answers.append((result.headline, result.headlined))
+            described.append(result.descriptors)
         for name, fn in shift_fns.items():  # the same images as another machine might show them
             # Stage 3 of the one inference path: each cropped view as another machine might show it.
             results = predictor.predict([im for _, _, im in images], explain=False, view_transform=partial(shift_image, shift=fn))
@@ -106,11 +109,18 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
                           for name, v in shifted.items()},
         "audit": {k: v for k, v in report.to_dict().items() if k in ("counts", "exact_duplicates", "near_duplicates", "conflicts", "sizes", "modes", "split_screens", "class_cues")},
     }
+    if described and all(d is not None for d in described):
+        # Agreement with the radiologist where the data's case files give descriptors (DDTI), and the descriptor route's risk.
+        logits = {name: np.log(np.clip([[d[name]["probabilities"][t] for t, _ in CLASSES[name]] for d in described], 1e-12, 1))
+                  for name in described[0] if name != "tirads"}
+        targets = frame_labels(paths, sources, {name: str(root) for name, root in scan.roots.items()})
+        result["descriptors"] = descriptor_report(logits, targets, kept_groups, y, predictor.labels, bootstrap, seed)
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     sets_named = [[label for label, inside in zip(predictor.labels, row, strict=True) if inside] for row in sets]
     write_predictions(out_dir / PREDICTIONS, predictor.labels, prediction_rows(paths, predictor.labels, y, np.asarray(p), group=kept_groups, source=sources,
                                                                                  in_domain_score=scores, flagged=flagged, prediction_set=sets_named,
-                                                                                 answer=[a for a, _ in answers], headlined=[h for _, h in answers]))
+                                                                                 answer=[a for a, _ in answers], headlined=[h for _, h in answers],
+                                                                                 tirads_descriptors=[one_line(d) for d in described]))
     plot_roc(y, p, predictor.labels, out_dir / "roc.png", "external")
     plot_confusion(metrics["confusion_matrix"], predictor.labels, out_dir / "confusion_matrix.png", "external")
     (out_dir / "report.md").write_text(report_markdown(result) + "\n")
@@ -174,6 +184,24 @@ def reliability_lines(rel: dict) -> list[str]:
     return lines
 
 
+def descriptor_report_lines(report: dict | None, external: dict) -> list[str]:
+    """The TI-RADS descriptor heads on this data: agreement with the radiologist where case files give descriptors, and
+    the descriptor route's risk beside the class head's."""
+    if not report:
+        return []
+    lines = ["TI-RADS descriptors (Cohen's kappa against the radiologist's descriptors, on the frames that have them; 95% interval over patients):", "",
+             "| descriptor | kappa | 95% interval | frames |", "|---|---|---|---|"]
+    for name, r in report["per_descriptor"].items():
+        k = r["kappa"]
+        lines.append(f"| {name} | {k['value']:.3f} | [{k['ci'][0]:.3f}, {k['ci'][1]:.3f}] | {k['n']} |" if k["n"] else f"| {name} | n/a (no descriptors in this data) | | 0 |")
+    route = report.get("route")
+    if route:
+        a = route["auc_malignant"]
+        lines += ["", f"Descriptor route (expected ACR points as a malignancy score): ROC AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]; "
+                  f"the class head's macro ROC AUC on the same frames: {external['roc_auc']['value']:.3f}."]
+    return lines + [""]
+
+
 def report_markdown(result: dict) -> str:
     m = result["external"]
     lines = [f"# External evaluation of {result['model']}", "", f"Data: `{result['data_dir']}`, {result['n']} images from {result['groups']} groups ({result['group_source']}).", "",
@@ -188,6 +216,7 @@ def report_markdown(result: dict) -> str:
                   f"{v['balanced_accuracy']['value']:.3f} |" for name, v in result["by_source"].items()]
         lines += [""]
     lines += reliability_lines(result.get("reliability") or {})
+    lines += descriptor_report_lines(result.get("descriptors"), m)
     if result.get("device_shifts"):
         lines += ["Simulated machine differences (the same images, each shifted one way; a large drop means the model leans on that cue):", "",
                   "| shift | macro ROC AUC | change | balanced accuracy |", "|---|---|---|---|"]
