@@ -4,7 +4,8 @@
 
 Full-size ResNet50 and VGG19 (random weights: speed does not depend on their values), prepared as
 the Predictor serves them, measured side by side in one run, interleaved, median of the repeats. Ends with one line per model and batch:
-`resnet50 batch 1: 1.04x, with the guard 1.05x` (goals: at most 1.15x; predict + explain + guard at most 1.10x). The guard's
+`resnet50 batch 1: 1.04x, with the guard 1.05x, with the descriptor heads 1.00x of that` (goals: at most 1.15x; predict +
+explain + guard at most 1.10x; the TI-RADS descriptor heads, read from the same pass, at most 1.10x of predict + explain + guard). The guard's
 features are an early stage's per-channel mean and std, captured by a hook in the same pass (``models.guard_features``);
 its score is a projection on up to 64 principal directions (``reliability.DomainGuard``, fitted here on random features
 of the right width).
@@ -22,6 +23,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from thyroid_classifier.descriptors import DescriptorHeads, describe, descriptor_logits, pooled_width  # noqa: E402
 from thyroid_classifier.explain import freeze, gradcam, linearize_full_kernel_convs, standard_gradcam  # noqa: E402
 from thyroid_classifier.models import REGISTRY, build_model, guard_features, target_layer  # noqa: E402
 from thyroid_classifier.reliability import DomainGuard  # noqa: E402
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             model(pixel_values=torch.randn(1, 3, args.image_size, args.image_size))
         width = probe[0].shape[1]
         guard = DomainGuard.fit(torch.randn(200, width).numpy()).calibrate(torch.randn(50, width).numpy())
+        heads = DescriptorHeads(pooled_width(model)).eval()
         for batch in args.batches:
             x = torch.randn(batch, 3, args.image_size, args.image_size)
 
@@ -70,20 +73,28 @@ def main(argv: list[str] | None = None) -> int:
                     gradcam(model, layer, x)
                 guard.flags(torch.cat(captured).numpy())
 
+            def described():
+                with guard_features(model) as captured, descriptor_logits(model, heads) as logits:
+                    gradcam(model, layer, x)
+                guard.flags(torch.cat(captured).numpy())
+                describe({k: v.detach() for k, v in logits[0].items()})
+
             def standard():
                 standard_gradcam(model, layer, x, [0] * batch)
 
-            plain(), ours(), guarded(), standard()  # warm-up
-            samples = {"plain": [], "one-pass": [], "guarded": [], "grad-cam plain use": []}
+            plain(), ours(), guarded(), described(), standard()  # warm-up
+            samples = {"plain": [], "one-pass": [], "guarded": [], "described": [], "grad-cam plain use": []}
             for _ in range(args.repeats):  # interleaved, so load changes hit all alike
                 samples["plain"] += timed(plain, 1)
                 samples["one-pass"] += timed(ours, 1)
                 samples["guarded"] += timed(guarded, 1)
+                samples["described"] += timed(described, 1)
                 samples["grad-cam plain use"] += timed(standard, 1)
             med = {k: statistics.median(v) for k, v in samples.items()}
             print(f"  {name} batch {batch}: plain {med['plain'] * 1000:.0f} ms, one-pass predict+explain {med['one-pass'] * 1000:.0f} ms, "
                   f"grad-cam plain use {med['grad-cam plain use'] * 1000:.0f} ms ({med['grad-cam plain use'] / med['plain']:.2f}x)")
-            lines.append(f"{name} batch {batch}: {med['one-pass'] / med['plain']:.2f}x, with the guard {med['guarded'] / med['plain']:.2f}x")
+            lines.append(f"{name} batch {batch}: {med['one-pass'] / med['plain']:.2f}x, with the guard {med['guarded'] / med['plain']:.2f}x, "
+                         f"with the descriptor heads {med['described'] / med['guarded']:.2f}x of that")
         del model
     print("\n".join(lines))
     return 0

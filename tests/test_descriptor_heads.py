@@ -148,6 +148,11 @@ def test_heads_train_beside_the_class_head_and_are_saved_apart_from_the_plain_cl
     assert per["composition"]["kappa"]["n"] == len(rows)
     assert per["echogenicity"]["kappa"]["n"] == sum(1 for r in rows if WORDS[r["label"]][1]) < len(rows)
     assert sum(map(sum, per["echogenicity"]["confusion"])) == per["echogenicity"]["kappa"]["n"]
+    for name in DESCRIPTORS:  # kappa is the agreement its confusion matrix (rows: radiologist) shows
+        c = np.asarray(per[name]["confusion"], dtype=float)
+        observed, chance = np.trace(c) / c.sum(), (c.sum(0) @ c.sum(1)) / c.sum() ** 2
+        kappa = per[name]["kappa"]["value"]
+        assert (kappa != kappa and chance == 1) or kappa == pytest.approx((observed - chance) / (1 - chance), abs=1e-9)
     assert "auc_malignant" in metrics["descriptors"]["route"]
     assert metrics["training"]["descriptor_loss_weight"] == 0.7
 

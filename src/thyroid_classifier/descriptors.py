@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .folder_files import DESCRIPTOR_CONFIG, DESCRIPTOR_HEADS
+from .metrics import group_resamples
 from .known_data import ACR_LEXICON, DESCRIPTORS, case_files, frame_descriptors
 from .models import classifier_head
 
@@ -143,22 +144,18 @@ def cohen_kappa(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     return float(cohen_kappa_score(y_true, y_pred))
 
 
+def _interval(statistic, groups: Sequence[str], n_resamples: int, seed: int) -> list[float]:
+    """95% percentile interval of ``statistic(rows)`` over resamples of whole patients (NaN resamples skipped)."""
+    samples = [v for idx in group_resamples(len(groups), list(groups), n_resamples, seed) if (v := statistic(idx)) == v]
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))] if samples else [math.nan, math.nan]
+
+
 def kappa_with_interval(y_true: Sequence[int], y_pred: Sequence[int], groups: Sequence[str], n_resamples: int = 1000,
                         seed: int = 0) -> dict:
     """Kappa against the radiologist with a 95% interval resampling patients (``groups``)."""
-    y_true, y_pred, groups = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
-    value = cohen_kappa(y_true, y_pred)
-    rng = np.random.default_rng(seed)
-    patients = np.unique(groups)
-    rows = {g: np.flatnonzero(groups == g) for g in patients}
-    samples = []
-    for _ in range(n_resamples):
-        idx = np.concatenate([rows[g] for g in rng.choice(patients, len(patients))])
-        k = cohen_kappa(y_true[idx], y_pred[idx])
-        if k == k:
-            samples.append(k)
-    ci = [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))] if samples else [math.nan, math.nan]
-    return {"value": value, "ci": ci, "n": int(len(y_true)), "patients": int(len(patients))}
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    ci = _interval(lambda idx: cohen_kappa(y_true[idx], y_pred[idx]), groups, n_resamples, seed)
+    return {"value": cohen_kappa(y_true, y_pred), "ci": ci, "n": int(len(y_true)), "patients": len(set(groups))}
 
 
 @dataclass
@@ -239,16 +236,7 @@ def descriptor_report(logits: Mapping[str, np.ndarray], targets: np.ndarray, gro
     y = np.asarray(y_true)
     if "malignant" in labels:
         positive = (y == list(labels).index("malignant")).astype(int)
-        rng = np.random.default_rng(seed)
-        patients = np.unique(groups_a)
-        rows = {g: np.flatnonzero(groups_a == g) for g in patients}
-        samples = []
-        for _ in range(n_resamples):
-            idx = np.concatenate([rows[g] for g in rng.choice(patients, len(patients))])
-            a = _auc(positive[idx], points[idx])
-            if a == a:
-                samples.append(a)
-        ci = [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))] if samples else [math.nan, math.nan]
+        ci = _interval(lambda idx: _auc(positive[idx], points[idx]), list(groups_a), n_resamples, seed)
         out["route"] = {"auc_malignant": {"value": _auc(positive, points), "ci": ci}, "n": int(len(y)),
                         "score": "expected ACR points of the four descriptors (shape not recorded)"}
     return out
