@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resamples", type=int, default=500)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--train_flags", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every adaptation (last)")
+    p.add_argument("--keep", action="store_true", help="keep each adapted model folder under OUT/runs/ (else deleted once scored)")
     p.add_argument("--out", default="adapt_curve")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"AUC {row['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] on {len(test)}, k=0 {row['k0_auc']:.3f}, "
                       f"diff {diff['difference']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}], {seconds:.0f} s", flush=True)
                 (out / "adapt_curve.json").write_text(json.dumps(rows_out, indent=1) + "\n")  # a long run can be resumed
+                if a.keep:
+                    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+                    (out / "runs").mkdir(exist_ok=True)
+                    shutil.move(str(folder), str(out / "runs" / name))
                 shutil.rmtree(work / f"run_{name}", ignore_errors=True)
     write_table(rows_out, out)
     print(f"wall {time.time() - started:.0f} s -> {out}")
