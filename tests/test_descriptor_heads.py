@@ -16,6 +16,7 @@ from thyroid_classifier.descriptors import (
     CLASSES,
     MISSING,
     DescriptorHeads,
+    descriptor_class_weights,
     class_index,
     descriptor_logits,
     descriptor_loss,
@@ -95,7 +96,11 @@ def test_the_runs_loss_is_the_class_loss_plus_the_weighted_descriptor_loss_of_it
             logits = model(pixel_values=batch["pixel_values"]).logits
             class_loss = F.cross_entropy(logits, batch["labels"], weight=torch.tensor(metrics["training"]["class_weights"]),
                                          label_smoothing=metrics["training"]["label_smoothing"])
-            expected = class_loss + 0.7 * descriptor_loss(captured[0], batch["descriptor_labels"], DESCRIPTORS)
+            weights = {k: torch.tensor(v) for k, v in metrics["training"]["descriptor_class_weights"].items()}
+            computed = descriptor_class_weights(batch["descriptor_labels"].numpy())
+            assert all(np.allclose(weights[k].numpy(), computed[k].numpy(), atol=1e-3) for k in DESCRIPTORS)  # the train set's own
+            assert len(set(weights["composition"].tolist()) - {0.0}) > 1  # imbalanced: the weights matter
+            expected = class_loss + 0.7 * descriptor_loss(captured[0], batch["descriptor_labels"], DESCRIPTORS, weights)
             got = trainer.compute_loss(model, dict(batch))
         assert got.item() == pytest.approx(expected.item(), rel=1e-4)
         assert got.item() > class_loss.item() * 1.05  # the descriptors add to what the run minimises
@@ -125,6 +130,20 @@ def test_the_descriptor_loss_skips_what_the_radiologist_did_not_say():
     none = descriptor_loss(logits, torch.full((3, 4), MISSING), DESCRIPTORS)
     none.backward()  # no descriptor given: zero, and training goes on
     assert none.item() == 0
+
+
+def test_each_descriptors_classes_count_alike_in_its_loss():
+    """Bug: unweighted heads learn each descriptor's majority class (on DDTI: composition "solid", margin "smooth", kappa 0)."""
+    targets = np.array([[3, 0, MISSING, 0], [3, 1, MISSING, 0], [3, MISSING, MISSING, 0], [1, MISSING, MISSING, 2]])
+    weights = descriptor_class_weights(targets)
+    assert weights["composition"].tolist() == pytest.approx([0, 1, 0, 1 / 3])  # 4 frames, 4 classes: n / (k * n_c); absent classes 0
+    assert weights["echogenicity"].tolist() == pytest.approx([2 / 3, 2 / 3, 0])
+    assert weights["margins"].tolist() == [0, 0, 0]  # nobody has it
+    logits = {name: torch.zeros(4, len(CLASSES[name])) for name in DESCRIPTORS}
+    logits["composition"][:, 3] = 2.0  # confident "solid": right on the three solid frames, wrong on the mixed one
+    t = torch.tensor(targets)
+    weighted, plain = descriptor_loss(logits, t, DESCRIPTORS, weights), descriptor_loss(logits, t, DESCRIPTORS)
+    assert weighted.item() > plain.item()  # the minority frame's error counts as much as the three majority frames
 
 
 def test_the_points_and_level_follow_the_acr_table():
@@ -217,6 +236,7 @@ def test_the_page_lists_the_descriptors_in_the_lexicons_words_with_their_measure
         measured = f"κ {kappa['value']:.2f}" if kappa["value"] == kappa["value"] else "agreement not measured"
         assert f"- {label}: {term} ({expected[name]['probabilities'][term]:.0%}; {measured}" in message
     assert f"→ {expected['tirads']['level']}" in message and "shape is not read" in message
+    assert "Read from the whole frame" in message  # where the reading comes from, said
     assert details["descriptors"]["tirads"]["level"] == expected["tirads"]["level"]
 
 

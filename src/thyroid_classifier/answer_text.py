@@ -147,6 +147,7 @@ def descriptor_lines(described: Mapping, facts: Mapping, flagged: bool = False) 
     where = facts.get("split") or "held-out"
     lines = [f"**TI-RADS descriptors, as the model reads them** (agreement with the radiologists' descriptors on {where} frames "
              "of its training sources, held-out patients; Cohen's κ: 1 is perfect, 0 is chance)"]
+    lines.append("_Read from the whole frame: the model is not told where the nodule is, and a frame with several nodules gets one reading._")
     if flagged:
         lines.append("_This frame is unlike the images the model learned from: these readings are not reliable either._")
     for name, label in DESCRIPTOR_NAMES.items():

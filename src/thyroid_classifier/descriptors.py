@@ -110,15 +110,30 @@ def descriptor_logits(model: nn.Module, heads: DescriptorHeads) -> Iterator[list
         handle.remove()
 
 
-def descriptor_loss(logits: Mapping[str, torch.Tensor], targets: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-    """Mean over descriptors of the cross-entropy on the examples that have the descriptor (``targets``:
-    (batch, descriptors), :data:`MISSING` skipped); 0 (with a gradient path) when none has any."""
+def descriptor_class_weights(targets: np.ndarray, names: Sequence[str] = DESCRIPTORS) -> dict[str, torch.Tensor]:
+    """Per descriptor, n / (k * n_c) over the frames that have it (k: its classes; 0 for a class no frame has): each
+    class counts as much as the majority, as the class head's loss weighs the classes. Without them the heads
+    learn each descriptor's majority class (on DDTI: "solid", "smooth"; Cohen's kappa 0)."""
+    out = {}
+    for j, name in enumerate(names):
+        known = targets[:, j][targets[:, j] != MISSING]
+        counts = np.bincount(known, minlength=len(CLASSES[name])).astype(np.float64)
+        weights = np.where(counts > 0, len(known) / (len(CLASSES[name]) * np.maximum(counts, 1)), 0.0)
+        out[name] = torch.tensor(weights, dtype=torch.float32)
+    return out
+
+
+def descriptor_loss(logits: Mapping[str, torch.Tensor], targets: torch.Tensor, names: Sequence[str],
+                    weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean over descriptors of the (class-weighted, with ``weights``) cross-entropy on the examples that have the
+    descriptor (``targets``: (batch, descriptors), :data:`MISSING` skipped); 0 (with a gradient path) when none has any."""
     losses = []
     for j, name in enumerate(names):
         y = targets[:, j]
         known = y != MISSING
         if known.any():
-            losses.append(F.cross_entropy(logits[name][known], y[known]))
+            w = weights[name].to(device=logits[name].device, dtype=logits[name].dtype) if weights else None
+            losses.append(F.cross_entropy(logits[name][known], y[known], weight=w))
     if not losses:
         return sum(v.sum() * 0.0 for v in logits.values())
     return torch.stack(losses).mean()

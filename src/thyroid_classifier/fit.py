@@ -19,7 +19,7 @@ import torch
 
 from .adaptation import StartingModel
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
-from .descriptors import MISSING, DescriptorHeads, DescriptorState, descriptor_logits, descriptor_report, frame_labels, pooled_width
+from .descriptors import MISSING, DescriptorHeads, DescriptorState, descriptor_class_weights, descriptor_logits, descriptor_report, frame_labels, pooled_width
 from .folder import ModelFolder, prediction_rows
 from .known_data import dataset_facts, sources_facts
 from .metrics import (
@@ -278,7 +278,7 @@ def train_one(
         splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
                                       columns=["path", "label", "weight"])
 
-    heads, descriptor_targets = None, {}
+    heads, descriptor_targets, descriptor_weights = None, {}, None
     if run_args.descriptor_loss_weight > 0:
         # The radiologist's descriptors, where a source's case files give them (DDTI); the rest train the class head only.
         descriptor_targets = {name: frame_labels(ds.with_format(None)["path"], ds.with_format(None)["source"], report.sources or {},
@@ -286,6 +286,8 @@ def train_one(
         if (descriptor_targets["train"] != MISSING).any():
             heads = DescriptorHeads(pooled_width(model))
             model.descriptor_heads = heads  # a submodule while training: the optimizer, the device and checkpoints include it
+            # Each descriptor's classes weighed as the class head's are (--class_weighting).
+            descriptor_weights = descriptor_class_weights(descriptor_targets["train"]) if run_args.class_weighting else None
             columns = [c for c in ("path", "label", "weight") if c in splits["train"].column_names]
             splits["train"] = splits["train"].add_column("descriptors", descriptor_targets["train"].tolist())
             splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
@@ -303,6 +305,7 @@ def train_one(
     trainer = SampleWeightedTrainer(
         label_smoothing=run_args.label_smoothing,
         descriptor_weight=run_args.descriptor_loss_weight,
+        descriptor_class_weights=descriptor_weights,
         model=model,
         args=training_arguments(run_args, checkpoints, has_validation),
         train_dataset=splits["train"],
@@ -402,6 +405,7 @@ def train_one(
             "source_class_weights": {f"{s}|{labels[y]}": round(float(w), 4) for (s, y), w in sorted(
                 {(s, y): w for s, y, w in zip(train_sources, train_labels, stratum_weights(train_labels, train_sources), strict=True)}.items())}
             if run_args.class_weighting and len(set(train_sources)) > 1 else None,
+            **({"descriptor_class_weights": {k: [round(float(x), 4) for x in v] for k, v in descriptor_weights.items()}} if descriptor_weights else {}),
             **recipe(run_args),
             "init": model_args.init,
             "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -63,10 +63,12 @@ def _weighted_trainer_class():
     from transformers import Trainer
 
     class _SampleWeightedTrainer(Trainer):
-        def __init__(self, *args, label_smoothing: float = 0.0, descriptor_weight: float = 0.0, **kwargs) -> None:
+        def __init__(self, *args, label_smoothing: float = 0.0, descriptor_weight: float = 0.0, descriptor_class_weights: dict | None = None,
+                     **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.label_smoothing = label_smoothing
             self.descriptor_weight = descriptor_weight
+            self.descriptor_class_weights = descriptor_class_weights
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weight = inputs.pop("sample_weight", None)
@@ -81,7 +83,7 @@ def _weighted_trainer_class():
                     outputs = model(**inputs)
                     loss = weighted_loss(outputs.logits, labels, weight, self.label_smoothing)
             if captured:
-                loss = loss + self.descriptor_weight * descriptor_loss(captured[0], targets.to(loss.device), heads.names)
+                loss = loss + self.descriptor_weight * descriptor_loss(captured[0], targets.to(loss.device), heads.names, self.descriptor_class_weights)
             return (loss, outputs) if return_outputs else loss
 
     return _SampleWeightedTrainer
