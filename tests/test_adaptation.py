@@ -65,7 +65,9 @@ def test_an_adapted_folder_keeps_the_models_preprocessing_and_says_what_it_was_a
     # Kept: labels, preprocessing (split views on, though the flags' default is off) and size (no --image_size given).
     assert metrics["labels"] == start_metrics["labels"]
     assert json.loads((adapted / "ultrasound_preprocessing.json").read_text()) == json.loads((start / "ultrasound_preprocessing.json").read_text())
-    assert json.loads((adapted / "preprocessor_config.json").read_text())["size"] == {"height": 32, "width": 32}
+    processor, start_processor = (json.loads((f / "preprocessor_config.json").read_text()) for f in (adapted, start))
+    assert processor["size"] == {"height": 32, "width": 32}
+    assert (processor["image_mean"], processor["image_std"]) == (start_processor["image_mean"], start_processor["image_std"]) != ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     record = metrics["adapted_from"]
     assert record["model"] == str(start) and record["trained_on"] == json.loads((start / "reliability.json").read_text())["training_sources"]
     counts = metrics["data"]["counts"]
