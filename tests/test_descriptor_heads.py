@@ -291,3 +291,17 @@ def test_evaluate_scores_the_heads_against_the_radiologist_and_the_route_beside_
     assert report["descriptors"]["per_descriptor"]["margins"]["kappa"]["n"] == sum(1 for p in frames if WORDS[p.parent.name][2])
     text = (tmp_path / "report.md").read_text()
     assert "Descriptor route (expected ACR points as a malignancy score): ROC AUC" in text
+
+
+def test_adapting_a_model_with_heads_to_a_site_without_descriptors_drops_them_and_says_so(with_heads, sample_dir, tmp_path, caplog):
+    """Its heads read features that fine-tuning changes: kept untrained, they would show readings nobody measured."""
+    import logging
+
+    from thyroid_classifier.training import main
+
+    with caplog.at_level(logging.WARNING):
+        assert main(["--model", str(with_heads), "--data_dir", str(sample_dir), "--output_dir", str(tmp_path), "--num_train_epochs", "1",
+                     "--bootstrap_resamples", "10"]) == 0
+    adapted = tmp_path / with_heads.name
+    assert (adapted / "metrics.json").is_file() and not (adapted / "descriptors.safetensors").exists()
+    assert "descriptor heads are not kept" in caplog.text

@@ -285,6 +285,9 @@ def train_one(
                                                  str(report.root)) for name, ds in splits.items()}
         if (descriptor_targets["train"] != MISSING).any():
             heads = DescriptorHeads(pooled_width(model))
+            kept = DescriptorState.from_pretrained(start.folder) if start is not None else None
+            if kept is not None and kept.heads.names == heads.names:
+                heads.load_state_dict(kept.heads.state_dict())  # a starting model's heads go on learning, as its class head does
             model.descriptor_heads = heads  # a submodule while training: the optimizer, the device and checkpoints include it
             # Each descriptor's classes weighed as the class head's are (--class_weighting).
             descriptor_weights = descriptor_class_weights(descriptor_targets["train"]) if run_args.class_weighting else None
@@ -294,6 +297,10 @@ def train_one(
                                           columns=[*columns, "descriptors"])
         else:
             logger.warning("--descriptor_loss_weight: no training frame has a radiologist's descriptors (only DDTI's case files give them): class head only")
+
+    if heads is None and start is not None and DescriptorState.from_pretrained(start.folder) is not None:
+        logger.warning("%s: its TI-RADS descriptor heads are not kept: fine-tuning changes the features they read, and this run has no "
+                       "radiologist's descriptors to refit them on (--descriptor_loss_weight and a source with case files would)", start.location)
 
     trainer_callbacks = list(callbacks)
     if run_args.freeze_backbone_epochs > 0 and model_args.init == "pretrained" and start is None:
@@ -356,8 +363,11 @@ def train_one(
     reliability, checks = fit_reliability(trainer, splits, preprocessor, processor, image_size, cache, outputs, temperature, run_args,
                                           eval_name, y_true, eval_sources, training_sources, loso, list(raw["group"]), labels)
     descriptor_metrics, frame = None, None
+    owner = views[eval_name][1] if eval_name in views else np.arange(len(eval_ds))
+    if heads is not None and described and sum(len(next(iter(b.values()))) for b in described) != len(owner):
+        logger.warning("descriptor heads: the evaluation's logits could not be gathered (several processes): no agreement measured")
+        described = []
     if heads is not None and described:
-        owner = views[eval_name][1] if eval_name in views else np.arange(len(eval_ds))
         frame = {name: frame_mean(torch.cat([b[name].detach().float().cpu() for b in described]).numpy().astype(np.float64), owner, len(y_true))
                  for name in heads.names}
         descriptor_metrics = descriptor_report(frame, descriptor_targets[eval_name], list(raw["group"]), y_true, labels,
