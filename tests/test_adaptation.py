@@ -125,3 +125,30 @@ def test_a_hub_id_that_cannot_be_reached_fails_at_once_with_what_to_do(sample_di
     err = capsys.readouterr().err
     assert "someone/thyroid-efficientnet" in err and "--model /path/to/checkpoint" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_model_whose_labels_are_in_another_order_keeps_its_order_and_each_frame_its_class(start, two_sources, tmp_path):
+    """A Hub model may list its classes in another order than the data's folders sort: the head's rows keep their meaning,
+    the data's labels are matched to them by name (a run that trusted the data's order would relabel the head)."""
+    from thyroid_classifier.training import main
+
+    reordered = tmp_path / "start"
+    shutil.copytree(start, reordered, ignore=shutil.ignore_patterns("checkpoints"))
+    metrics = json.loads((reordered / "metrics.json").read_text())
+    order = list(reversed(metrics["labels"]))
+    metrics["labels"] = order
+    (reordered / "metrics.json").write_text(json.dumps(metrics))
+    config = json.loads((reordered / "config.json").read_text())
+    config["id2label"] = {str(i): name for i, name in enumerate(order)}
+    config["label2id"] = {name: i for i, name in enumerate(order)}
+    (reordered / "config.json").write_text(json.dumps(config))
+    assert main(["--model", str(reordered), "--data_dir", str(two_sources[1]), "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "1",
+                 "--bootstrap_resamples", "10"]) == 0
+    adapted = tmp_path / "out" / "start"
+    assert json.loads((adapted / "metrics.json").read_text())["labels"] == order
+    assert list(json.loads((adapted / "config.json").read_text())["id2label"].values()) == order
+    import csv
+
+    with (adapted / "predictions_test.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(Path(r["path"]).parent.name == r["label"] for r in rows)
