@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             rest = np.setdiff1d(site_rows, labelled)
             rest = rest[~np.isin(groups[rest], groups[labelled])]  # no patient on both sides
             name = f"{site}_k{k}_d{d}" + ("_imagenet" if checkpoint else "")
-            data = site_folder(work / name, {"train": labelled, "test": rest}, paths, y, groups, labels)
+            # Named after the site (work/<run>/<site>/): the run knows the data set by its folder's name, as a user's would be.
+            data = site_folder(work / name / site, {"train": labelled, "test": rest}, paths, y, groups, labels)
             # A quarter of the labelled frames calibrate (validation_size is a share of all the folder's frames).
             share = 0.25 * len(labelled) / (len(labelled) + len(rest))
             t0 = time.time()

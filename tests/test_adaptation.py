@@ -80,6 +80,7 @@ def test_an_adapted_folder_keeps_the_models_preprocessing_and_says_what_it_was_a
     auc = metrics["test"]["roc_auc"]["value"]
     assert f"Adapted to site_b with {site['labelled']} labelled frames" in card and f"on its other {site['measured_on']} frames" in card
     assert f"macro ROC AUC {auc:.2f}" in card and f"adapted from {start}" in card
+    assert "from a model\nit trained before" in card and "pretrained weights of" not in card  # not "ImageNet weights of a folder"
 
 
 def test_the_page_says_the_model_was_adapted_and_on_how_many_frames(adapted):
