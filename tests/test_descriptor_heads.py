@@ -163,6 +163,7 @@ def test_heads_train_beside_the_class_head_and_are_saved_apart_from_the_plain_cl
     per = metrics["descriptors"]["per_descriptor"]
     with (with_heads / "predictions_test.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
+    assert all(r["tirads_descriptors"].startswith("composition=") for r in rows)  # each test frame's reading, in the file
     # Scored on every test frame that has the descriptor, and on no other.
     assert per["composition"]["kappa"]["n"] == len(rows)
     assert per["echogenicity"]["kappa"]["n"] == sum(1 for r in rows if WORDS[r["label"]][1]) < len(rows)

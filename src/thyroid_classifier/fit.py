@@ -19,7 +19,8 @@ import torch
 
 from .adaptation import StartingModel
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
-from .descriptors import MISSING, DescriptorHeads, DescriptorState, descriptor_class_weights, descriptor_logits, descriptor_report, frame_labels, pooled_width
+from .descriptors import (MISSING, DescriptorHeads, DescriptorState, describe, descriptor_class_weights, descriptor_logits, descriptor_report,
+                          frame_labels, one_line, pooled_width)
 from .folder import ModelFolder, prediction_rows
 from .known_data import dataset_facts, sources_facts
 from .metrics import (
@@ -425,7 +426,8 @@ def train_one(
     }
     if state.is_main_process and write:
         rows = prediction_rows(list(raw["path"]), labels, y_true, probs, group=list(raw["group"]), source=eval_sources,
-                               **answer_columns(reliability, outputs[eval_name], softmax(logits, temperature), labels, IN_SOURCE))
+                               **answer_columns(reliability, outputs[eval_name], softmax(logits, temperature), labels, IN_SOURCE),
+                               tirads_descriptors=[one_line(d) for d in describe(frame)] if frame else None)
         if heads is not None:
             del trainer.model.descriptor_heads  # saved in a file of their own: model.safetensors stays the plain classifier pipeline() loads
         ModelFolder(out).save_trained(trainer, preprocessor, report, result, labels, rows, temperature, reliability,
