@@ -238,6 +238,7 @@ def test_the_page_lists_the_descriptors_in_the_lexicons_words_with_their_measure
         assert f"- {label}: {term} ({expected[name]['probabilities'][term]:.0%}; {measured}" in message
     assert f"→ {expected['tirads']['level']}" in message and "shape is not read" in message
     assert "Read from the whole frame" in message  # where the reading comes from, said
+    assert "on a frame from another hospital or scanner their agreement is unknown" in message  # no source said: the unseen regime
     assert details["descriptors"]["tirads"]["level"] == expected["tirads"]["level"]
 
 

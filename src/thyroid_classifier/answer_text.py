@@ -140,16 +140,19 @@ def descriptor_facts(info: Mapping, saved: Mapping | None = None) -> Mapping | N
     return (info.get("cross_validation") or {}).get("descriptors") or info.get("descriptors") or saved
 
 
-def descriptor_lines(described: Mapping, facts: Mapping, flagged: bool = False) -> list[str]:
+def descriptor_lines(described: Mapping, facts: Mapping, flagged: bool = False, regime: str = UNSEEN) -> list[str]:
     """The predicted TI-RADS descriptors of one frame in the lexicon's words with their confidence, the ACR points and
     level they imply, and, per descriptor, the agreement with the radiologists measured where the heads were evaluated
     (``facts``: the model folder's ``descriptors.json``)."""
     where = facts.get("split") or "held-out"
     lines = [f"**TI-RADS descriptors, as the model reads them** (agreement with the radiologists' descriptors on {where} frames "
              "of its training sources, held-out patients; Cohen's κ: 1 is perfect, 0 is chance)"]
-    lines.append("_Read from the whole frame: the model is not told where the nodule is, and a frame with several nodules gets one reading._")
+    lines += ["", "_Read from the whole frame: the model is not told where the nodule is, and a frame with several nodules gets one reading._"]
+    if regime == UNSEEN:
+        lines.append("_Measured only on its training sources' patients: on a frame from another hospital or scanner their agreement is unknown._")
     if flagged:
         lines.append("_This frame is unlike the images the model learned from: these readings are not reliable either._")
+    lines.append("")
     for name, label in DESCRIPTOR_NAMES.items():
         d = described.get(name)
         if d:

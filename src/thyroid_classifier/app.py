@@ -306,7 +306,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         value, headline = answer(result)
         message = (
             f"{headline}\n\nThe heatmap shows the regions that raised the score of *{result.explained}*."
-            + ("\n\n" + "\n".join(descriptor_lines(result.descriptors, descriptor_facts(predictor.info, predictor.descriptors.facts) or {}, result.flagged)) if result.descriptors else "")
+            + ("\n\n" + "\n".join(descriptor_lines(result.descriptors, descriptor_facts(predictor.info, predictor.descriptors.facts) or {}, result.flagged, result.regime)) if result.descriptors else "")
             + ("\n\n" + "\n".join(f"⚠️ {n}" for n in notes) if notes else "")
         )
         return value, blended(state, opacity), message, state, details(result)
