@@ -153,3 +153,13 @@ def test_a_model_whose_labels_are_in_another_order_keeps_its_order_and_each_fram
     with (adapted / "predictions_test.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(Path(r["path"]).parent.name == r["label"] for r in rows)
+
+
+def test_a_timm_models_start_keeps_its_saved_normalisation(short_run):
+    """transformers >= 5.25 reads a local timm folder's image processor from config.json: the start must still be
+    normalised as the folder's preprocessor_config.json says (here std 0.25, not a default 0.5)."""
+    folder = short_run[0] / "tiny-vgg"
+    found = StartingModel.read(str(folder))
+    _, processor = found.build(found.labels)
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    assert list(processor.image_std) == saved["image_std"] == [0.25, 0.25, 0.25] and processor.size["height"] == 32

@@ -68,6 +68,14 @@ def prediction_rows(paths: Sequence[str], labels: Sequence[str], y: Sequence[int
              **{k: v[i] for k, v in columns.items() if v is not None}} for i, p in enumerate(paths)]
 
 
+def pipeline_processor_settings(processor, preprocessor) -> dict:
+    """The saved image processor's settings (resize, normalisation) and the crop's, as
+    :class:`~thyroid_classifier.ultrasound_processor.UltrasoundImageProcessor` takes them."""
+    settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "auto_map", "_processor_class")}
+    return {**settings, "ultrasound_crop": preprocessor.crop, "ultrasound_mask_text": preprocessor.mask_text,
+            "ultrasound_threshold": preprocessor.threshold, "ultrasound_split_views": preprocessor.split_views}
+
+
 class ModelFolder:
     """A model folder written by ``train.py`` (or pulled from the Hub): the one place that knows
     its file names and writes its files."""
@@ -138,6 +146,12 @@ class ModelFolder:
             # crop with trust_remote_code, else the plain class, without a prompt, for both architectures
             # (a local timm folder no longer falls back to timm's ImageNet transform either).
             model.config.auto_map, model.config.image_processor_type = dict(AUTO_MAP), "ViTImageProcessor"
+            if getattr(model.config, "model_type", None) == "timm_wrapper":
+                # transformers >= 5.25 builds a local timm folder's image processor from config.json, not from
+                # preprocessor_config.json: the same settings there too, or pipeline(model=folder) would resize and
+                # normalise with ViTImageProcessor's defaults.
+                for key, value in pipeline_processor_settings(processor, preprocessor).items():
+                    setattr(model.config, key, value)
             # pipeline("image-classification", trust_remote_code=True) runs the folder's own pipeline: the answer, not only scores.
             model.config.custom_pipelines = {task: dict(info) for task, info in CUSTOM_PIPELINES.items()}
             (save or model.save_pretrained)(str(self.path))
@@ -151,9 +165,7 @@ class ModelFolder:
 
         from .ultrasound_processor import UltrasoundImageProcessor
 
-        settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "auto_map", "_processor_class")}
-        UltrasoundImageProcessor(**settings, ultrasound_crop=preprocessor.crop, ultrasound_mask_text=preprocessor.mask_text,
-                                 ultrasound_threshold=preprocessor.threshold, ultrasound_split_views=preprocessor.split_views).save_pretrained(self.path)
+        UltrasoundImageProcessor(**pipeline_processor_settings(processor, preprocessor)).save_pretrained(self.path)
         for name in PIPELINE_CODE:
             shutil.copyfile(Path(__file__).with_name(name), self.file(name))
         return self.file(PROCESSOR)

@@ -125,8 +125,12 @@ def _mean_std(checkpoint: str, spec: ModelSpec, local_only: bool) -> tuple[tuple
     """Normalisation the pretrained weights expect (from the checkpoint's own processor)."""
     from transformers import AutoImageProcessor
 
+    # A local folder's own preprocessor_config.json, named: transformers >= 5.25 reads a local timm folder's image
+    # processor from config.json (its pretrained_cfg, or the processor type a trained folder names there) otherwise.
+    saved = is_local(checkpoint) and (Path(checkpoint) / "preprocessor_config.json").is_file()
     try:
-        processor = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=local_only)
+        processor = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=local_only,
+                                                       **({"image_processor_filename": "preprocessor_config.json"} if saved else {}))
     except Exception as exc:  # noqa: BLE001 - a checkpoint without a processor keeps the spec's
         logger.warning("no image processor in %s (%s); using the spec's mean/std", checkpoint, exc)
         return spec.mean, spec.std
