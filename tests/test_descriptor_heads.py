@@ -15,7 +15,6 @@ from PIL import Image
 from thyroid_classifier.descriptors import (
     CLASSES,
     MISSING,
-    DescriptorHeads,
     descriptor_class_weights,
     class_index,
     descriptor_logits,

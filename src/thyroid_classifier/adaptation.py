@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 
 from .folder import ModelFolder
-from .folder_files import CONFIG, INFERENCE_FILES, METRICS, PREPROCESSING, PROCESSOR
+from .folder_files import (
+    CONFIG,
+    INFERENCE_FILES,
+    PREPROCESSING,
+    PROCESSOR,
+    RELIABILITY_FILE,
+)
 from .locations import check_hub_model, hub_snapshot, is_local
 from .models import HUB_HELP, ModelSpec, build_model, get_spec, logit_layer
 from .preprocess import UltrasoundPreprocessor
@@ -62,7 +68,7 @@ class StartingModel:
             return None
         processor = ModelFolder(folder).read_json(PROCESSOR, {})
         size = (processor.get("size") or {}).get("height") or (metrics.get("training") or {}).get("image_size")
-        reliability = ModelFolder(folder).read_json("reliability.json", {}) or {}
+        reliability = ModelFolder(folder).read_json(RELIABILITY_FILE, {}) or {}
         sources = list(reliability.get("training_sources") or (metrics.get("data") or {}).get("sources") or [])
         return cls(location=location, folder=folder, labels=list(metrics["labels"]),
                    preprocessor=UltrasoundPreprocessor.from_pretrained(folder), image_size=int(size or 224),

@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .folder_files import DESCRIPTOR_CONFIG, DESCRIPTOR_HEADS
-from .metrics import group_resamples
 from .known_data import ACR_LEXICON, DESCRIPTORS, case_files, frame_descriptors
+from .metrics import group_resamples
 from .models import classifier_head
 
 MISSING = -1

@@ -108,7 +108,7 @@ def site_report(predictor: Predictor, fingerprints: Sequence[dict], site_dir: Pa
 
 def advice(report: Mapping) -> str:
     """One paragraph from the report's numbers: what they mean for using or adapting the model here."""
-    n, sentences = report["n"], []
+    sentences: list[str] = []
     guard = report["guard"]
     if guard is not None:
         flagged, expected = guard["flagged"], guard["expected_flagged_in_source"]
