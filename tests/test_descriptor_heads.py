@@ -306,3 +306,16 @@ def test_adapting_a_model_with_heads_to_a_site_without_descriptors_drops_them_an
     adapted = tmp_path / with_heads.name
     assert (adapted / "metrics.json").is_file() and not (adapted / "descriptors.safetensors").exists()
     assert "descriptor heads are not kept" in caplog.text
+
+
+def test_adapting_a_model_with_heads_to_a_site_with_descriptors_goes_on_from_its_heads(with_heads, ddti_like, tmp_path):
+    """Bug: the adapted run starting the heads from scratch (what the start learned thrown away). At learning rate 0 the
+    adapted folder's heads must be the start's exactly."""
+    from safetensors.torch import load_file
+
+    from thyroid_classifier.training import main
+
+    assert main(["--model", str(with_heads), "--data_dir", str(ddti_like), "--output_dir", str(tmp_path), "--num_train_epochs", "1",
+                 "--bootstrap_resamples", "10", "--descriptor_loss_weight", "1", "--learning_rate", "0"]) == 0
+    start, adapted = (load_file(str(f / "descriptors.safetensors")) for f in (with_heads, tmp_path / with_heads.name))
+    assert start.keys() == adapted.keys() and all(torch.equal(start[k], adapted[k]) for k in start)

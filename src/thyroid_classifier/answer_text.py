@@ -90,6 +90,7 @@ def training_notice(info: Mapping) -> str:
 
 
 def _auc(m: Mapping | None) -> str:
+    """``{"value", "ci"}`` as "0.63 [0.58, 0.67]" ("n/a" when not measured)."""
     m = m or {}
     ci = m.get("ci") or [math.nan, math.nan]
     value = m.get("value", math.nan)
@@ -127,11 +128,8 @@ DESCRIPTOR_NAMES = {"composition": "Composition", "echogenicity": "Echogenicity"
 
 def _kappa(facts: Mapping, name: str) -> str:
     k = (((facts.get("per_descriptor") or {}).get(name) or {}).get("kappa")) or {}
-    value, ci = k.get("value"), k.get("ci") or [None, None]
-    if value is None or value != value:
-        return "agreement not measured"
-    bounds = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None and ci[0] == ci[0] else ""
-    return f"κ {value:.2f}{bounds}, n = {k.get('n')}"
+    value = _auc(k)  # the same "value [low, high]" at two decimals
+    return "agreement not measured" if value == "n/a" else f"κ {value}, n = {k.get('n')}"
 
 
 def descriptor_facts(info: Mapping, saved: Mapping | None = None) -> Mapping | None:

@@ -150,12 +150,13 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
     # The folder's headline rule, read as data (the card renders from the folder's files, not its code).
     state = json.loads((folder / RELIABILITY_FILE).read_text()) if (folder / RELIABILITY_FILE).is_file() else {}
     regimes = {name: Regime.from_dict(r) for name, r in (state.get("regimes") or {}).items() if name in REGIMES}
+    descriptors = descriptor_facts(metrics)
     kwargs = dict(
         headline_lines=rule_lines(metrics, regimes),
         adaptation_lines=adaptation_lines(metrics),
-        descriptor_rows=descriptor_rows(descriptor_facts(metrics)),
-        descriptor_route=_descriptor_route(descriptor_facts(metrics)),
-        descriptor_split=(descriptor_facts(metrics) or {}).get("split"),
+        descriptor_rows=descriptor_rows(descriptors),
+        descriptor_route=_descriptor_route(descriptors),
+        descriptor_split=(descriptors or {}).get("split"),
         training_sources=", ".join(state.get("training_sources") or []) or "none recorded",
         source_rows=source_rows if len(source_rows) > 1 else [],
         by_source_rows=by_source_rows,

@@ -18,7 +18,7 @@ from .descriptors import descriptor_report, frame_labels
 from .fit import distributed_state, train_one
 from .folder import CV_METRICS, CV_PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .known_data import sources_facts
-from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, layout_breakdown, with_intervals
+from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, layout_breakdown, softmax, with_intervals
 from .models import ModelSpec
 from .plots import plot_cv_roc
 
@@ -130,7 +130,7 @@ def cross_validate(
     if oof_descriptors and all(not np.isnan(v).any() for v in oof_descriptors.values()):
         # Pooled out-of-fold agreement with the radiologist, per descriptor (the folds' own are on a few dozen frames each).
         targets = frame_labels(paths, cv_set.sources, report.sources or {}, str(report.root))
-        cv["descriptors"] = descriptor_report(oof_descriptors, targets, groups, y, labels, run_args.bootstrap_resamples, run_args.seed)
+        cv["descriptors"] = descriptor_report({name: softmax(v) for name, v in oof_descriptors.items()}, targets, groups, y, labels, run_args.bootstrap_resamples, run_args.seed)
         cv["descriptors"]["split"] = "pooled out-of-fold"
     # Split screens can stand in for the label (on DDTI they do): report how the score follows them.
     split = report.split_screens(paths)

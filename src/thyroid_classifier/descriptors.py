@@ -32,8 +32,6 @@ from .metrics import group_resamples
 from .models import classifier_head
 
 MISSING = -1
-#: What the page and the card call each descriptor (DDTI's "calcifications" are ACR's echogenic foci).
-DISPLAY = {"composition": "Composition", "echogenicity": "Echogenicity", "margins": "Margin", "calcifications": "Echogenic foci"}
 
 
 def _classes(name: str) -> list[tuple[str, int]]:
@@ -95,10 +93,14 @@ def pooled_width(model: nn.Module) -> int:
 
 
 @contextmanager
-def descriptor_logits(model: nn.Module, heads: DescriptorHeads) -> Iterator[list[dict[str, torch.Tensor]]]:
+def descriptor_logits(model: nn.Module, heads: DescriptorHeads | None) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Inside the block every forward pass of ``model`` also runs ``heads`` on the class head's input,
-    appending ``{descriptor: logits}`` (with gradients while training) to the yielded list."""
+    appending ``{descriptor: logits}`` (with gradients while training) to the yielded list. No heads (a model
+    without them): the list stays empty and the model runs as it is."""
     captured: list[dict[str, torch.Tensor]] = []
+    if heads is None:
+        yield captured
+        return
 
     def hook(module, args):
         captured.append(heads(args[0]))
@@ -225,23 +227,20 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(y, score)) if len(set(y.tolist())) == 2 else math.nan
 
 
-def descriptor_report(logits: Mapping[str, np.ndarray], targets: np.ndarray, groups: Sequence[str], y_true: Sequence[int],
+def descriptor_report(probs: Mapping[str, np.ndarray], targets: np.ndarray, groups: Sequence[str], y_true: Sequence[int],
                       labels: Sequence[str], n_resamples: int = 1000, seed: int = 0) -> dict:
-    """How the heads agree with the radiologist on the frames that have each descriptor (Cohen's kappa, 95%
-    interval over patients; the confusion matrix, rows: radiologist), and the descriptor route's risk: the
-    expected ACR points as a score of malignancy (ROC AUC over every frame, against the class labels)."""
+    """How the heads agree with the radiologist on the frames that have each descriptor (``probs``: per descriptor,
+    (frames, classes) probabilities; Cohen's kappa, 95% interval over patients; the confusion matrix, rows:
+    radiologist), and the descriptor route's risk: the expected ACR points as a score of malignancy (ROC AUC over
+    every frame, against the class labels)."""
+    from sklearn.metrics import confusion_matrix
+
     groups_a = np.asarray(groups)
     out: dict = {"per_descriptor": {}}
-    probs = {}
-    for j, name in enumerate(logits):
-        p = torch.softmax(torch.as_tensor(logits[name]), dim=1).numpy()
-        probs[name] = p
+    for j, (name, p) in enumerate(probs.items()):
         known = targets[:, j] != MISSING
-        pred = p.argmax(1)
-        k = len(CLASSES[name])
-        confusion = np.zeros((k, k), dtype=int)
-        for t, q in zip(targets[known, j], pred[known], strict=True):
-            confusion[t, q] += 1
+        pred = np.asarray(p).argmax(1)
+        confusion = confusion_matrix(targets[known, j], pred[known], labels=list(range(len(CLASSES[name]))))
         out["per_descriptor"][name] = {
             "kappa": kappa_with_interval(targets[known, j], pred[known], groups_a[known].tolist(), n_resamples, seed) if known.any()
             else {"value": math.nan, "ci": [math.nan, math.nan], "n": 0, "patients": 0},

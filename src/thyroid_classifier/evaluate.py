@@ -111,10 +111,10 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     }
     if described and all(d is not None for d in described):
         # Agreement with the radiologist where the data's case files give descriptors (DDTI), and the descriptor route's risk.
-        logits = {name: np.log(np.clip([[d[name]["probabilities"][t] for t, _ in CLASSES[name]] for d in described], 1e-12, 1))
-                  for name in described[0] if name != "tirads"}
+        probs_by_descriptor = {name: np.array([[d[name]["probabilities"][t] for t, _ in CLASSES[name]] for d in described])
+                               for name in described[0] if name != "tirads"}
         targets = frame_labels(paths, sources, {name: str(root) for name, root in scan.roots.items()})
-        result["descriptors"] = descriptor_report(logits, targets, kept_groups, y, predictor.labels, bootstrap, seed)
+        result["descriptors"] = descriptor_report(probs_by_descriptor, targets, kept_groups, y, predictor.labels, bootstrap, seed)
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     sets_named = [[label for label, inside in zip(predictor.labels, row, strict=True) if inside] for row in sets]
     write_predictions(out_dir / PREDICTIONS, predictor.labels, prediction_rows(paths, predictor.labels, y, np.asarray(p), group=kept_groups, source=sources,

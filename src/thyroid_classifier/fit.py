@@ -5,7 +5,6 @@ GPUs or machines; evaluation gathers each example exactly once."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -260,11 +259,11 @@ def train_one(
     splits = {name: ds for name, ds in dataset.items()}
     views = {}  # evaluation splits, one row per view, and each row's frame
     for name, ds in splits.items():
-        transforms = ImageTransforms(preprocessor, processor, image_size, train=name == "train", cache=cache,
-                                     device_augment=run_args.device_augment and name == "train")
-        if name != "train":
-            ds, owner = expand_views(ds, transforms)
-            views[name] = (ds, owner)
+        if name == "train":
+            continue  # its transform is set below, once its extra columns (weights, descriptors) are in
+        transforms = ImageTransforms(preprocessor, processor, image_size, train=False, cache=cache)
+        ds, owner = expand_views(ds, transforms)
+        views[name] = (ds, owner)
         ds.set_transform(transforms, columns=["path", "label", *(["view"] if "view" in ds.column_names else [])])
     has_validation = "validation" in splits
     eval_name = "test" if "test" in splits else "validation" if has_validation else "train"
@@ -276,30 +275,27 @@ def train_one(
         # Several sources: weigh each (source, class) cell equally, per example (stratum_weights).
         weights = None
         splits["train"] = splits["train"].add_column("weight", stratum_weights(train_labels, train_sources).tolist())
-        splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
-                                      columns=["path", "label", "weight"])
 
     heads, descriptor_targets, descriptor_weights = None, {}, None
+    kept = DescriptorState.from_pretrained(start.folder) if start is not None else None  # a starting model's heads
     if run_args.descriptor_loss_weight > 0:
         # The radiologist's descriptors, where a source's case files give them (DDTI); the rest train the class head only.
         descriptor_targets = {name: frame_labels(ds.with_format(None)["path"], ds.with_format(None)["source"], report.sources or {},
                                                  str(report.root)) for name, ds in splits.items()}
         if (descriptor_targets["train"] != MISSING).any():
             heads = DescriptorHeads(pooled_width(model))
-            kept = DescriptorState.from_pretrained(start.folder) if start is not None else None
             if kept is not None and kept.heads.names == heads.names:
                 heads.load_state_dict(kept.heads.state_dict())  # a starting model's heads go on learning, as its class head does
             model.descriptor_heads = heads  # a submodule while training: the optimizer, the device and checkpoints include it
             # Each descriptor's classes weighed as the class head's are (--class_weighting).
             descriptor_weights = descriptor_class_weights(descriptor_targets["train"]) if run_args.class_weighting else None
-            columns = [c for c in ("path", "label", "weight") if c in splits["train"].column_names]
             splits["train"] = splits["train"].add_column("descriptors", descriptor_targets["train"].tolist())
-            splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
-                                          columns=[*columns, "descriptors"])
         else:
             logger.warning("--descriptor_loss_weight: no training frame has a radiologist's descriptors (only DDTI's case files give them): class head only")
 
-    if heads is None and start is not None and DescriptorState.from_pretrained(start.folder) is not None:
+    splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
+                                  columns=[c for c in ("path", "label", "weight", "descriptors") if c in splits["train"].column_names])
+    if heads is None and kept is not None:
         logger.warning("%s: its TI-RADS descriptor heads are not kept: fine-tuning changes the features they read, and this run has no "
                        "radiologist's descriptors to refit them on (--descriptor_loss_weight and a source with case files would)", start.location)
 
@@ -340,15 +336,14 @@ def train_one(
     temperature = 1.0
     outputs = {}
     # The descriptor heads' logits of the evaluation split, from the same passes as its class logits.
-    capture = (lambda: descriptor_logits(trainer.model, heads)) if heads is not None else (lambda: contextlib.nullcontext([]))
     described: list = []
     if has_validation:
-        with capture() as described:
+        with descriptor_logits(trainer.model, heads) as described:
             outputs["validation"] = _predict(trainer, *views["validation"])
         temperature = fit_temperature(outputs["validation"].logits, [int(x) for x in splits["validation"].with_format(None)["label"]])
     eval_ds = splits[eval_name]
     if eval_name not in outputs:
-        with capture() as described:
+        with descriptor_logits(trainer.model, heads) as described:
             outputs[eval_name] = _predict(trainer, *views[eval_name]) if eval_name in views else _predict(trainer, eval_ds, np.arange(len(eval_ds)))
     logits = outputs[eval_name].logits
     raw = eval_ds.with_format(None)
@@ -371,7 +366,7 @@ def train_one(
     if heads is not None and described:
         frame = {name: frame_mean(torch.cat([b[name].detach().float().cpu() for b in described]).numpy().astype(np.float64), owner, len(y_true))
                  for name in heads.names}
-        descriptor_metrics = descriptor_report(frame, descriptor_targets[eval_name], list(raw["group"]), y_true, labels,
+        descriptor_metrics = descriptor_report({name: softmax(v) for name, v in frame.items()}, descriptor_targets[eval_name], list(raw["group"]), y_true, labels,
                                                run_args.bootstrap_resamples, run_args.seed)
         descriptor_metrics["split"] = f"the {eval_name} split's"
     history = epoch_history(trainer.state.log_history)

@@ -86,7 +86,7 @@ def frame_outline(path: str | Path, xml_dir: str | Path) -> list[list[tuple[floa
 
 
 # --------------------------------------------------------------------------------------------
-# DDTI's TI-RADS descriptors (issue 30, part 1: the labels; no model uses them yet)
+# DDTI's TI-RADS descriptors: the labels the descriptor heads learn (thyroid_classifier.descriptors)
 
 #: The four descriptors DDTI's case files hold, by XML tag (echogenic foci are DDTI's "calcifications").
 DESCRIPTORS = ("composition", "echogenicity", "margins", "calcifications")

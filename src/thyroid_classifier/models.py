@@ -121,16 +121,20 @@ def _reset_timm_init(model: nn.Module) -> None:
     timm_model.load_state_dict(fresh.state_dict())
 
 
+def saved_processor(checkpoint: str) -> dict:
+    """``AutoImageProcessor.from_pretrained`` keywords that make it read a local folder's own
+    ``preprocessor_config.json``: for a local timm folder transformers otherwise builds the processor from
+    ``config.json`` (its ``pretrained_cfg`` before 5.25; from 5.25 whatever processor type the config names,
+    with that type's defaults), not the pixels training saw."""
+    return {"image_processor_filename": "preprocessor_config.json"} if is_local(checkpoint) and (Path(checkpoint) / "preprocessor_config.json").is_file() else {}
+
+
 def _mean_std(checkpoint: str, spec: ModelSpec, local_only: bool) -> tuple[tuple, tuple]:
     """Normalisation the pretrained weights expect (from the checkpoint's own processor)."""
     from transformers import AutoImageProcessor
 
-    # A local folder's own preprocessor_config.json, named: transformers >= 5.25 reads a local timm folder's image
-    # processor from config.json (its pretrained_cfg, or the processor type a trained folder names there) otherwise.
-    saved = is_local(checkpoint) and (Path(checkpoint) / "preprocessor_config.json").is_file()
     try:
-        processor = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=local_only,
-                                                       **({"image_processor_filename": "preprocessor_config.json"} if saved else {}))
+        processor = AutoImageProcessor.from_pretrained(checkpoint, local_files_only=local_only, **saved_processor(checkpoint))
     except Exception as exc:  # noqa: BLE001 - a checkpoint without a processor keeps the spec's
         logger.warning("no image processor in %s (%s); using the spec's mean/std", checkpoint, exc)
         return spec.mean, spec.std

@@ -10,7 +10,6 @@ overlay PNG per image. An unreadable file gets its error in the CSV and the run 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from .folder import INFERENCE_FILES, PREDICTIONS, ModelFolder, write_predictions
 from .locations import check_hub_model, hub_snapshot, is_local
 from .inference import ViewTransform, frame_probabilities, frame_views, view_pixels
 from .metrics import frame_mean
-from .models import get_spec, guard_features, spec_for_model, target_layer
+from .models import get_spec, guard_features, saved_processor, spec_for_model, target_layer
 from .preprocess import Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, open_image
 from .descriptors import DescriptorState, describe, descriptor_logits, one_line
 from .reliability import Reliability
@@ -104,11 +103,8 @@ class Predictor:
         local_only = False if local else check_hub_model(name_or_path, what_to_do="Pass a local model folder instead (e.g. one written by train.py).")
         kwargs = {"local_files_only": local_only or local}
         model = AutoModelForImageClassification.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
-        # A local folder of a timm model makes AutoImageProcessor read config.json's pretrained_cfg
-        # (resize 256, centre crop 224, bicubic) instead of the saved preprocessor_config.json, so
-        # name the file: prediction must see exactly what training and evaluation saw.
-        saved = local and (Path(name_or_path) / "preprocessor_config.json").is_file()
-        processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs, **({"image_processor_filename": "preprocessor_config.json"} if saved else {}))
+        # Prediction must see exactly what training and evaluation saw: the folder's own preprocessor_config.json.
+        processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs, **saved_processor(name_or_path))
         folder = Path(name_or_path) if local else _hub_folder(name_or_path, local_only)
         preprocessor = UltrasoundPreprocessor.from_pretrained(folder) if folder else UltrasoundPreprocessor(crop=False)
         info = ModelFolder(folder).metrics() if folder else {}
@@ -176,8 +172,7 @@ class Predictor:
         fixed = None if target is None else self.labels.index(target)
         maps = None
         heads = self.descriptors.heads if self.descriptors is not None else None
-        with guard_features(self.model) as captured, \
-                (descriptor_logits(self.model, heads) if heads is not None else contextlib.nullcontext([])) as described:  # the same pass
+        with guard_features(self.model) as captured, descriptor_logits(self.model, heads) as described:  # the same pass
             if explain and (fixed is not None or len(owner) == len(pil)):
                 # One view per image, or a given class: scores and maps from one forward pass.
                 result = gradcam(self.model, self.layer, pixels, None if fixed is None else [fixed] * len(owner))

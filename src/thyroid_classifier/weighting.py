@@ -8,7 +8,6 @@ carries a weight (:func:`stratum_weights`) so that each (source, class) cell cou
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections import Counter
 from collections.abc import Sequence
@@ -73,9 +72,10 @@ def _weighted_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weight = inputs.pop("sample_weight", None)
             targets = inputs.pop("descriptor_labels", None)
-            heads = getattr(self.accelerator.unwrap_model(model), "descriptor_heads", None) if targets is not None else None
+            unwrapped = self.accelerator.unwrap_model(model)
+            heads = getattr(unwrapped, "descriptor_heads", None) if targets is not None else None
             # The descriptor heads read the class head's input in the same forward pass (descriptors.descriptor_logits).
-            with descriptor_logits(self.accelerator.unwrap_model(model), heads) if heads is not None else contextlib.nullcontext([]) as captured:
+            with descriptor_logits(unwrapped, heads) as captured:
                 if weight is None:
                     loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
                 else:
