@@ -39,6 +39,7 @@ from learning_curve import draw, plot_curves
 
 from thyroid_classifier.adaptation import StartingModel
 from thyroid_classifier.audit import audited_dataset
+from thyroid_classifier.compare import read_predictions
 from thyroid_classifier.cv import pooled
 from thyroid_classifier.data import GroupSpec
 from thyroid_classifier.evaluate import main as evaluate_main
@@ -51,9 +52,11 @@ IMAGENET = "the site's k alone, fine-tuned from ImageNet"
 
 
 def read_probs(path: Path, labels: list[str]) -> dict[str, np.ndarray]:
-    """A prediction file's probabilities by resolved image path."""
-    with path.open(newline="") as f:
-        return {str(Path(r["path"]).resolve()): np.array([float(r[f"p_{name}"]) for name in labels]) for r in csv.DictReader(f)}
+    """A prediction file's probabilities by resolved image path (read and checked by ``compare``'s reader)."""
+    predictions = read_predictions(path)
+    if predictions.classes != labels:
+        raise SystemExit(f"{path}: classes {predictions.classes}, expected {labels}")
+    return {str(Path(p).resolve()): probs for p, (_, _, probs) in predictions.rows.items()}
 
 
 def site_folder(root: Path, rows: dict[str, np.ndarray], paths: np.ndarray, y: np.ndarray, groups: np.ndarray, labels: list[str]) -> Path:

@@ -18,8 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .folder import ModelFolder
 from .folder_files import (
     CONFIG,
@@ -29,7 +27,7 @@ from .folder_files import (
     RELIABILITY_FILE,
 )
 from .locations import check_hub_model, hub_snapshot, is_local
-from .models import HUB_HELP, ModelSpec, build_model, get_spec, logit_layer
+from .models import HUB_HELP, ModelSpec, build_model, get_spec, temperature_out_of_weights
 from .preprocess import UltrasoundPreprocessor
 
 logger = logging.getLogger(__name__)
@@ -85,14 +83,7 @@ class StartingModel:
         if list(labels) != self.labels:
             raise ValueError(f"{self.location}: labels {list(labels)} are not the model's {self.labels} (align_labels first)")
         model, processor = build_model(self.spec(), self.labels, "pretrained", self.image_size)
-        if getattr(model.config, "temperature_in_weights", False):
-            temperature = float(model.config.calibration_temperature)
-            layer = logit_layer(model)
-            with torch.no_grad():
-                for t in (layer.weight, layer.bias):
-                    if t is not None:
-                        t.mul_(temperature)
-            model.config.temperature_in_weights = False
+        temperature_out_of_weights(model)
         return model, processor
 
     def record(self, splits: Mapping) -> dict:

@@ -311,6 +311,21 @@ def temperature_in_weights(model: nn.Module, temperature: float) -> Iterator[nn.
         config.temperature_in_weights = False
 
 
+def temperature_out_of_weights(model: nn.Module) -> float:
+    """Undo what a saved folder's :func:`temperature_in_weights` left: the logit layer scaled back up, the config
+    saying so. Returns the temperature taken out (1 when the weights held none)."""
+    if not getattr(model.config, "temperature_in_weights", False):
+        return 1.0
+    temperature = float(model.config.calibration_temperature)
+    layer = logit_layer(model)
+    with torch.no_grad():
+        for t in (layer.weight, layer.bias):
+            if t is not None:
+                t.mul_(temperature)
+    model.config.temperature_in_weights = False
+    return temperature
+
+
 def style_layer(model: nn.Module, spec: ModelSpec | None = None) -> nn.Module:
     """An early feature stage (stride about 4) whose per-channel statistics describe how an image
     *looks* (gain, speckle, resolution, texture: the scanner) more than what it shows: from the
