@@ -89,7 +89,7 @@ def training_notice(info: Mapping) -> str:
     return "This model was trained on " + "; ".join(parts) + "." + "".join(" " + line for line in adaptation_lines(info))
 
 
-def _auc(m: Mapping | None) -> str:
+def _estimate(m: Mapping | None) -> str:
     """``{"value", "ci"}`` as "0.63 [0.58, 0.67]" ("n/a" when not measured)."""
     m = m or {}
     ci = m.get("ci") or [math.nan, math.nan]
@@ -109,14 +109,14 @@ def adaptation_lines(info: Mapping) -> list[str]:
     own = start.get("its_evaluation") or {}
     trained_on = ", ".join(start.get("trained_on") or []) or "sources not recorded"
     lines = [f"It was adapted from {start['model']} (trained on {trained_on}"
-             + (f"; macro ROC AUC {_auc({'value': own.get('roc_auc'), 'ci': own.get('ci')})} on {own.get('n')} held-out frames of those sources"
+             + (f"; macro ROC AUC {_estimate({'value': own.get('roc_auc'), 'ci': own.get('ci')})} on {own.get('n')} held-out frames of those sources"
                 if own.get("roc_auc") is not None else "") + ")."]
     split = info.get("split", "test")
     evaluation = info.get(split) or {}
     by_source = evaluation.get("by_source") or {}
     for site, counts in (start.get("sites") or {}).items():
         scored = by_source.get(site) or (evaluation if not by_source else None)
-        what = f"macro ROC AUC {_auc((scored or {}).get('roc_auc'))}" if scored and counts.get("measured_on") else "not measured (no test frames)"
+        what = f"macro ROC AUC {_estimate((scored or {}).get('roc_auc'))}" if scored and counts.get("measured_on") else "not measured (no test frames)"
         lines.append(f"Adapted to {site} with {counts['labelled']} labelled frames of it ({counts['train']} trained on, "
                      f"{counts['validation']} calibrated on); on its other {counts.get('measured_on', 0)} frames: {what}.")
     return lines
@@ -128,7 +128,7 @@ DESCRIPTOR_NAMES = {"composition": "Composition", "echogenicity": "Echogenicity"
 
 def _kappa(facts: Mapping, name: str) -> str:
     k = (((facts.get("per_descriptor") or {}).get(name) or {}).get("kappa")) or {}
-    value = _auc(k)  # the same "value [low, high]" at two decimals
+    value = _estimate(k)  # the same "value [low, high]" at two decimals
     return "agreement not measured" if value == "n/a" else f"κ {value}, n = {k.get('n')}"
 
 
