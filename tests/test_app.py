@@ -435,13 +435,13 @@ def test_analyse_again_after_the_upload_is_deleted(server, sample_dir, tmp_path)
     predict = next(fn for fn in demo.fns.values() if fn.name == "predict").fn
     (tmp_path / "upload").mkdir()
     upload = _save(_ultrasound(sample_dir), tmp_path / "upload" / "frame.png")  # stands for gradio's upload of it
-    first = predict(str(upload), "tiny-resnet", 0.45, "unseen", None)
+    first = predict(str(upload), "tiny-resnet", 0.45, "unseen", "", None)
     deadline = time.time() + 30
     while upload.exists() and time.time() < deadline:
         time.sleep(0.2)
     assert not upload.exists()  # the upload clock deleted it
-    again = predict(str(upload), "tiny-resnet", 0.45, "unseen", first[3])
+    again = predict(str(upload), "tiny-resnet", 0.45, "unseen", "", first[3])
     assert again[4]["scores"] == pytest.approx(first[4]["scores"], abs=1e-6) and again[4]["answer"] == first[4]["answer"]
     assert "reduced copy" not in again[2]  # a frame no larger than the page's copy is analysed exactly
     with pytest.raises(Exception, match="the upload has expired"):
-        predict(str(upload), "tiny-resnet", 0.45, "unseen", None)
+        predict(str(upload), "tiny-resnet", 0.45, "unseen", "", None)

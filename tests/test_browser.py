@@ -140,3 +140,48 @@ def test_a_session_goes_on_after_its_first_answer(browser, short_run, sample_dir
         assert demo.server_port  # still serving
     finally:
         demo.close()
+
+
+def test_two_clicks_on_the_uploaded_image_give_the_nodule_box_in_its_pixels(browser, short_run, sample_dir, tmp_path):
+    """A person marks the nodule by clicking two opposite corners on the image: the box field gets them in the image's
+    own pixels (not the page's), and Analyse reads the descriptors from it. Bugs: page pixels taken for image pixels
+    (the upload is shown larger than it is), the second click starting a new box, the box not reaching the model."""
+    import shutil as sh
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from thyroid_classifier.app import build_demo, launch, load_predictors
+    from thyroid_classifier.descriptors import DescriptorHeads, DescriptorState, pooled_width
+    from thyroid_classifier.predict import Predictor
+
+    out, _ = short_run
+    folder = tmp_path / "with-heads"
+    sh.copytree(out / "tiny-resnet", folder)
+    DescriptorState(DescriptorHeads(pooled_width(Predictor.from_pretrained(str(folder)).model)), {}).save_pretrained(folder)
+    demo = build_demo(load_predictors([str(folder)]))
+    launch(demo, "127.0.0.1", None, share=False, prevent_thread_lock=True)  # as app.py launches it (with the page's CSS)
+    frame = sample_dir / "malignant" / "3000_1.png"  # 128 x 96 pixels, in a frame larger than that
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(f"http://127.0.0.1:{demo.server_port}/")
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+        browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(frame))
+        shown = wait.until(lambda d: next((i for i in d.find_elements(By.CSS_SELECTOR, "img[src*='3000_1']") if i.is_displayed()), None))
+        wait.until(lambda d: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", shown))
+        width, height = shown.size["width"], shown.size["height"]
+        assert width > 128 * 1.5  # its frame is larger than its pixels ...
+        assert browser.execute_script("return getComputedStyle(arguments[0]).objectFit", shown) == "scale-down"  # ... and it is not enlarged
+        scale = min(width / 128, height / 96, 1)  # what is drawn: the image at this scale, centred in the element
+        box_field = browser.find_element(By.XPATH, "//label[contains(., 'Nodule box')]//textarea | //label[contains(., 'Nodule box')]//input")
+        for fx, fy in ((0.25, 0.3), (0.75, 0.8)):  # where on the drawn image, as offsets from its centre in page pixels
+            ActionChains(browser).move_to_element_with_offset(shown, round((fx - 0.5) * 128 * scale), round((fy - 0.5) * 96 * scale)).click().perform()
+            wait.until(lambda d, fx=fx: box_field.get_attribute("value").count(",") == (1 if fx < 0.5 else 3))
+        values = [float(v) for v in box_field.get_attribute("value").split(",")]
+        assert values == pytest.approx([0.25 * 128, 0.3 * 96, 0.75 * 128, 0.8 * 96], abs=3)
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Analyse']"))).click()
+        wait.until(lambda d: "Read from the nodule box given" in d.find_element(By.TAG_NAME, "body").text)
+    finally:
+        demo.close()

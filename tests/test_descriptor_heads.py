@@ -23,6 +23,7 @@ from thyroid_classifier.descriptors import (
     frame_labels,
     tirads_level,
 )
+from thyroid_classifier.folder_files import test_predictions
 from thyroid_classifier.known_data import DESCRIPTORS
 
 #: What the synthetic radiologist writes for each class (a benign "normal" case leaves margins and echogenicity out).
@@ -32,7 +33,15 @@ WORDS = {
     "normal": ("predominantly cystic", "", "", "macrocalcifications"),
 }
 CASE = ("<case><number>{n}</number><composition>{c}</composition><echogenicity>{e}</echogenicity><margins>{m}</margins>"
-        "<calcifications>{k}</calcifications><tirads>4a</tirads></case>")
+        "<calcifications>{k}</calcifications><tirads>4a</tirads>{marks}</case>")
+#: A radiologist's outline of one frame, as DDTI writes it (JSON points in <svg>).
+MARK = '<mark><image>{frame}</image><svg>[{{"points": {points}}}]</svg></mark>'
+
+
+def _outline(row: dict) -> list[dict]:
+    """An octagon around the manifest's nodule: the synthetic radiologist's outline."""
+    cx, cy, rx, ry = (float(row[k]) for k in ("cx", "cy", "rx", "ry"))
+    return [{"x": round(cx + rx * np.cos(a)), "y": round(cy + ry * np.sin(a))} for a in np.linspace(0, 2 * np.pi, 8, endpoint=False)]
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +53,14 @@ def ddti_like(tmp_path_factory) -> Path:
     images = make_sample_dataset(root / "images", cases_per_class=6, size=(96, 128), seed=5, split_screen_every=2)
     (root / "xml").mkdir()
     with (images / "manifest.csv").open(newline="") as f:
-        for row in csv.DictReader(f):
-            c, e, m, k = WORDS[row["label"]]
-            (root / "xml" / f"{row['case']}.xml").write_text(CASE.format(n=row["case"], c=c, e=e, m=m, k=k))
+        rows = list(csv.DictReader(f))
+    for case in dict.fromkeys(row["case"] for row in rows):
+        mine = [row for row in rows if row["case"] == case]
+        c, e, m, k = WORDS[mine[0]["label"]]
+        # Every frame with a nodule is outlined but the case's last (DDTI too has frames without a usable outline).
+        marks = "".join(MARK.format(frame=Path(row["file"]).stem.split("_")[-1], points=json.dumps(_outline(row)))
+                        for row in mine[:-1] if row["cx"] != "nan")
+        (root / "xml" / f"{case}.xml").write_text(CASE.format(n=case, c=c, e=e, m=m, k=k, marks=marks))
     return images
 
 
@@ -248,8 +262,20 @@ def test_the_card_reports_each_descriptors_agreement_from_the_folder(with_heads)
     for name, label in (("composition", "Composition"), ("calcifications", "Echogenic foci")):
         k = report["per_descriptor"][name]["kappa"]
         value = f"{k['value']:.3f}" if k["value"] == k["value"] else "n/a"
-        assert f"| {label} | {value} |" in card
-    assert "The descriptor route to the risk" in card
+        assert f"| {label} | whole frame | {value} |" in card
+    assert "The descriptor route to the risk" in card and "learning from the whole frame" in card
+
+
+def test_the_card_reports_the_agreement_read_from_the_radiologists_boxes_and_what_the_heads_learned_from(recorded_nodule):
+    _, folder = recorded_nodule
+    card = (folder / "README.md").read_text()
+    report = json.loads((folder / "metrics.json").read_text())["descriptors"]
+    assert "learning from the nodule's square" in card
+    for read, part in (("whole frame", report), ("nodule box", report["from_nodule_box"])):
+        k = part["per_descriptor"]["calcifications"]["kappa"]
+        value = f"{k['value']:.3f}" if k["value"] == k["value"] else "n/a"
+        assert f"| Echogenic foci | {read} | {value} | [" in card and f"| {k['n']} |" in card
+    assert f"read from the nodule box (n = {report['from_nodule_box']['route']['n']})" in card
 
 
 def test_the_batch_file_carries_each_frames_descriptors(with_heads, ddti_like, tmp_path):
@@ -266,20 +292,51 @@ def test_the_batch_file_carries_each_frames_descriptors(with_heads, ddti_like, t
 
     expected = Predictor.from_pretrained(str(with_heads)).predict([frames / rows[0]["path"]], explain=False)[0].descriptors
     assert rows[0]["tirads_descriptors"].startswith(f"composition={expected['composition']['term']} (")
-    assert rows[0]["tirads_descriptors"].endswith(f"level={expected['tirads']['level']}")
+    assert rows[0]["tirads_descriptors"].endswith(f"level={expected['tirads']['level']}; read_from=frame")
 
 
 def test_cross_validation_pools_each_descriptors_agreement_over_every_held_out_frame(ddti_like, tiny_models, tmp_path):
     from thyroid_classifier.training import main
 
     assert main(["--model", str(tiny_models["tiny-resnet"]), "--data_dir", str(ddti_like), "--output_dir", str(tmp_path), "--image_size", "32",
-                 "--num_train_epochs", "1", "--bootstrap_resamples", "10", "--descriptor_loss_weight", "1", "--cv", "2"]) == 0
+                 "--num_train_epochs", "1", "--bootstrap_resamples", "10", "--descriptor_loss_weight", "1", "--cv", "2", "--descriptor_view", "both"]) == 0
     cv = json.loads((tmp_path / "tiny-resnet" / "cv_metrics.json").read_text())
     per = cv["descriptors"]["per_descriptor"]
     frames = sorted(ddti_like.glob("*/*.png"))
     assert per["composition"]["kappa"]["n"] == len(frames)  # every frame held out once
     assert per["echogenicity"]["kappa"]["n"] == sum(1 for p in frames if WORDS[p.parent.name][1])
     assert cv["descriptors"]["split"] == "pooled out-of-fold"
+    # Read from the radiologists' boxes too: every outlined frame, once.
+    from thyroid_classifier.descriptors import frame_nodule_boxes
+
+    outlined = int((~np.isnan(frame_nodule_boxes([str(p) for p in frames], ["s"] * len(frames), {"s": str(ddti_like)})).any(axis=1)).sum())
+    from_box = cv["descriptors"]["from_nodule_box"]
+    assert from_box["frames"] == outlined and from_box["per_descriptor"]["composition"]["kappa"]["n"] == outlined
+    assert from_box["split"] == "pooled out-of-fold" and cv["recipe"]["descriptor_view"] == "both"
+
+
+def test_a_training_frames_nodule_view_is_the_square_around_its_outline_augmented_as_the_frame_is(ddti_like):
+    """Bugs: the whole frame (or the ultrasound crop) passed as the nodule's view, the box's corners misread; a frame
+    without an outline gets an empty view, masked out."""
+    from torchvision.transforms import v2
+    from transformers import ViTImageProcessor
+
+    from thyroid_classifier.descriptors import frame_nodule_boxes
+    from thyroid_classifier.preprocess import UltrasoundPreprocessor, nodule_view
+    from thyroid_classifier.transforms import ImageTransforms
+
+    paths = [str(p) for p in sorted(ddti_like.glob("malignant/*.png"))]
+    boxes = frame_nodule_boxes(paths, ["s"] * len(paths), {"s": str(ddti_like)})
+    transforms = ImageTransforms(UltrasoundPreprocessor(), ViTImageProcessor(size={"height": 32, "width": 32}), 32, train=True)
+    transforms.augment = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])  # no randomness: the view itself
+    out = transforms({"path": paths, "label": [0] * len(paths), "nodule_box": boxes.tolist()})
+    assert out["nodule_mask"] == [not np.isnan(b).any() for b in boxes] and not all(out["nodule_mask"]) and any(out["nodule_mask"])
+    for path, box, ok, pixels in zip(paths, boxes, out["nodule_mask"], out["nodule_pixel_values"], strict=True):
+        if ok:
+            expected = np.asarray(nodule_view(Image.open(path), box).resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+            np.testing.assert_allclose(pixels.permute(1, 2, 0).numpy(), expected, atol=1e-6)
+        else:
+            assert pixels.abs().sum() == 0
 
 
 def test_evaluate_scores_the_heads_against_the_radiologist_and_the_route_beside_the_class_head(with_heads, ddti_like, tmp_path):
@@ -291,7 +348,22 @@ def test_evaluate_scores_the_heads_against_the_radiologist_and_the_route_beside_
     assert report["descriptors"]["per_descriptor"]["composition"]["kappa"]["n"] == len(frames)
     assert report["descriptors"]["per_descriptor"]["margins"]["kappa"]["n"] == sum(1 for p in frames if WORDS[p.parent.name][2])
     text = (tmp_path / "report.md").read_text()
-    assert "Descriptor route (expected ACR points as a malignancy score): ROC AUC" in text
+    assert "Descriptor route (expected ACR points as a malignancy score) read from the whole frame: ROC AUC" in text
+    # Read from the radiologist's boxes too: on the outlined frames, what the Predictor answers given those boxes.
+    from thyroid_classifier.descriptors import cohen_kappa, frame_nodule_boxes
+    from thyroid_classifier.predict import Predictor
+
+    paths = [str(p) for p in frames]
+    boxes = frame_nodule_boxes(paths, ["s"] * len(paths), {"s": str(ddti_like)})
+    outlined = [i for i, box in enumerate(boxes) if not np.isnan(box).any()]
+    answers = Predictor.from_pretrained(str(with_heads)).predict([paths[i] for i in outlined], explain=False, nodule_boxes=[boxes[i] for i in outlined])
+    truth = frame_labels([paths[i] for i in outlined], ["s"] * len(outlined), {"s": str(ddti_like)})[:, DESCRIPTORS.index("calcifications")]
+    said = [CLASSES["calcifications"].index(next(c for c in CLASSES["calcifications"] if c[0] == a.descriptors["calcifications"]["term"])) for a in answers]
+    from_box = report["descriptors"]["from_nodule_box"]
+    assert from_box["frames"] == len(outlined) < len(frames) and from_box["read_from"] == "nodule"
+    k = from_box["per_descriptor"]["calcifications"]["kappa"]
+    assert k["n"] == len(outlined) and (k["value"] == pytest.approx(cohen_kappa(truth, said)) or (k["value"] != k["value"] and cohen_kappa(truth, said) != cohen_kappa(truth, said)))
+    assert "read from the radiologist's nodule box (outline)" in text
 
 
 def test_adapting_a_model_with_heads_to_a_site_without_descriptors_drops_them_and_says_so(with_heads, sample_dir, tmp_path, caplog):
@@ -319,3 +391,198 @@ def test_adapting_a_model_with_heads_to_a_site_with_descriptors_goes_on_from_its
                  "--bootstrap_resamples", "10", "--descriptor_loss_weight", "1", "--learning_rate", "0"]) == 0
     start, adapted = (load_file(str(f / "descriptors.safetensors")) for f in (with_heads, tmp_path / with_heads.name))
     assert start.keys() == adapted.keys() and all(torch.equal(start[k], adapted[k]) for k in start)
+
+
+# --------------------------------------------------------------------------------------------
+# The nodule region: the heads learn from (and read) a square around the nodule's box
+
+
+def test_the_nodule_square_holds_the_box_with_tissue_around_it_and_stays_inside_the_image():
+    from thyroid_classifier.preprocess import NODULE_CONTEXT, nodule_square, nodule_view
+
+    left, top, right, bottom = nodule_square((100, 50, 140, 70), (400, 300))  # 40 x 20: the square's side follows the longer
+    assert right - left == bottom - top == round(40 * (1 + 2 * NODULE_CONTEXT))
+    assert (left + right) / 2 == pytest.approx(120, abs=1) and (top + bottom) / 2 == pytest.approx(60, abs=1)  # centred on the nodule
+    assert nodule_square((0, 0, 30, 30), (400, 300))[:2] == (0, 0)  # at the corner: moved inside, not cut
+    assert nodule_square((10, 10, 390, 290), (400, 300)) == (50, 0, 350, 300)  # larger than the image: as much as fits
+    image = Image.new("L", (400, 300))
+    image.paste(255, (100, 50, 140, 70))
+    view = nodule_view(image, (140, 70, 100, 50))  # corners in any order
+    assert view.mode == "RGB" and view.size == (52, 52) and np.asarray(view)[26, 26, 0] == 255
+    for bad in [(500, 10, 520, 40), (10, 10, 12, 12), ("a", 1, 2, 3), (1, 2, 3)]:
+        with pytest.raises(ValueError, match="nodule box"):
+            nodule_square(bad, (400, 300))
+
+
+def test_each_frame_has_the_box_of_its_radiologists_outline(ddti_like):
+    from thyroid_classifier.descriptors import frame_nodule_boxes
+
+    with (ddti_like / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    paths = [str(ddti_like / row["file"]) for row in rows]
+    boxes = frame_nodule_boxes(paths, ["ddti"] * len(paths), {"ddti": str(ddti_like)})
+    outlined = ~np.isnan(boxes).any(axis=1)
+    assert 0 < outlined.sum() < len(rows)  # the normal frames and each case's last have none
+    for row, box, ok in zip(rows, boxes, outlined, strict=True):
+        if ok:  # the outline's box: the nodule's extent, left-top-right-bottom
+            cx, cy, rx, ry = (float(row[k]) for k in ("cx", "cy", "rx", "ry"))
+            assert box == pytest.approx([cx - rx, cy - ry, cx + rx + 1, cy + ry + 1], abs=1.01)
+    assert np.isnan(frame_nodule_boxes(paths, ["x"] * len(paths), {})).all()  # a source without case files: no boxes
+
+
+@pytest.fixture(scope="module")
+def recorded_nodule(ddti_like, tiny_models, tmp_path_factory):
+    """The tiny ResNet whose heads learned from the nodules' squares (``--descriptor_view nodule``): its Trainer and folder."""
+    from thyroid_classifier import fit
+    from thyroid_classifier.training import main
+
+    made = []
+    original = fit.SampleWeightedTrainer
+    out = tmp_path_factory.mktemp("nodule-heads")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fit, "SampleWeightedTrainer", lambda **kwargs: made.append(original(**kwargs)) or made[-1])
+        assert main(["--model", str(tiny_models["tiny-resnet"]), "--data_dir", str(ddti_like), "--output_dir", str(out), "--image_size", "32",
+                     "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--bootstrap_resamples", "20", "--learning_rate", "3e-4",
+                     "--descriptor_loss_weight", "0.7", "--descriptor_view", "nodule"]) == 0
+    return made[0], out / "tiny-resnet"
+
+
+@pytest.mark.parametrize("view", ["nodule", "both", "frame"])
+def test_the_heads_learn_from_the_view_the_run_names_in_the_same_pass_as_the_frames(recorded_nodule, view):
+    """Bugs: the nodules' class logits counted in the class loss, the heads fed the frames when they should read the
+    nodules (or the reverse), a nodule given another frame's descriptors: the Trainer's loss is checked per view."""
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from thyroid_classifier.descriptors import DescriptorState
+
+    trainer, folder = recorded_nodule
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["training"]["descriptor_view"] == "nodule"
+    rows = trainer.train_dataset.with_format(None)
+    batch = next(iter(DataLoader(trainer.train_dataset, batch_size=len(rows), shuffle=False, collate_fn=trainer.data_collator)))
+    boxed = batch["nodule_mask"]
+    assert 0 < int(boxed.sum()) < len(boxed)
+    assert batch["nodule_pixel_values"][boxed].abs().sum(dim=(1, 2, 3)).min() > 0  # a square for every outlined frame
+    model = trainer.model.eval()
+    heads = model.descriptor_heads = DescriptorState.from_pretrained(folder).heads
+    weights = {k: torch.tensor(v) for k, v in metrics["training"]["descriptor_class_weights"].items()}
+    targets = batch["descriptor_labels"]
+    try:
+        with torch.no_grad():
+            with descriptor_logits(model, heads) as frames:
+                logits = model(pixel_values=batch["pixel_values"]).logits
+            with descriptor_logits(model, heads) as nodules:
+                model(pixel_values=batch["nodule_pixel_values"][boxed])
+            class_loss = F.cross_entropy(logits, batch["labels"], weight=torch.tensor(metrics["training"]["class_weights"]),
+                                         label_smoothing=metrics["training"]["label_smoothing"])
+            read = {"frame": (frames[0], targets), "nodule": (nodules[0], targets[boxed]),
+                    "both": ({k: torch.cat([frames[0][k], nodules[0][k]]) for k in frames[0]}, torch.cat([targets, targets[boxed]]))}[view]
+            expected = class_loss + 0.7 * descriptor_loss(read[0], read[1], DESCRIPTORS, weights)
+            trainer.descriptor_view = view
+            got = trainer.compute_loss(model, dict(batch))
+        assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+    finally:
+        trainer.descriptor_view = "nodule"
+        del model.descriptor_heads
+
+
+def test_the_heads_agreement_is_measured_read_from_the_frame_and_from_the_radiologists_box(recorded_nodule):
+    trainer, folder = recorded_nodule
+    metrics = json.loads((folder / "metrics.json").read_text())
+    described = metrics["descriptors"]
+    from_box = described["from_nodule_box"]
+    assert described["read_from"] == "frame" and from_box["read_from"] == "nodule"
+    # Read from the box: only the evaluation frames with an outline, each with its case's descriptors.
+    with (folder / test_predictions()).open(newline="") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    from thyroid_classifier.descriptors import frame_nodule_boxes
+
+    source = str(Path(paths[0]).parents[1])
+    outlined = int((~np.isnan(frame_nodule_boxes(paths, ["s"] * len(paths), {"s": source})).any(axis=1)).sum())
+    assert from_box["frames"] == outlined < len(paths)
+    assert from_box["per_descriptor"]["calcifications"]["kappa"]["n"] == outlined  # every synthetic case gives foci
+    assert described["per_descriptor"]["calcifications"]["kappa"]["n"] == len(paths)
+
+
+def test_the_predictor_reads_the_descriptors_of_a_boxed_frame_from_its_nodule_and_says_so(recorded_nodule, ddti_like):
+    """Bugs: the box given to another image of the batch, the heads fed the whole frame (or the box without its
+    square), the class changed by the box; a bad box fails before any work and names the problem."""
+    from thyroid_classifier.descriptors import describe
+    from thyroid_classifier.inference import view_pixels
+    from thyroid_classifier.predict import Predictor
+    from thyroid_classifier.preprocess import nodule_view
+
+    _, folder = recorded_nodule
+    predictor = Predictor.from_pretrained(str(folder))
+    frames = [Image.open(p).convert("RGB") for p in sorted(ddti_like.glob("malignant/*.png"))[:2]]
+    box = (20, 30, 70, 64)
+    alone = predictor.predict(frames, explain=False)
+    boxed = predictor.predict(frames, explain=False, nodule_boxes=[None, box])
+    assert boxed[0].descriptors == alone[0].descriptors and alone[0].descriptors["read_from"] == "frame"
+    assert boxed[1].probabilities == pytest.approx(alone[1].probabilities)  # the class reads the whole frame either way
+    assert boxed[1].descriptors["read_from"] == "nodule" and boxed[1].descriptors != alone[1].descriptors
+    heads = predictor.descriptors.heads
+    with torch.no_grad(), descriptor_logits(predictor.model, heads) as captured:
+        predictor.model(pixel_values=view_pixels(predictor.processor, [nodule_view(frames[1], box)]))
+    expected = describe(captured[0], read_from="nodule")[0]
+    for name in DESCRIPTORS:
+        assert boxed[1].descriptors[name]["probabilities"] == pytest.approx(expected[name]["probabilities"], abs=1e-5)
+    with pytest.raises(ValueError, match="nodule box .* not inside"):
+        predictor.predict(frames[:1], nodule_boxes=[(500, 500, 600, 600)])
+    with pytest.raises(ValueError, match="one per image"):
+        predictor.predict(frames, nodule_boxes=[box])
+
+
+def test_the_page_reads_the_descriptors_from_the_nodule_box_given_draws_it_and_says_so(recorded_nodule, ddti_like):
+    """Through the running page's API, a box typed (or clicked: the same text) in the upload's pixels: the message says the
+    descriptors were read from it, with the agreement measured from the radiologists' boxes; the shown image has the box;
+    a half-given or outside box is refused with what to do."""
+    from gradio_client import Client, handle_file
+
+    from thyroid_classifier.app import build_demo, load_predictors
+
+    _, folder = recorded_nodule
+    predictors = load_predictors([str(folder)])
+    demo = build_demo(predictors)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    frame = sorted(ddti_like.glob("malignant/*.png"))[0]
+    try:
+        client = Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False)
+        _, (shown, _), message, details = client.predict(handle_file(str(frame)), "tiny-resnet", 0.45, "unseen", "70, 64 20,30", api_name="/predict")
+        _, (plain, _), plain_message, plain_details = client.predict(handle_file(str(frame)), "tiny-resnet", 0.45, api_name="/predict")
+        errors = []
+        for bad in ("20, 30", "20, 30, 70, 64, 1", "left, top", "500, 500, 600, 600"):
+            with pytest.raises(Exception) as raised:
+                client.predict(handle_file(str(frame)), "tiny-resnet", 0.45, "unseen", bad, api_name="/predict")
+            errors.append(str(raised.value))
+    finally:
+        demo.close()
+    expected = predictors["tiny-resnet"].predict([frame], explain=False, nodule_boxes=[(20, 30, 70, 64)])[0].descriptors
+    facts = json.loads((folder / "metrics.json").read_text())["descriptors"]["from_nodule_box"]
+    assert details["descriptors"]["read_from"] == "nodule"
+    for name in DESCRIPTORS:
+        assert details["descriptors"][name]["probabilities"] == pytest.approx(expected[name]["probabilities"], abs=1e-5)
+    assert plain_details["descriptors"]["read_from"] == "frame" and "Read from the whole frame" in plain_message
+    assert "Read from the nodule box given" in message and "read from the radiologists' nodule boxes" in message
+    k = facts["per_descriptor"]["calcifications"]["kappa"]
+    term = expected["calcifications"]["term"]
+    assert f"- Echogenic foci: {term} ({expected['calcifications']['probabilities'][term]:.0%}; " + (
+        f"κ {k['value']:.2f}" if k["value"] == k["value"] else "agreement not measured") in message
+    drawn = np.asarray(Image.open(shown).convert("RGB")).astype(int)
+    clean = np.asarray(Image.open(plain).convert("RGB")).astype(int)
+    changed = np.argwhere(np.abs(drawn - clean).sum(axis=2) > 60)
+    assert len(changed) and changed[:, 1].min() == pytest.approx(20, abs=3) and changed[:, 0].max() == pytest.approx(64, abs=3)  # the box, where given
+    assert "click the opposite corner" in errors[0] and "four numbers" in errors[1] and "four numbers" in errors[2]
+    assert "not inside the 128 x 96 image" in errors[3]
+
+
+def test_two_clicks_on_the_image_make_the_box_and_a_third_starts_another():
+    from thyroid_classifier.app import next_corner, parse_nodule_box
+
+    first = next_corner("", 70.4, 64)
+    assert first == "70, 64" and parse_nodule_box("") is None
+    box = next_corner(first, 20, 30.6)
+    assert box == "20, 31, 70, 64" and parse_nodule_box(box) == (20, 31, 70, 64)
+    assert next_corner(box, 5, 6) == "5, 6"  # a new box
+    assert parse_nodule_box(" 70 64, 20 31 ") == (20, 31, 70, 64)  # corners in any order, commas or spaces

@@ -100,6 +100,30 @@ def test_requests_whose_arguments_cannot_be_compared_never_share_a_call():
     assert predictor.calls == [["first"], ["x"], ["y"]]
 
 
+class BoxPredictor(FakePredictor):
+    """Answers each image with the nodule box it was given (``nodule_boxes``: one per image)."""
+
+    def predict(self, images, nodule_boxes=None, **kwargs):
+        super().predict(images, **kwargs)
+        assert nodule_boxes is None or len(nodule_boxes) == len(images)
+        return [f"{image} boxed {box}" for image, box in zip(images, nodule_boxes or [None] * len(images), strict=True)]
+
+
+def test_per_image_arguments_share_a_pass_and_each_image_keeps_its_own():
+    """Bugs: the first request's box given to every image of the pass, or requests with boxes never batched."""
+    runner, predictor = ModelRunner(), BoxPredictor()
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(runner.predict, predictor, "first")
+        assert predictor.started.wait(timeout=30)
+        jobs = [pool.submit(runner.predict, predictor, "x", each={"nodule_boxes": (1, 2, 3, 4)}), pool.submit(runner.predict, predictor, "y"),
+                pool.submit(runner.predict, predictor, "z", each={"nodule_boxes": (5, 6, 7, 8)})]
+        while runner._queue.qsize() < 3:
+            threading.Event().wait(0.01)
+        predictor.release.set()
+        assert [j.result(timeout=30) for j in [first, *jobs]] == ["first boxed None", "x boxed (1, 2, 3, 4)", "y boxed None", "z boxed (5, 6, 7, 8)"]
+    assert predictor.calls == [["first"], ["x", "y", "z"]]  # one pass for the three
+
+
 def test_run_returns_or_raises_on_a_model_thread():
     runner = ModelRunner()
     assert runner.run(threading.get_ident) != threading.get_ident()

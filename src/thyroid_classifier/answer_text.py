@@ -140,12 +140,19 @@ def descriptor_facts(info: Mapping, saved: Mapping | None = None) -> Mapping | N
 
 def descriptor_lines(described: Mapping, facts: Mapping, flagged: bool = False, regime: str = UNSEEN) -> list[str]:
     """The predicted TI-RADS descriptors of one frame in the lexicon's words with their confidence, the ACR points and
-    level they imply, and, per descriptor, the agreement with the radiologists measured where the heads were evaluated
-    (``facts``: the model folder's ``descriptors.json``)."""
+    level they imply, what they were read from (the whole frame, or the nodule box given), and, per descriptor, the
+    agreement with the radiologists measured where the heads were evaluated, read the same way (``facts``: the model
+    folder's descriptor report; its ``from_nodule_box`` part for a box)."""
+    from_box = described.get("read_from") == "nodule"
+    if from_box:
+        facts = facts.get("from_nodule_box") or {}  # agreement read from the radiologists' boxes, or not measured
     where = facts.get("split") or "held-out"
+    read = ", read from the radiologists' nodule boxes" if from_box else ""
     lines = [f"**TI-RADS descriptors, as the model reads them** (agreement with the radiologists' descriptors on {where} frames "
-             "of its training sources, held-out patients; Cohen's κ: 1 is perfect, 0 is chance)"]
-    lines += ["", "_Read from the whole frame: the model is not told where the nodule is, and a frame with several nodules gets one reading._"]
+             f"of its training sources, held-out patients{read}; Cohen's κ: 1 is perfect, 0 is chance)"]
+    lines += ["", "_Read from the nodule box given (a square around it with some tissue); the class and the heatmap read the whole frame._" if from_box
+              else "_Read from the whole frame: no nodule box was given, so the model is not told where the nodule is, and a frame with "
+                   "several nodules gets one reading._"]
     if regime == UNSEEN:
         lines.append("_Measured only on its training sources' patients: on a frame from another hospital or scanner their agreement is unknown._")
     if flagged:

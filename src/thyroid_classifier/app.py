@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .explain import overlay
-from .preprocess import ImageError, probe_image
+from .preprocess import ImageError, nodule_square, probe_image
 from .answer_rule import UNSEEN
 from .answer_text import descriptor_facts, descriptor_lines
 from .serving import MAX_BATCH, BackgroundWorker, GiveBackWhenIdle, MemoryBudget, ModelRunner
@@ -65,6 +65,9 @@ CACHE_CLEANUP = (30, 60)  # (frequency, age) in seconds
 FORGET_WITHIN = sum(CACHE_CLEANUP)
 #: The longer side of what the page shows and the session keeps (the opacity control reblends it).
 DISPLAY_SIDE = 1024
+#: The upload is never shown larger than its pixels: gradio 6 turns a click on it into the image's pixels assuming it is
+#: not (its scale is capped at 1), so on an enlarged small frame a clicked nodule corner would land elsewhere.
+PAGE_CSS = ".upload-frame .image-frame img { object-fit: scale-down !important; }"
 #: Requests the app works on at once (the rest wait in gradio's queue, up to QUEUE_SIZE more). Each
 #: opens its upload at once (so its file cannot be deleted from under it while it waits) and then
 #: waits for room in the memory budget and for the model, which bound what they cost together.
@@ -99,8 +102,55 @@ def display_state(image, heatmap: np.ndarray) -> dict:
 
 
 def blended(state: Mapping, opacity: float) -> tuple[np.ndarray, np.ndarray]:
-    """The slider's two halves from a session's state: the display-sized image and its overlay."""
-    return state["original"], overlay(_as_image(state["original"]), state["heatmap"] / 255.0, opacity)
+    """The slider's two halves from a session's state: the display-sized image and its overlay, each with the
+    nodule box the descriptors were read from, when one was given (``state["nodule"]``, display pixels)."""
+    halves = state["original"], overlay(_as_image(state["original"]), state["heatmap"] / 255.0, opacity)
+    box = state.get("nodule")
+    return tuple(_with_box(half, box) for half in halves) if box else halves
+
+
+def _with_box(pixels: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    from PIL import ImageDraw
+
+    image = _as_image(pixels).convert("RGB")
+    ImageDraw.Draw(image).rectangle([round(v) for v in box], outline=(0, 200, 255), width=max(2, round(max(image.size) / 250)))
+    return np.asarray(image)
+
+
+def parse_nodule_box(text: str | None) -> tuple[float, float, float, float] | None:
+    """The page's nodule box: "left, top, right, bottom" in the upload's pixels (commas or spaces); None when empty.
+    Raises ValueError saying what to do for anything else (one corner only, words, negative numbers)."""
+    numbers = (text or "").replace(",", " ").split()
+    if not numbers:
+        return None
+    try:
+        values = [float(n) for n in numbers]
+    except ValueError:
+        raise ValueError(f"the nodule box is four numbers (left, top, right, bottom in the image's pixels), not {text.strip()!r}") from None
+    if len(values) == 2:
+        raise ValueError("the nodule box has one corner: click the opposite corner of the nodule too (or clear the box)")
+    if len(values) != 4 or any(v < 0 or not math.isfinite(v) for v in values):
+        raise ValueError(f"the nodule box is four numbers of 0 or more (left, top, right, bottom in the image's pixels), not {text.strip()!r}")
+    x0, y0, x1, y1 = values
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def next_corner(text: str | None, x: float, y: float) -> str:
+    """A click on the image at (x, y): the first corner of a new box, or, after one corner, the box they span."""
+    numbers = (text or "").replace(",", " ").split()
+    if len(numbers) == 2:
+        try:
+            x0, y0 = float(numbers[0]), float(numbers[1])
+        except ValueError:
+            return f"{round(x)}, {round(y)}"
+        return ", ".join(str(round(v)) for v in (min(x0, x), min(y0, y), max(x0, x), max(y0, y)))
+    return f"{round(x)}, {round(y)}"
+
+
+def scale_box(box: Sequence[float], from_size: tuple[int, int], to_size: tuple[int, int]) -> tuple[float, ...]:
+    """A box in an image of ``from_size`` in the pixels of the same image at ``to_size``."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
 def _answer_component(num_top_classes: int):
@@ -143,7 +193,7 @@ def _upload_component():
 
     return UploadImage(
         type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
-        label="Ultrasound image", height=360,
+        label="Ultrasound image", height=360, elem_classes=["upload-frame"],
     )
 
 
@@ -254,17 +304,22 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         # print_exception=False: gradio would print a traceback ending in the file name to the log.
         return gr.Error(message, print_exception=False)
 
-    def predict(path: str | None, model_name: str, opacity: float, source: str | None = UNSEEN, kept: dict | None = None):
+    def predict(path: str | None, model_name: str, opacity: float, source: str | None = UNSEEN, nodule: str | None = "", kept: dict | None = None):
         with idle.request():
-            return analyse(path, model_name, opacity, source, kept)
+            return analyse(path, model_name, opacity, source, nodule, kept)
 
-    def analyse(path: str | None, model_name: str, opacity: float, source: str | None, kept: dict | None):
+    def analyse(path: str | None, model_name: str, opacity: float, source: str | None, nodule: str | None, kept: dict | None):
         if not path:
             raise fail("Upload an image first.")
         name = safe_name(Path(path).name)
         notes: list[str] = []
         try:
+            box = parse_nodule_box(nodule)
+        except ValueError as exc:
+            raise fail(f"Nodule box: {exc}.") from None
+        try:
             predictor = predictors[model_name]
+            upload_size = None
             try:
                 # Opened at once, before any wait: what this request reads can no longer be deleted from under it
                 # (by the upload clock, gradio's clean-up, or an identical upload that replaced the shared file).
@@ -275,6 +330,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
                 if not (kept and kept.get("upload") == path):
                     raise fail(f"{name}: the upload has expired (uploads are deleted within two minutes); upload it again.") from None
                 upload = contextlib.nullcontext(_as_image(kept["original"]))
+                upload_size = tuple(kept.get("size") or _as_image(kept["original"]).size)
                 if kept.get("reduced"):
                     notes.append("Analysed again from this page's reduced copy (the upload is deleted); upload the frame again for the full-size analysis.")
             else:
@@ -286,13 +342,22 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
                 except ValueError:
                     raise fail(f"{safe_name(str(source))} is not one of this model's training sources; choose another hospital or scanner.") from None
                 pending = probe_image(frame, name=name)  # the header only: a bomb is refused before it costs anything
+                upload_size = upload_size or pending.image.size  # a nodule box's pixels: the upload's, as the page showed it
                 with budget.hold(pending.cost) as held:
                     image = background.run(pending.decode) if pending.factor > 1 else pending.decode()
                     held.resize(image.width * image.height * WORKING_BYTES_PER_PIXEL)
                     # The map is computed on the image as decoded; the overlay is drawn at display size below.
-                    result = runner.predict(predictor, image, opacity=None, source=source or UNSEEN)
+                    nodule_box = scale_box(box, upload_size, image.size) if box else None
+                    if nodule_box:
+                        try:
+                            nodule_square(nodule_box, image.size)
+                        except ValueError as exc:
+                            raise fail(f"Nodule box: {exc}.") from None
+                    result = runner.predict(predictor, image, each={"nodule_boxes": nodule_box} if nodule_box else None, opacity=None, source=source or UNSEEN)
                     # Kept per browser session, at display size (uint8 map): the opacity control, and "Analyse" again once the upload is deleted.
-                    state = {**display_state(image, result.heatmap), "upload": path, "reduced": max(image.size) > DISPLAY_SIDE}
+                    state = {**display_state(image, result.heatmap), "upload": path, "reduced": max(image.size) > DISPLAY_SIDE, "size": upload_size}
+                    if (result.descriptors or {}).get("read_from") == "nodule":  # drawn where the descriptors were read
+                        state["nodule"] = scale_box(nodule_box, image.size, state["original"].shape[1::-1])
         except ImageError as exc:
             raise fail(str(exc)) from None
         except gr.Error:
@@ -311,6 +376,13 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         )
         return value, blended(state, opacity), message, state, details(result)
 
+    def click_corner(text, evt):
+        return next_corner(text, *evt.index[:2])
+
+    # gradio hands the click (gr.SelectData) to the parameter annotated with it, read with typing.get_type_hints: real
+    # objects here, as this module's postponed string annotations ("gr.SelectData") do not resolve outside this function.
+    click_corner.__annotations__ = {"text": str | None, "evt": gr.SelectData, "return": str}
+
     def reblend(state: dict | None, opacity: float):
         if not state:  # a session with no result (or a direct call): nothing to redraw
             return gr.skip()
@@ -326,6 +398,10 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
                 model = gr.Dropdown(names, value=names[0], label="Model", visible=len(names) > 1)
                 source = gr.Dropdown(source_choices(predictors[names[0]]), value=UNSEEN, label="Where is this frame from?",
                                      info="Only a frame from one of the model's own training sources gets its in-source answers.")
+                nodule = gr.Textbox("", label="Nodule box (optional)", placeholder="click two opposite corners of the nodule on the image",
+                                    info="The TI-RADS descriptors are then read from the nodule (left, top, right, bottom in the image's pixels; "
+                                         "empty: from the whole frame). The class and the heatmap always read the whole frame.",
+                                    visible=predictors[names[0]].descriptors is not None)
                 opacity = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Heatmap opacity")
                 button = gr.Button("Analyse", variant="primary")
                 if examples:
@@ -341,10 +417,14 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         # One concurrency limit and one memory budget shared by every event that touches images: the opacity
         # control waits its turn like a prediction, so no one can bypass either by calling it directly.
         slot = dict(concurrency_limit=IN_FLIGHT, concurrency_id="images")
-        button.click(predict, [image, model, opacity, source, state], [label, slider, message, state, data], api_name="predict", **slot)
+        button.click(predict, [image, model, opacity, source, nodule, state], [label, slider, message, state, data], api_name="predict", **slot)
+        # A click on the image: a corner of the nodule's box (gradio gives it in the image's own pixels). A new image: no box yet.
+        image.select(click_corner, [nodule], [nodule], api_name=False, queue=False)
+        image.upload(lambda: "", None, [nodule], api_name=False, queue=False)
         opacity.release(reblend, [state, opacity], [slider], api_name=False, **slot)
         model.change(lambda name: (metrics_markdown(predictors[name].info, predictors[name].reliability), notice(predictors[name].info),
-                                   gr.Dropdown(choices=source_choices(predictors[name]), value=UNSEEN)), [model], [card, header, source], api_name=False)
+                                   gr.Dropdown(choices=source_choices(predictors[name]), value=UNSEEN),
+                                   gr.Textbox(visible=predictors[name].descriptors is not None)), [model], [card, header, source, nodule], api_name=False)
     with _environment_defaults(QUEUE_ANALYTICS):  # read when the queue is made
         demo.queue(default_concurrency_limit=IN_FLIGHT, max_size=QUEUE_SIZE)
     return demo
@@ -391,7 +471,7 @@ def launch(demo, host: str, port: int | None, share: bool, **kwargs):
     # No run history in the browser (it would keep a thumbnail of each upload), no /monitoring dashboard.
     # max_threads: every request in flight has a thread of its own (gradio's default, 40, would hold some back in the queue).
     common = dict(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, quiet=True, run_history=False, enable_monitoring=False,
-                  footer_links=["api", "settings"], max_threads=IN_FLIGHT + 8, **kwargs)
+                  footer_links=["api", "settings"], max_threads=IN_FLIGHT + 8, css=PAGE_CSS, **kwargs)
     if share:
         try:
             result = demo.launch(share=True, **common)

@@ -157,6 +157,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         descriptor_rows=descriptor_rows(descriptors),
         descriptor_route=_descriptor_route(descriptors),
         descriptor_split=(descriptors or {}).get("split"),
+        descriptor_view=VIEW_WORDS.get((metrics.get("training") or {}).get("descriptor_view") or "frame"),
         training_sources=", ".join(state.get("training_sources") or []) or "none recorded",
         source_rows=source_rows if len(source_rows) > 1 else [],
         by_source_rows=by_source_rows,
@@ -203,24 +204,38 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
     return ModelCard.from_template(card_data, template_path=str(template or CARD_TEMPLATE), **kwargs)
 
 
+#: What the descriptor heads learned from (``--descriptor_view``), in the card's words.
+VIEW_WORDS = {"frame": "the whole frame", "nodule": "the nodule's square (the box around the radiologist's outline, with some tissue)",
+              "both": "both the whole frame and the nodule's square (the box around the radiologist's outline, with some tissue)"}
+
+
 def descriptor_rows(report: dict | None) -> list[dict]:
     """The card's TI-RADS descriptor table: each head's agreement with the radiologist (Cohen's kappa, 95% interval over patients)."""
     from .answer_text import DESCRIPTOR_NAMES
 
     rows = []
-    for name, r in ((report or {}).get("per_descriptor") or {}).items():
-        k = r["kappa"]
-        rows.append({"name": DESCRIPTOR_NAMES.get(name, name), "kappa": _fmt(k["value"]), "ci": _ci(k["ci"]), "n": k["n"],
-                     "patients": k.get("patients"), "classes": ", ".join(r["classes"])})
+    for part, read in _readings(report):
+        for name, r in (part.get("per_descriptor") or {}).items():
+            k = r["kappa"]
+            rows.append({"name": DESCRIPTOR_NAMES.get(name, name), "read": read, "kappa": _fmt(k["value"]), "ci": _ci(k["ci"]), "n": k["n"],
+                         "patients": k.get("patients"), "classes": ", ".join(r["classes"])})
     return rows
 
 
+def _readings(report: dict | None) -> list[tuple[dict, str]]:
+    """The heads' evaluations: read from the whole frame, and from the radiologists' nodule boxes where measured."""
+    report = report or {}
+    return [(report, "whole frame")] + ([(report["from_nodule_box"], "nodule box")] if report.get("from_nodule_box") else [])
+
+
 def _descriptor_route(report: dict | None) -> str | None:
-    route = (report or {}).get("route")
-    if not route:
-        return None
-    auc = route["auc_malignant"]
-    return f"{_fmt(auc['value'])} {_ci(auc['ci'])} (n = {route['n']})"
+    parts = []
+    for part, read in _readings(report):
+        route = part.get("route")
+        if route:
+            auc = route["auc_malignant"]
+            parts.append(f"{_fmt(auc['value'])} {_ci(auc['ci'])} read from the {read} (n = {route['n']})")
+    return "; ".join(parts) or None
 
 
 def _audit_text(path: Path) -> str:

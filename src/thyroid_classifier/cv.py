@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
-from .descriptors import descriptor_report, frame_labels
+from .descriptors import descriptor_report, frame_labels, nodule_report
 from .fit import distributed_state, train_one
 from .folder import CV_METRICS, CV_PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .known_data import sources_facts
@@ -89,6 +89,7 @@ def cross_validate(
     full, labels, y, groups, paths, folds = cv_set.full, cv_set.labels, cv_set.y, cv_set.groups, cv_set.paths, cv_set.folds
     oof = np.full((len(y), len(labels)), np.nan)
     oof_descriptors: dict[str, np.ndarray] = {}  # descriptor -> out-of-fold logits (a model with descriptor heads)
+    oof_nodules: dict[str, np.ndarray] = {}  # the same read from each frame's nodule box (NaN: no outline)
     per_fold = []
     cache: dict = {}
     started = time.time()
@@ -102,6 +103,8 @@ def cross_validate(
         oof[held] = result.probs
         for name, logits in (result.descriptor_logits or {}).items():
             oof_descriptors.setdefault(name, np.full((len(y), logits.shape[1]), np.nan))[held] = logits
+        for name, logits in (result.nodule_descriptor_logits or {}).items():
+            oof_nodules.setdefault(name, np.full((len(y), logits.shape[1]), np.nan))[held] = logits
         m = result.metrics["test"]
         per_fold.append({"fold": k, "n": m["n"], **{key: m[key]["value"] for key in HEADLINE},
                          "recall": {label: v["recall"] for label, v in m["per_class"].items()},
@@ -132,6 +135,10 @@ def cross_validate(
         targets = frame_labels(paths, cv_set.sources, report.sources or {}, str(report.root))
         cv["descriptors"] = descriptor_report({name: softmax(v) for name, v in oof_descriptors.items()}, targets, groups, y, labels, run_args.bootstrap_resamples, run_args.seed)
         cv["descriptors"]["split"] = "pooled out-of-fold"
+        cv["descriptors"]["read_from"] = "frame"
+        from_box = nodule_report(oof_nodules, targets, groups, y, labels, run_args.bootstrap_resamples, run_args.seed) if oof_nodules else None
+        if from_box:
+            cv["descriptors"]["from_nodule_box"] = {**from_box, "split": "pooled out-of-fold"}
     # Split screens can stand in for the label (on DDTI they do): report how the score follows them.
     split = report.split_screens(paths)
     if split.any() and not split.all():
@@ -147,13 +154,16 @@ def cross_validate(
         for name, m in cv["by_source"].items():
             print(f"{spec.name}: source {name}: pooled out-of-fold macro ROC AUC {m['roc_auc']['value']:.3f} "
                   f"[{m['roc_auc']['ci'][0]:.3f}, {m['roc_auc']['ci'][1]:.3f}], balanced accuracy {m['balanced_accuracy']['value']:.3f}, n={m['n']} (in-source)")
-        for name, r in (cv.get("descriptors") or {}).get("per_descriptor", {}).items():
-            k = r["kappa"]
-            print(f"{spec.name}: descriptor {name}: pooled out-of-fold Cohen's kappa {k['value']:.3f} [{k['ci'][0]:.3f}, {k['ci'][1]:.3f}], "
-                  f"n={k['n']} frames, {k['patients']} patients (in-source)")
-        if "route" in (cv.get("descriptors") or {}):
-            a = cv["descriptors"]["route"]["auc_malignant"]
-            print(f"{spec.name}: descriptor route (expected ACR points) malignant AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]")
+        described = cv.get("descriptors") or {}
+        for part, where in ((described, "the whole frame"), (described.get("from_nodule_box") or {}, "the radiologist's nodule box")):
+            for name, r in part.get("per_descriptor", {}).items():
+                k = r["kappa"]
+                print(f"{spec.name}: descriptor {name} read from {where}: pooled out-of-fold Cohen's kappa {k['value']:.3f} "
+                      f"[{k['ci'][0]:.3f}, {k['ci'][1]:.3f}], n={k['n']} frames, {k['patients']} patients (in-source)")
+            if "route" in part:
+                a = part["route"]["auc_malignant"]
+                print(f"{spec.name}: descriptor route (expected ACR points) read from {where}: malignant AUC {a['value']:.3f} "
+                      f"[{a['ci'][0]:.3f}, {a['ci'][1]:.3f}], n={part['route']['n']}")
         if "by_layout" in cv:
             b = cv["by_layout"]
             print(f"{spec.name}: split screens {b['split_screen']['n']} of {len(y)} frames; AUC on single-view frames {b['single_view']['roc_auc']:.3f}, "

@@ -27,11 +27,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from .folder_files import DESCRIPTOR_CONFIG, DESCRIPTOR_HEADS
-from .known_data import ACR_LEXICON, DESCRIPTORS, case_files, frame_descriptors
+from .inference import view_pixels
+from .known_data import ACR_LEXICON, DESCRIPTORS, case_files, frame_descriptors, frame_outline, outline_box
 from .metrics import group_resamples
 from .models import classifier_head
+from .preprocess import nodule_view
 
 MISSING = -1
+#: What the heads learn from (``--descriptor_view``): the whole frame (in the class head's own pass), the nodule's square
+#: (cut around the radiologist's outline, :func:`preprocess.nodule_view`), or both as two views of each frame.
+VIEWS = ("frame", "nodule", "both")
 
 
 def _classes(name: str) -> list[tuple[str, int]]:
@@ -49,21 +54,66 @@ def class_index(name: str, word: str | None) -> int:
     return MISSING if term is None else CLASSES[name].index(term)
 
 
-def frame_labels(paths: Sequence[str], sources: Sequence[str], folders: Mapping[str, str], default_folder: str = "") -> np.ndarray:
-    """Each frame's descriptor classes, (n, len(DESCRIPTORS)), :data:`MISSING` where its case file does not
-    give one or its source has no case files (``folders``: source name → data folder)."""
-    out = np.full((len(paths), len(DESCRIPTORS)), MISSING, dtype=np.int64)
+def _with_case_files(paths: Sequence[str], sources: Sequence[str], folders: Mapping[str, str], default_folder: str) -> Iterator[tuple[int, str, Path]]:
+    """``(row, path, case files' folder)`` of each frame whose source has case files (``folders``: source name → data folder)."""
     xml_dirs: dict[str, Path | None] = {}
     for i, (path, source) in enumerate(zip(paths, sources, strict=True)):
         folder = folders.get(source, default_folder)
         if folder not in xml_dirs:
             xml_dirs[folder] = case_files(folder) if folder else None
-        if xml_dirs[folder] is None:
-            continue
-        words = frame_descriptors(path, xml_dirs[folder])
+        if xml_dirs[folder] is not None:
+            yield i, path, xml_dirs[folder]
+
+
+def frame_labels(paths: Sequence[str], sources: Sequence[str], folders: Mapping[str, str], default_folder: str = "") -> np.ndarray:
+    """Each frame's descriptor classes, (n, len(DESCRIPTORS)), :data:`MISSING` where its case file does not
+    give one or its source has no case files (``folders``: source name → data folder)."""
+    out = np.full((len(paths), len(DESCRIPTORS)), MISSING, dtype=np.int64)
+    for i, path, xml_dir in _with_case_files(paths, sources, folders, default_folder):
+        words = frame_descriptors(path, xml_dir)
         if words:
             out[i] = [class_index(name, words.get(name)) for name in DESCRIPTORS]
     return out
+
+
+def frame_nodule_boxes(paths: Sequence[str], sources: Sequence[str], folders: Mapping[str, str], default_folder: str = "") -> np.ndarray:
+    """Each frame's nodule box (left, top, right, bottom; the box around the radiologist's outline), (n, 4), NaN
+    where its case file has no outline of it or its source has no case files."""
+    out = np.full((len(paths), 4), np.nan)
+    for i, path, xml_dir in _with_case_files(paths, sources, folders, default_folder):
+        polygons = frame_outline(path, xml_dir)
+        if polygons:
+            out[i] = outline_box(polygons)
+    return out
+
+
+def has_box(box: Sequence[float] | None) -> bool:
+    """Whether a row of :func:`frame_nodule_boxes` (or a given box) is a box (not NaN, not None)."""
+    return box is not None and not any(math.isnan(float(v)) for v in box)
+
+
+def read_nodules(model: nn.Module, heads: DescriptorHeads, processor, images: Sequence, boxes: Sequence[Sequence[float]],
+                 batch_size: int = 16) -> dict[str, np.ndarray]:
+    """The heads' logits read from each image's nodule (:func:`preprocess.nodule_view` of its box: the square around
+    it with some tissue), one more forward pass of the backbone on those squares: ``{descriptor: (n, classes)}``.
+    ``images``: PIL images or paths."""
+    from PIL import Image
+
+    device = next(model.parameters()).device
+    out: dict[str, list[np.ndarray]] = {name: [] for name in heads.names}
+    for start in range(0, len(images), batch_size):
+        views = []
+        for image, box in zip(images[start:start + batch_size], boxes[start:start + batch_size], strict=True):
+            if isinstance(image, Image.Image):
+                views.append(nodule_view(image, box))
+            else:
+                with Image.open(image) as opened:
+                    views.append(nodule_view(opened, box))
+        with torch.inference_mode(), descriptor_logits(model, heads) as captured:
+            model(pixel_values=view_pixels(processor, views).to(device))
+        for name in heads.names:
+            out[name].append(captured[0][name].float().cpu().numpy().astype(np.float64))
+    return {name: np.concatenate(v) if v else np.zeros((0, len(CLASSES[name]))) for name, v in out.items()}
 
 
 def tirads_level(points: float) -> str:
@@ -204,19 +254,21 @@ class DescriptorState:
         return cls(heads.eval(), config.get("facts") or {})
 
 
-def describe(logits: Mapping[str, torch.Tensor | np.ndarray]) -> list[dict[str, dict]]:
-    """Per image: each descriptor's probabilities by ACR term, its most likely term, and the expected
-    points and TI-RADS level they imply (``"tirads": {"points": .., "level": ..}``)."""
+def describe(logits: Mapping[str, torch.Tensor | np.ndarray], read_from: str = "frame") -> list[dict]:
+    """Per image: each descriptor's probabilities by ACR term, its most likely term, the expected points and TI-RADS
+    level they imply (``"tirads": {"points": .., "level": ..}``), and what they were read from (``"read_from"``: "frame",
+    the whole frame, or "nodule", a nodule box's square)."""
     probs = {name: torch.softmax(torch.as_tensor(v, dtype=torch.float64), dim=1).numpy() for name, v in logits.items()}
     n = len(next(iter(probs.values()))) if probs else 0
     points = expected_points(probs) if probs else np.zeros(n)
     out = []
     for i in range(n):
-        row: dict[str, dict] = {}
+        row: dict = {}
         for name, p in probs.items():
             terms = [t for t, _ in CLASSES[name]]
             row[name] = {"probabilities": {t: float(p[i, k]) for k, t in enumerate(terms)}, "term": terms[int(np.argmax(p[i]))]}
         row["tirads"] = {"points": float(points[i]), "level": tirads_level(points[i])}
+        row["read_from"] = read_from
         out.append(row)
     return out
 
@@ -256,11 +308,29 @@ def descriptor_report(probs: Mapping[str, np.ndarray], targets: np.ndarray, grou
     return out
 
 
+def nodule_report(logits: Mapping[str, np.ndarray], targets: np.ndarray, groups: Sequence[str], y_true: Sequence[int],
+                  labels: Sequence[str], n_resamples: int = 1000, seed: int = 0) -> dict | None:
+    """:func:`descriptor_report` of the heads read from each frame's nodule box (``logits``: per descriptor, (frames,
+    classes), NaN rows for frames without a box), over the frames that have one; None when none has."""
+    first = np.asarray(next(iter(logits.values())))
+    boxed = ~np.isnan(first).any(axis=1)
+    if not boxed.any():
+        return None
+    report = descriptor_report({name: _softmax(np.asarray(v)[boxed]) for name, v in logits.items()}, targets[boxed],
+                               list(np.asarray(groups)[boxed]), list(np.asarray(y_true)[boxed]), labels, n_resamples, seed)
+    return {**report, "read_from": "nodule", "frames": int(boxed.sum())}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+
+
 def one_line(described: Mapping | None) -> str | None:
     """A frame's descriptors in one prediction-file cell: ``composition=solid or almost completely solid (0.78); ...;
     points=6.1; level=TR4`` (None when the model has no heads)."""
     if not described:
         return None
-    parts = [f"{name}={d['term']} ({d['probabilities'][d['term']]:.2f})" for name, d in described.items() if name != "tirads"]
+    parts = [f"{name}={d['term']} ({d['probabilities'][d['term']]:.2f})" for name, d in described.items() if name in CLASSES]
     tirads = described.get("tirads") or {}
-    return "; ".join(parts + ([f"points={tirads['points']:.1f}", f"level={tirads['level']}"] if tirads else []))
+    return "; ".join(parts + ([f"points={tirads['points']:.1f}", f"level={tirads['level']}"] if tirads else [])
+                     + [f"read_from={described.get('read_from', 'frame')}"])

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .audit import audit_scan, training_overlap
 from .augment import device_shifts, shift_image
-from .descriptors import CLASSES, descriptor_report, frame_labels, one_line
+from .descriptors import CLASSES, descriptor_report, frame_labels, frame_nodule_boxes, nodule_report, one_line, read_nodules
 from .data import DataError, as_dirs, resolve_groups, scan_sources, source_name
 from .folder import AUDIT, PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, with_intervals
@@ -112,9 +112,19 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     if described and all(d is not None for d in described):
         # Agreement with the radiologist where the data's case files give descriptors (DDTI), and the descriptor route's risk.
         probs_by_descriptor = {name: np.array([[d[name]["probabilities"][t] for t, _ in CLASSES[name]] for d in described])
-                               for name in described[0] if name != "tirads"}
-        targets = frame_labels(paths, sources, {name: str(root) for name, root in scan.roots.items()})
-        result["descriptors"] = descriptor_report(probs_by_descriptor, targets, kept_groups, y, predictor.labels, bootstrap, seed)
+                               for name in described[0] if name in CLASSES}
+        folders = {name: str(root) for name, root in scan.roots.items()}
+        targets = frame_labels(paths, sources, folders)
+        result["descriptors"] = {**descriptor_report(probs_by_descriptor, targets, kept_groups, y, predictor.labels, bootstrap, seed), "read_from": "frame"}
+        # The same heads read from each frame's nodule box where the case files outline it: what a person drawing the box gets.
+        boxes = frame_nodule_boxes(paths, sources, folders)
+        boxed = np.flatnonzero(~np.isnan(boxes).any(axis=1))
+        if len(boxed):
+            read = read_nodules(predictor.model, predictor.descriptors.heads, predictor.processor, [paths[i] for i in boxed], boxes[boxed])
+            logits = {name: np.full((len(paths), v.shape[1]), np.nan) for name, v in read.items()}
+            for name, v in read.items():
+                logits[name][boxed] = v
+            result["descriptors"]["from_nodule_box"] = nodule_report(logits, targets, kept_groups, y, predictor.labels, bootstrap, seed)
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     sets_named = [[label for label, inside in zip(predictor.labels, row, strict=True) if inside] for row in sets]
     write_predictions(out_dir / PREDICTIONS, predictor.labels, prediction_rows(paths, predictor.labels, y, np.asarray(p), group=kept_groups, source=sources,
@@ -189,17 +199,22 @@ def descriptor_report_lines(report: dict | None, external: dict) -> list[str]:
     the descriptor route's risk beside the class head's."""
     if not report:
         return []
-    lines = ["TI-RADS descriptors (Cohen's kappa against the radiologist's descriptors, on the frames that have them; 95% interval over patients):", "",
-             "| descriptor | kappa | 95% interval | frames |", "|---|---|---|---|"]
-    for name, r in report["per_descriptor"].items():
-        k = r["kappa"]
-        lines.append(f"| {name} | {k['value']:.3f} | [{k['ci'][0]:.3f}, {k['ci'][1]:.3f}] | {k['n']} |" if k["n"] else f"| {name} | n/a (no descriptors in this data) | | 0 |")
-    route = report.get("route")
-    if route:
-        a = route["auc_malignant"]
-        lines += ["", f"Descriptor route (expected ACR points as a malignancy score): ROC AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]; "
-                  f"the class head's macro ROC AUC on the same frames: {external['roc_auc']['value']:.3f}."]
-    return lines + [""]
+    lines = []
+    for part, where in ((report, "read from the whole frame"), (report.get("from_nodule_box"), "read from the radiologist's nodule box (outline)")):
+        if not part:
+            continue
+        lines += [f"TI-RADS descriptors {where} (Cohen's kappa against the radiologist's descriptors, on the frames that have them; "
+                  "95% interval over patients):", "", "| descriptor | kappa | 95% interval | frames |", "|---|---|---|---|"]
+        for name, r in part["per_descriptor"].items():
+            k = r["kappa"]
+            lines.append(f"| {name} | {k['value']:.3f} | [{k['ci'][0]:.3f}, {k['ci'][1]:.3f}] | {k['n']} |" if k["n"] else f"| {name} | n/a (no descriptors in this data) | | 0 |")
+        route = part.get("route")
+        if route:
+            a = route["auc_malignant"]
+            lines += ["", f"Descriptor route (expected ACR points as a malignancy score) {where}: ROC AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] "
+                      f"on {route['n']} frames; the class head's macro ROC AUC on all {external['n']} frames: {external['roc_auc']['value']:.3f}."]
+        lines.append("")
+    return lines
 
 
 def report_markdown(result: dict) -> str:

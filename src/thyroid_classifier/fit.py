@@ -18,8 +18,8 @@ import torch
 
 from .adaptation import StartingModel
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
-from .descriptors import (MISSING, DescriptorHeads, DescriptorState, describe, descriptor_class_weights, descriptor_logits, descriptor_report,
-                          frame_labels, one_line, pooled_width)
+from .descriptors import (MISSING, DescriptorHeads, DescriptorState, describe, descriptor_class_weights, descriptor_logits,
+                          descriptor_report, frame_labels, frame_nodule_boxes, nodule_report, one_line, pooled_width, read_nodules)
 from .folder import ModelFolder, prediction_rows
 from .known_data import dataset_facts, sources_facts
 from .metrics import (
@@ -220,6 +220,8 @@ class TrainResult:
     reliability: Reliability | None = None
     outputs: dict = field(default_factory=dict)  # split -> FrameOutputs (logits, features)
     descriptor_logits: dict | None = None  # descriptor -> (frames, classes) logits of the evaluation split (a model with heads)
+    #: the same read from each frame's nodule box (the radiologist's outline's), NaN rows for frames without one
+    nodule_descriptor_logits: dict | None = None
 
 
 def train_one(
@@ -290,11 +292,17 @@ def train_one(
             # Each descriptor's classes weighed as the class head's are (--class_weighting).
             descriptor_weights = descriptor_class_weights(descriptor_targets["train"]) if run_args.class_weighting else None
             splits["train"] = splits["train"].add_column("descriptors", descriptor_targets["train"].tolist())
+            if run_args.descriptor_view != "frame":  # the nodule's square, a view of its own (transforms.ImageTransforms)
+                train_rows = splits["train"].with_format(None)
+                boxes = frame_nodule_boxes(train_rows["path"], train_rows["source"], report.sources or {}, str(report.root))
+                splits["train"] = splits["train"].add_column("nodule_box", boxes.tolist())
+                logger.info("descriptor heads learn from %s: %d of %d training frames have an outline", run_args.descriptor_view,
+                            int((~np.isnan(boxes).any(axis=1)).sum()), len(boxes))
         else:
             logger.warning("--descriptor_loss_weight: no training frame has a radiologist's descriptors (only DDTI's case files give them): class head only")
 
     splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
-                                  columns=[c for c in ("path", "label", "weight", "descriptors") if c in splits["train"].column_names])
+                                  columns=[c for c in ("path", "label", "weight", "descriptors", "nodule_box") if c in splits["train"].column_names])
     if heads is None and kept is not None:
         logger.warning("%s: its TI-RADS descriptor heads are not kept: fine-tuning changes the features they read, and this run has no "
                        "radiologist's descriptors to refit them on (--descriptor_loss_weight and a source with case files would)", start.location)
@@ -310,6 +318,7 @@ def train_one(
         label_smoothing=run_args.label_smoothing,
         descriptor_weight=run_args.descriptor_loss_weight,
         descriptor_class_weights=descriptor_weights,
+        descriptor_view=run_args.descriptor_view,
         model=model,
         args=training_arguments(run_args, checkpoints, has_validation),
         train_dataset=splits["train"],
@@ -358,7 +367,7 @@ def train_one(
     training_sources = sorted({s for s in train_sources if s}) or [Path(str(report.root)).name or "its training data"]
     reliability, checks = fit_reliability(trainer, splits, preprocessor, processor, image_size, cache, outputs, temperature, run_args,
                                           eval_name, y_true, eval_sources, training_sources, loso, list(raw["group"]), labels)
-    descriptor_metrics, frame = None, None
+    descriptor_metrics, frame, nodule = None, None, None
     owner = views[eval_name][1] if eval_name in views else np.arange(len(eval_ds))
     if heads is not None and described and sum(len(next(iter(b.values()))) for b in described) != len(owner):
         logger.warning("descriptor heads: the evaluation's logits could not be gathered (several processes): no agreement measured")
@@ -369,6 +378,18 @@ def train_one(
         descriptor_metrics = descriptor_report({name: softmax(v) for name, v in frame.items()}, descriptor_targets[eval_name], list(raw["group"]), y_true, labels,
                                                run_args.bootstrap_resamples, run_args.seed)
         descriptor_metrics["split"] = f"the {eval_name} split's"
+        descriptor_metrics["read_from"] = "frame"
+        # The same heads read from the radiologist's box of each evaluation frame (what a person drawing the box gets).
+        boxes = frame_nodule_boxes(list(raw["path"]), eval_sources, report.sources or {}, str(report.root))
+        boxed = np.flatnonzero(~np.isnan(boxes).any(axis=1))
+        if len(boxed):
+            read = read_nodules(trainer.model, heads, processor, [raw["path"][i] for i in boxed], boxes[boxed])
+            nodule = {name: np.full_like(v, np.nan) for name, v in frame.items()}
+            for name in nodule:
+                nodule[name][boxed] = read[name]
+            from_box = nodule_report(nodule, descriptor_targets[eval_name], list(raw["group"]), y_true, labels, run_args.bootstrap_resamples, run_args.seed)
+            if from_box:
+                descriptor_metrics["from_nodule_box"] = {**from_box, "split": descriptor_metrics["split"]}
     history = epoch_history(trainer.state.log_history)
     result = {
         "model": spec.name,
@@ -429,5 +450,5 @@ def train_one(
                                       descriptors=DescriptorState(heads, descriptor_metrics or {}) if heads is not None else None)
     state.wait_for_everyone()
     return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]),
-                       sources=eval_sources, reliability=reliability, outputs=outputs, descriptor_logits=frame)
+                       sources=eval_sources, reliability=reliability, outputs=outputs, descriptor_logits=frame, nodule_descriptor_logits=nodule)
 

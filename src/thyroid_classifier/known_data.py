@@ -85,6 +85,13 @@ def frame_outline(path: str | Path, xml_dir: str | Path) -> list[list[tuple[floa
 
 
 
+def outline_box(polygons: list[list[tuple[float, float]]]) -> tuple[float, float, float, float]:
+    """The box (left, top, right, bottom) around a frame's outline polygons: the nodule the radiologist drew."""
+    xs = [x for polygon in polygons for x, _ in polygon]
+    ys = [y for polygon in polygons for _, y in polygon]
+    return (min(xs), min(ys), max(xs) + 1, max(ys) + 1)
+
+
 # --------------------------------------------------------------------------------------------
 # DDTI's TI-RADS descriptors: the labels the descriptor heads learn (thyroid_classifier.descriptors)
 

@@ -27,8 +27,8 @@ from .locations import check_hub_model, hub_snapshot, is_local
 from .inference import ViewTransform, frame_probabilities, frame_views, view_pixels
 from .metrics import frame_mean
 from .models import get_spec, guard_features, saved_processor, spec_for_model, target_layer
-from .preprocess import Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, open_image
-from .descriptors import DescriptorState, describe, descriptor_logits, one_line
+from .preprocess import Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, nodule_square, open_image
+from .descriptors import DescriptorState, describe, descriptor_logits, one_line, read_nodules
 from .reliability import Reliability
 
 logger = logging.getLogger(__name__)
@@ -160,14 +160,18 @@ class Predictor:
         opacity: float | None = 0.45,
         view_transform: ViewTransform | None = None,
         source: str | None = None,
+        nodule_boxes: Sequence[Sequence[float] | None] | None = None,
     ) -> list[Prediction]:
         """Probabilities (calibrated when the model carries a temperature; a split screen's views
         averaged) and, with ``explain``, Grad-CAM of each view mapped back onto each image as given.
         ``view_transform`` changes each view before it is normalised (stage 3 of :mod:`inference`).
         ``source``: where the images come from, when known: one of :attr:`training_sources` (the answer
-        is decided by the in-source regime); None, the default, for any other source (the unseen regime)."""
+        is decided by the in-source regime); None, the default, for any other source (the unseen regime).
+        ``nodule_boxes``: per image, the nodule's box (left, top, right, bottom in its pixels) or None; the TI-RADS
+        descriptor heads read a boxed image's nodule (one more pass, on the square around it) instead of the whole frame."""
         regime = self.reliability.regime_for(source)  # a wrong name fails before any work
         pil = [image if isinstance(image, Image.Image) else open_image(image) for image in images]
+        boxed = self._boxed(pil, nodule_boxes)  # a bad box fails before any work
         pixels, boxes, owner = self.prepare(pil, view_transform)
         fixed = None if target is None else self.labels.index(target)
         maps = None
@@ -182,6 +186,10 @@ class Predictor:
         probs = frame_probabilities(view_logits, owner, len(pil), self.temperature)
         guard_scores = self._guard_scores(captured, owner, len(pil))
         described = describe({name: frame_mean(v.detach().double().cpu().numpy(), owner, len(pil)) for name, v in described[0].items()}) if described else None
+        if described is not None and boxed:
+            from_box = describe(read_nodules(self.model, heads, self.processor, [pil[i] for i in boxed], [nodule_boxes[i] for i in boxed]), read_from="nodule")
+            for i, d in zip(boxed, from_box, strict=True):
+                described[i] = d
         chosen = [fixed if fixed is not None else int(np.argmax(probs[i])) for i in range(len(pil))]
         if explain and maps is None:
             # Every view of a split screen explains the image's class (alone, its views may disagree).
@@ -207,10 +215,23 @@ class Predictor:
             answer = self.reliability.answer(probs[i], self.labels, prediction.flagged, regime)
             prediction.prediction_set, prediction.headline, prediction.headlined = answer.prediction_set, answer.headline, answer.headlined
             prediction.reason, prediction.regime = answer.reason, answer.regime
+            if nodule_boxes is not None and nodule_boxes[i] is not None and self.descriptors is None:
+                prediction.warnings.append("This model has no TI-RADS descriptor heads: the nodule box was not used (the class and the heatmap always read the whole frame).")
             if not looks_like_ultrasound(image):
                 prediction.warnings.append("This image has colour content and may not be a grey-scale ultrasound frame; the result is meaningless for other images.")
             out.append(prediction)
         return out
+
+    def _boxed(self, images: Sequence[Image.Image], nodule_boxes: Sequence[Sequence[float] | None] | None) -> list[int]:
+        """The images that come with a nodule box, each box checked against its image (ValueError naming the problem)."""
+        if nodule_boxes is None:
+            return []
+        if len(nodule_boxes) != len(images):
+            raise ValueError(f"{len(nodule_boxes)} nodule boxes for {len(images)} images: give one per image (None for none)")
+        boxed = [i for i, box in enumerate(nodule_boxes) if box is not None]
+        for i in boxed:
+            nodule_square(nodule_boxes[i], images[i].size)
+        return boxed if self.descriptors is not None else []  # only the descriptor heads read a box
 
     def _guard_scores(self, captured: list[torch.Tensor], owner: np.ndarray, n: int) -> np.ndarray | None:
         """Each image's guard score from its views' pooled features (their mean, as in training)."""

@@ -202,12 +202,14 @@ class _Call:
 
 @dataclass
 class _Prediction:
-    """One image for one predictor's ``predict`` (the rest of its keyword arguments: ``kwargs``)."""
+    """One image for one predictor's ``predict`` (the rest of its keyword arguments: ``kwargs``; ``each``: arguments
+    that ``predict`` takes as one value per image, given here for this image)."""
 
     predictor: Any
     image: Any
     kwargs: dict
     future: Future = field(default_factory=Future)
+    each: dict = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -239,9 +241,11 @@ class ModelRunner:
         self._queue.put(job)
         return job.future.result()
 
-    def predict(self, predictor: Any, image: Any, **kwargs: Any) -> Any:
-        """``predictor.predict([image], **kwargs)[0]``, batched with whatever else waits."""
-        job = _Prediction(predictor, image, kwargs)
+    def predict(self, predictor: Any, image: Any, each: dict | None = None, **kwargs: Any) -> Any:
+        """``predictor.predict([image], **kwargs)[0]``, batched with whatever else waits. ``each``: arguments ``predict``
+        takes per image (a list, one value per image: e.g. ``{"nodule_boxes": box}``), this image's value; images batch
+        together whatever their ``each`` (an image without it gets None)."""
+        job = _Prediction(predictor, image, kwargs, each=dict(each or {}))
         self._queue.put(job)
         return job.future.result()
 
@@ -279,7 +283,8 @@ class ModelRunner:
     def _predict(self, group: Sequence[_Prediction]) -> None:
         self.batch_sizes.append(len(group))
         try:
-            results = group[0].predictor.predict([job.image for job in group], **group[0].kwargs)
+            per_image = {name: [job.each.get(name) for job in group] for name in sorted({n for job in group for n in job.each})}
+            results = group[0].predictor.predict([job.image for job in group], **group[0].kwargs, **per_image)
             if len(results) != len(group):
                 raise RuntimeError(f"predict returned {len(results)} results for {len(group)} images")
         except BaseException as exc:  # noqa: BLE001 - raised again in the waiting thread; this thread goes on

@@ -11,7 +11,7 @@ import torch
 
 from .augment import DeviceAugment
 from .inference import ViewTransform, frame_views, view_pixels
-from .preprocess import UltrasoundPreprocessor
+from .preprocess import UltrasoundPreprocessor, nodule_view
 
 
 class ImageTransforms:
@@ -82,7 +82,21 @@ class ImageTransforms:
             out["sample_weight"] = batch["weight"]
         if self.train and "descriptors" in batch:  # the radiologist's descriptors (descriptors.MISSING where not given)
             out["descriptor_labels"] = batch["descriptors"]
+        if self.train and "nodule_box" in batch:
+            # The nodule's square (the radiologist's outline's box, with some tissue), augmented as the frame is: a second
+            # view the descriptor heads read (--descriptor_view). A frame without an outline gets an empty one, masked.
+            boxed = [all(v == v for v in box) for box in batch["nodule_box"]]  # NaN: no outline
+            out["nodule_mask"] = boxed
+            out["nodule_pixel_values"] = [self.augment(self._load_nodule(path, box)) if ok else torch.zeros_like(pixels[0])
+                                          for path, box, ok in zip(batch["path"], batch["nodule_box"], boxed, strict=True)]
         return out
+
+    def _load_nodule(self, path: str, box: Sequence[float]):
+        key = (path, "nodule")
+        if key not in self._cache:
+            with self._open(path) as image:
+                self._cache[key] = nodule_view(image, box).resize(self.train_size, self._resize)
+        return self._cache[key]
 
 
 def expand_views(dataset, transforms: ImageTransforms):
@@ -104,5 +118,8 @@ def collate(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         batch["sample_weight"] = torch.tensor([e["sample_weight"] for e in examples], dtype=torch.float32)
     if "descriptor_labels" in examples[0]:
         batch["descriptor_labels"] = torch.tensor([e["descriptor_labels"] for e in examples], dtype=torch.long)
+    if "nodule_pixel_values" in examples[0]:
+        batch["nodule_pixel_values"] = torch.stack([e["nodule_pixel_values"] for e in examples])
+        batch["nodule_mask"] = torch.tensor([e["nodule_mask"] for e in examples], dtype=torch.bool)
     return batch
 

@@ -63,27 +63,43 @@ def _weighted_trainer_class():
 
     class _SampleWeightedTrainer(Trainer):
         def __init__(self, *args, label_smoothing: float = 0.0, descriptor_weight: float = 0.0, descriptor_class_weights: dict | None = None,
-                     **kwargs) -> None:
+                     descriptor_view: str = "frame", **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.label_smoothing = label_smoothing
             self.descriptor_weight = descriptor_weight
             self.descriptor_class_weights = descriptor_class_weights
+            self.descriptor_view = descriptor_view  # what the heads learn from: "frame", "nodule" or "both" (descriptors.VIEWS)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weight = inputs.pop("sample_weight", None)
             targets = inputs.pop("descriptor_labels", None)
+            nodules, boxed = inputs.pop("nodule_pixel_values", None), inputs.pop("nodule_mask", None)
             unwrapped = self.accelerator.unwrap_model(model)
             heads = getattr(unwrapped, "descriptor_heads", None) if targets is not None else None
+            n = len(inputs["labels"])
+            if heads is not None and nodules is not None and bool(boxed.any()):
+                # The nodules' squares ride in the frames' forward pass (one pass: BatchNorm sees both, DDP one graph);
+                # their class logits are dropped, only the descriptor heads learn from them.
+                inputs["pixel_values"] = torch.cat([inputs["pixel_values"], nodules[boxed].to(inputs["pixel_values"])])
+                targets = torch.cat([targets, targets[boxed.to(targets.device)]])
             # The descriptor heads read the class head's input in the same forward pass (descriptors.descriptor_logits).
             with descriptor_logits(unwrapped, heads) as captured:
-                if weight is None:
+                if weight is None and len(inputs["pixel_values"]) == n:
                     loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
                 else:
                     labels = inputs.pop("labels")
                     outputs = model(**inputs)
-                    loss = weighted_loss(outputs.logits, labels, weight, self.label_smoothing)
+                    outputs.logits = outputs.logits[:n]
+                    if weight is not None:
+                        loss = weighted_loss(outputs.logits, labels, weight, self.label_smoothing)
+                    elif self.compute_loss_func is not None:
+                        loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+                    else:
+                        loss = F.cross_entropy(outputs.logits, labels, label_smoothing=self.label_smoothing)
             if captured:
-                loss = loss + self.descriptor_weight * descriptor_loss(captured[0], targets.to(loss.device), heads.names, self.descriptor_class_weights)
+                rows = {"frame": slice(0, n), "nodule": slice(n, None)}.get(self.descriptor_view, slice(None))
+                read = {name: v[rows] for name, v in captured[0].items()}
+                loss = loss + self.descriptor_weight * descriptor_loss(read, targets[rows].to(loss.device), heads.names, self.descriptor_class_weights)
             return (loss, outputs) if return_outputs else loss
 
     return _SampleWeightedTrainer
