@@ -586,3 +586,30 @@ def test_two_clicks_on_the_image_make_the_box_and_a_third_starts_another():
     assert box == "20, 31, 70, 64" and parse_nodule_box(box) == (20, 31, 70, 64)
     assert next_corner(box, 5, 6) == "5, 6"  # a new box
     assert parse_nodule_box(" 70 64, 20 31 ") == (20, 31, 70, 64)  # corners in any order, commas or spaces
+
+
+def test_the_hub_pipeline_gives_the_descriptors_as_the_predictor_does_from_the_frame_or_a_nodule_box(recorded_nodule, ddti_like, monkeypatch):
+    """``pipeline(..., trust_remote_code=True)`` on a folder with heads: the shipped code alone (no package) finds the
+    heads' input, reads the whole frame in the class's pass or the square around ``nodule_box`` in one more."""
+    from transformers import pipeline
+
+    from thyroid_classifier.predict import Predictor
+
+    _, folder = recorded_nodule
+    assert json.loads((folder / "descriptors.json").read_text())["reads"]  # where the heads read, for code without the package
+    predictor = Predictor.from_pretrained(str(folder))
+    frames = [Image.open(p).convert("RGB") for p in sorted(ddti_like.glob("malignant/*.png"))[:2]]
+    monkeypatch.setattr("builtins.input", lambda *a, **k: (_ for _ in ()).throw(AssertionError("asked to run remote code")))
+    remote = pipeline("image-classification", model=str(folder), trust_remote_code=True)
+    box = (20, 30, 70, 64)
+    for frame in frames:
+        for given in (None, box):
+            mine = predictor.predict([frame], explain=False, nodule_boxes=[given])[0].descriptors
+            theirs = remote(frame, **({"nodule_box": given} if given else {}))["descriptors"]
+            assert theirs["read_from"] == mine["read_from"] == ("nodule" if given else "frame")
+            for name in DESCRIPTORS:
+                assert theirs[name]["term"] == mine[name]["term"]
+                assert theirs[name]["probabilities"] == pytest.approx(mine[name]["probabilities"], abs=1e-4)
+            assert theirs["tirads"]["points"] == pytest.approx(mine["tirads"]["points"], abs=1e-3) and theirs["tirads"]["level"] == mine["tirads"]["level"]
+    with pytest.raises(ValueError, match="not inside"):
+        remote(frames[0], nodule_box=(500, 500, 600, 600))

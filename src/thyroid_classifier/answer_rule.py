@@ -177,3 +177,9 @@ def decide(probs: np.ndarray, labels: list[str], regime: Regime | None, flagged:
     reason = (f"{labels[top]}: among answers at least this confident ({regime.headline_threshold:.0%}) on {where}, {seen}"
               f"at most {bound} at 95% confidence. Not a diagnosis.")
     return Answer(labels[top], True, reason, members, regime_name)
+
+
+def tirads_level(points: float) -> str:
+    """ACR TI-RADS level of a points total (TR1 0, TR2 2, TR3 3, TR4 4-6, TR5 7 or more; 1 point is TR2 too)."""
+    p = round(points)
+    return "TR1" if p <= 0 else "TR2" if p <= 2 else "TR3" if p == 3 else "TR4" if p <= 6 else "TR5"

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .answer_rule import tirads_level
 from .folder_files import DESCRIPTOR_CONFIG, DESCRIPTOR_HEADS
 from .inference import view_pixels
 from .known_data import ACR_LEXICON, DESCRIPTORS, case_files, frame_descriptors, frame_outline, outline_box
@@ -116,12 +117,6 @@ def read_nodules(model: nn.Module, heads: DescriptorHeads, processor, images: Se
     return {name: np.concatenate(v) if v else np.zeros((0, len(CLASSES[name]))) for name, v in out.items()}
 
 
-def tirads_level(points: float) -> str:
-    """ACR TI-RADS level of a points total (TR1 0, TR2 2, TR3 3, TR4 4-6, TR5 7 or more; 1 point is TR2 too)."""
-    p = round(points)
-    return "TR1" if p <= 0 else "TR2" if p <= 2 else "TR3" if p == 3 else "TR4" if p <= 6 else "TR5"
-
-
 class DescriptorHeads(nn.Module):
     """A linear head per descriptor on the pooled features the class head reads."""
 
@@ -133,6 +128,12 @@ class DescriptorHeads(nn.Module):
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         features = features.flatten(1)
         return {name: head(features) for name, head in self.heads.items()}
+
+
+def head_name(model: nn.Module) -> str:
+    """The name of the module whose input the heads read (the class head), as ``model.get_submodule`` takes it."""
+    head = classifier_head(model)
+    return next(name for name, module in model.named_modules() if module is head)
 
 
 def pooled_width(model: nn.Module) -> int:
@@ -231,13 +232,15 @@ class DescriptorState:
 
     heads: DescriptorHeads
     facts: dict
+    #: the model's module whose input the heads read (its class head): how the Hub pipeline, without the package, finds it
+    reads: str | None = None
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
 
         folder = Path(folder)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}, str(folder / DESCRIPTOR_HEADS))
-        config = {"names": self.heads.names, "in_features": next(iter(self.heads.heads.values())).in_features,
+        config = {"names": self.heads.names, "in_features": next(iter(self.heads.heads.values())).in_features, "reads": self.reads,
                   "classes": {name: [{"term": t, "points": p} for t, p in CLASSES[name]] for name in self.heads.names}, "facts": self.facts}
         (folder / DESCRIPTOR_CONFIG).write_text(json.dumps(config, indent=2, default=float) + "\n")
 
@@ -251,7 +254,7 @@ class DescriptorState:
         config = json.loads((Path(folder) / DESCRIPTOR_CONFIG).read_text())
         heads = DescriptorHeads(int(config["in_features"]), config["names"])
         heads.load_state_dict(load_file(str(Path(folder) / DESCRIPTOR_HEADS)))
-        return cls(heads.eval(), config.get("facts") or {})
+        return cls(heads.eval(), config.get("facts") or {}, config.get("reads"))
 
 
 def describe(logits: Mapping[str, torch.Tensor | np.ndarray], read_from: str = "frame") -> list[dict]:

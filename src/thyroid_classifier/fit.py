@@ -19,7 +19,7 @@ import torch
 from .adaptation import StartingModel
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
 from .descriptors import (MISSING, DescriptorHeads, DescriptorState, describe, descriptor_class_weights, descriptor_logits,
-                          descriptor_report, frame_labels, frame_nodule_boxes, nodule_report, one_line, pooled_width, read_nodules)
+                          descriptor_report, frame_labels, frame_nodule_boxes, head_name, nodule_report, one_line, pooled_width, read_nodules)
 from .folder import ModelFolder, prediction_rows
 from .known_data import dataset_facts, sources_facts
 from .metrics import (
@@ -447,7 +447,7 @@ def train_one(
         if heads is not None:
             del trainer.model.descriptor_heads  # saved in a file of their own: model.safetensors stays the plain classifier pipeline() loads
         ModelFolder(out).save_trained(trainer, preprocessor, report, result, labels, rows, temperature, reliability,
-                                      descriptors=DescriptorState(heads, descriptor_metrics or {}) if heads is not None else None)
+                                      descriptors=DescriptorState(heads, descriptor_metrics or {}, head_name(trainer.model)) if heads is not None else None)
     state.wait_for_everyone()
     return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]),
                        sources=eval_sources, reliability=reliability, outputs=outputs, descriptor_logits=frame, nodule_descriptor_logits=nodule)

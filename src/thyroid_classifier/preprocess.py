@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,7 +30,19 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from .ultrasound_crop import WIDE_MODES, Box, crop_region, find_ultrasound_box, has_alpha, marks_mask, to_rgb  # noqa: F401 - the crop's one copy
+from .ultrasound_crop import (  # noqa: F401 - the crop's one copy, and the nodule square's
+    MIN_NODULE_SIDE,
+    NODULE_CONTEXT,
+    WIDE_MODES,
+    Box,
+    crop_region,
+    find_ultrasound_box,
+    has_alpha,
+    marks_mask,
+    nodule_square,
+    nodule_view,
+    to_rgb,
+)
 
 CONFIG_NAME = "ultrasound_preprocessing.json"
 #: Refuse an image declaring more pixels than this, before decoding it. Ultrasound frames are under
@@ -172,40 +183,6 @@ def _reduced_rgb(image: Image.Image, factor: int) -> Image.Image:
     if orientation is not None:
         out.getexif()[0x0112] = orientation  # to_rgb turns it upright as it would the full-size image
     return to_rgb(out)
-
-
-#: The tissue kept around a nodule's box on each side, as a share of its longer side: its margin (smooth,
-#: lobulated, ill-defined) is read against what surrounds it.
-NODULE_CONTEXT = 0.15
-#: A nodule box smaller than this (pixels, either side) is refused: too little to read descriptors from.
-MIN_NODULE_SIDE = 8
-
-
-def nodule_square(box: Sequence[float], size: tuple[int, int], context: float = NODULE_CONTEXT) -> Box:
-    """The square a nodule's box (left, top, right, bottom, in the image's pixels) is read from: centred on it,
-    ``context`` of its longer side added on each side, moved inside the image (and cut to it where it does not
-    fit). Raises ValueError naming the problem for a box that is not inside the image or too small."""
-    width, height = size
-    try:
-        x0, y0, x1, y1 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise ValueError(f"a nodule box is four numbers (left, top, right, bottom), not {box!r}") from None
-    x0, x1 = sorted((x0, x1))
-    y0, y1 = sorted((y0, y1))
-    x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
-    if x1 - x0 < MIN_NODULE_SIDE or y1 - y0 < MIN_NODULE_SIDE:
-        raise ValueError(f"the nodule box ({', '.join(f'{v:g}' for v in box)}) is not inside the {width} x {height} image "
-                         f"or is under {MIN_NODULE_SIDE} pixels on a side")
-    side = min(max(x1 - x0, y1 - y0) * (1 + 2 * context), float(width), float(height))
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left = min(max(cx - side / 2, 0.0), width - side)
-    top = min(max(cy - side / 2, 0.0), height - side)
-    return (round(left), round(top), round(left + side), round(top + side))
-
-
-def nodule_view(image: Image.Image, box: Sequence[float], context: float = NODULE_CONTEXT) -> Image.Image:
-    """What the TI-RADS descriptor heads read of a nodule: the RGB square :func:`nodule_square` cuts around its box."""
-    return to_rgb(image, upright=False).crop(nodule_square(box, image.size, context))
 
 
 def looks_like_ultrasound(image: Image.Image) -> bool:

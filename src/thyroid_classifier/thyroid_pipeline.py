@@ -9,7 +9,10 @@ headlined and why (:mod:`answer_rule`, the rule every face of the model uses).
 
 returns, per image, ``{"answer", "headlined", "reason", "prediction_set", "flagged", "in_domain_score",
 "regime", "scores": [{"label", "score"}, ...]}``. The scores are the calibrated probabilities; they are
-not an answer unless ``headlined``.
+not an answer unless ``headlined``. A model with TI-RADS descriptor heads adds ``"descriptors"`` (each
+descriptor's probabilities by ACR term, its most likely term, the expected ACR points and level, and
+``read_from``): read from the whole frame, or, with ``nodule_box=(left, top, right, bottom)`` in the
+image's pixels, from the square around that nodule (one more pass), as the project's Predictor reads them.
 
 Self-contained on purpose (transformers, torch, numpy, safetensors): it runs as remote code without the
 package. With the package installed: ``pipeline(..., pipeline_class=ThyroidImageClassificationPipeline)``.
@@ -24,7 +27,8 @@ import numpy as np
 import torch
 from transformers import ImageClassificationPipeline
 
-from .answer_rule import REGIMES, UNSEEN, Regime, decide, guard_score, regime_of
+from .answer_rule import REGIMES, UNSEEN, Regime, decide, guard_score, regime_of, tirads_level
+from .ultrasound_crop import nodule_view
 
 #: How ``config.json``'s ``custom_pipelines`` names this class inside a model folder.
 CUSTOM_PIPELINES = {"image-classification": {"impl": "thyroid_pipeline.ThyroidImageClassificationPipeline",
@@ -60,27 +64,74 @@ class ThyroidImageClassificationPipeline(ImageClassificationPipeline):
                           "residual_variance": float(guard["residual_variance"]),
                           **{k: arrays[k].astype(np.float64) for k in ("mean", "components", "variances")}}
 
-    def _sanitize_parameters(self, source: str | None = None, **kwargs: Any):
+        self.descriptors = None
+        config_path = _folder_file(name, "descriptors.json") if name else None
+        config = json.loads(open(config_path).read()) if config_path else {}
+        weights_path = _folder_file(name, "descriptors.safetensors") if config.get("reads") else None
+        if weights_path:  # the heads: a linear layer per descriptor on the input of the class head (config["reads"])
+            from safetensors.torch import load_file
+
+            weights = load_file(weights_path)
+            self.descriptors = {"reads": self.model.get_submodule(config["reads"]), "classes": config["classes"],
+                                "heads": {d: (weights[f"heads.{d}.weight"].double(), weights[f"heads.{d}.bias"].double()) for d in config["names"]}}
+
+    def _sanitize_parameters(self, source: str | None = None, nodule_box=None, **kwargs: Any):
         preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
         # (transformers calls this from __init__ too, before training_sources is read: no source said then.)
         postprocess["regime"] = UNSEEN if source is None else regime_of(source, self.training_sources)  # an unknown source is refused
+        if nodule_box is not None:
+            preprocess["nodule_box"] = nodule_box
         return preprocess, forward, postprocess
+
+    def preprocess(self, image, timeout=None, nodule_box=None):
+        from transformers import ViTImageProcessor
+        from transformers.image_utils import load_image
+
+        image = load_image(image, timeout=timeout)
+        model_inputs = super().preprocess(image)
+        if nodule_box is not None and self.descriptors is not None:
+            # The nodule's square, resized and normalised as training did (the plain processor: no ultrasound crop of it).
+            square = nodule_view(image, nodule_box)  # a box outside the image raises, naming the problem
+            model_inputs["nodule_pixel_values"] = ViTImageProcessor.preprocess(self.image_processor, square, return_tensors="pt")["pixel_values"].to(self.dtype)
+        return model_inputs
 
     def _forward(self, model_inputs):
         captured: list[torch.Tensor] = []
-        handle = None
+        features: list[torch.Tensor] = []  # the class head's input: what the descriptor heads read
+        nodule = model_inputs.pop("nodule_pixel_values", None)
+        handles = []
         if self.guard is not None:
             def hook(module, args, output):  # the guard's features: per-channel mean and std of an early stage
                 var, mean = torch.var_mean(output.detach().float(), dim=(2, 3))
                 captured.append(torch.cat([mean, var.sqrt()], dim=1))
 
-            handle = self.guard["layer"].register_forward_hook(hook)
+            handles.append(self.guard["layer"].register_forward_hook(hook))
+        if self.descriptors is not None:
+            handles.append(self.descriptors["reads"].register_forward_pre_hook(lambda module, args: features.append(args[0].detach().flatten(1))))
         try:
             logits = self.model(**model_inputs).logits
+            if nodule is not None:
+                self.model(pixel_values=nodule)
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
-        return {"logits": logits, "guard_features": captured[0] if captured else None}
+        return {"logits": logits, "guard_features": captured[0] if captured else None,
+                "descriptor_features": features[-1] if features else None, "read_from": "nodule" if nodule is not None else "frame"}
+
+    def _describe(self, features: torch.Tensor, read_from: str) -> dict:
+        """Each descriptor's probabilities by ACR term, its most likely term, the expected points and the level (as
+        the project's ``descriptors.describe``)."""
+        out: dict = {}
+        points = 0.0
+        x = features.double()[0]
+        for name, (weight, bias) in self.descriptors["heads"].items():
+            probs = torch.softmax(weight @ x + bias, dim=0).numpy()
+            classes = self.descriptors["classes"][name]
+            out[name] = {"probabilities": {c["term"]: float(p) for c, p in zip(classes, probs)}, "term": classes[int(np.argmax(probs))]["term"]}
+            points += float(sum(c["points"] * p for c, p in zip(classes, probs)))
+        out["tirads"] = {"points": points, "level": tirads_level(points)}
+        out["read_from"] = read_from
+        return out
 
     def postprocess(self, model_outputs, function_to_apply=None, top_k=None, regime: str = UNSEEN):
         logits = model_outputs["logits"][0].float().numpy().astype(np.float64)
@@ -94,5 +145,8 @@ class ThyroidImageClassificationPipeline(ImageClassificationPipeline):
             flagged = score > g["threshold"]
         answer = decide(probs, labels, self.regimes.get(regime), flagged, regime, self.training_sources)
         ranked = sorted(({"label": label, "score": float(p)} for label, p in zip(labels, probs)), key=lambda d: d["score"], reverse=True)
-        return {"answer": answer.headline, "headlined": answer.headlined, "reason": answer.reason, "prediction_set": answer.prediction_set,
-                "flagged": bool(flagged), "in_domain_score": score, "regime": answer.regime, "scores": ranked[: top_k or len(ranked)]}
+        out = {"answer": answer.headline, "headlined": answer.headlined, "reason": answer.reason, "prediction_set": answer.prediction_set,
+               "flagged": bool(flagged), "in_domain_score": score, "regime": answer.regime, "scores": ranked[: top_k or len(ranked)]}
+        if self.descriptors is not None and model_outputs.get("descriptor_features") is not None:
+            out["descriptors"] = self._describe(model_outputs["descriptor_features"], model_outputs["read_from"])
+        return out
