@@ -64,21 +64,25 @@ def ddti_like(tmp_path_factory) -> Path:
     return images
 
 
-@pytest.fixture(scope="module")
-def recorded(ddti_like, tiny_models, tmp_path_factory):
-    """The tiny ResNet trained with descriptor heads on ``ddti_like``: the Trainer it used, and its folder."""
+def _train_recorded(ddti_like: Path, tiny_model: Path, out: Path, *flags: str):
+    """The tiny ResNet trained with descriptor heads on ``ddti_like`` (and ``flags``): the Trainer it used, and its folder."""
     from thyroid_classifier import fit
     from thyroid_classifier.training import main
 
     made = []
     original = fit.SampleWeightedTrainer
-    out = tmp_path_factory.mktemp("heads")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fit, "SampleWeightedTrainer", lambda **kwargs: made.append(original(**kwargs)) or made[-1])
-        assert main(["--model", str(tiny_models["tiny-resnet"]), "--data_dir", str(ddti_like), "--output_dir", str(out), "--image_size", "32",
+        assert main(["--model", str(tiny_model), "--data_dir", str(ddti_like), "--output_dir", str(out), "--image_size", "32",
                      "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--bootstrap_resamples", "20", "--learning_rate", "3e-4",
-                     "--descriptor_loss_weight", "0.7", "--split_views", "true"]) == 0  # split screens: a frame's views averaged
+                     "--descriptor_loss_weight", "0.7", *flags]) == 0
     return made[0], out / "tiny-resnet"
+
+
+@pytest.fixture(scope="module")
+def recorded(ddti_like, tiny_models, tmp_path_factory):
+    """Heads that read the whole frame, on split screens whose views are averaged."""
+    return _train_recorded(ddti_like, tiny_models["tiny-resnet"], tmp_path_factory.mktemp("heads"), "--split_views", "true")
 
 
 @pytest.fixture(scope="module")
@@ -432,19 +436,8 @@ def test_each_frame_has_the_box_of_its_radiologists_outline(ddti_like):
 
 @pytest.fixture(scope="module")
 def recorded_nodule(ddti_like, tiny_models, tmp_path_factory):
-    """The tiny ResNet whose heads learned from the nodules' squares (``--descriptor_view nodule``): its Trainer and folder."""
-    from thyroid_classifier import fit
-    from thyroid_classifier.training import main
-
-    made = []
-    original = fit.SampleWeightedTrainer
-    out = tmp_path_factory.mktemp("nodule-heads")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fit, "SampleWeightedTrainer", lambda **kwargs: made.append(original(**kwargs)) or made[-1])
-        assert main(["--model", str(tiny_models["tiny-resnet"]), "--data_dir", str(ddti_like), "--output_dir", str(out), "--image_size", "32",
-                     "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--bootstrap_resamples", "20", "--learning_rate", "3e-4",
-                     "--descriptor_loss_weight", "0.7", "--descriptor_view", "nodule"]) == 0
-    return made[0], out / "tiny-resnet"
+    """Heads that learned from the nodules' squares (``--descriptor_view nodule``)."""
+    return _train_recorded(ddti_like, tiny_models["tiny-resnet"], tmp_path_factory.mktemp("nodule-heads"), "--descriptor_view", "nodule")
 
 
 @pytest.mark.parametrize("view", ["nodule", "both", "frame"])

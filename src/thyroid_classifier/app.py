@@ -420,7 +420,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
         button.click(predict, [image, model, opacity, source, nodule, state], [label, slider, message, state, data], api_name="predict", **slot)
         # A click on the image: a corner of the nodule's box (gradio gives it in the image's own pixels). A new image: no box yet.
         image.select(click_corner, [nodule], [nodule], api_name=False, queue=False)
-        image.upload(lambda: "", None, [nodule], api_name=False, queue=False)
+        image.change(lambda: "", None, [nodule], api_name=False, queue=False)
         opacity.release(reblend, [state, opacity], [slider], api_name=False, **slot)
         model.change(lambda name: (metrics_markdown(predictors[name].info, predictors[name].reliability), notice(predictors[name].info),
                                    gr.Dropdown(choices=source_choices(predictors[name]), value=UNSEEN),
