@@ -581,6 +581,22 @@ def test_two_clicks_on_the_image_make_the_box_and_a_third_starts_another():
     assert parse_nodule_box(" 70 64, 20 31 ") == (20, 31, 70, 64)  # corners in any order, commas or spaces
 
 
+def test_a_box_clicked_on_a_turned_or_reduced_upload_lands_on_the_same_pixels_of_the_analysed_frame(tmp_path):
+    """The page shows an EXIF-turned photo upright (so the clicks are in upright pixels) and the analysis may read a
+    reduced copy: the box follows both."""
+    import io
+
+    from thyroid_classifier.app import scale_box, shown_size
+    from thyroid_classifier.preprocess import open_image, probe_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 128 x 96, shown (and decoded) turned: 96 x 128
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 96)).save(buffer, "JPEG", exif=exif)
+    assert shown_size(probe_image(buffer.getvalue()).image) == (96, 128) == open_image(buffer.getvalue()).size
+    assert scale_box((10, 20, 50, 100), (96, 128), (48, 64)) == (5, 10, 25, 50)
+
+
 def test_the_hub_pipeline_gives_the_descriptors_as_the_predictor_does_from_the_frame_or_a_nodule_box(recorded_nodule, ddti_like, monkeypatch):
     """``pipeline(..., trust_remote_code=True)`` on a folder with heads: the shipped code alone (no package) finds the
     heads' input, reads the whole frame in the class's pass or the square around ``nodule_box`` in one more."""

@@ -147,6 +147,15 @@ def next_corner(text: str | None, x: float, y: float) -> str:
     return f"{round(x)}, {round(y)}"
 
 
+def shown_size(image) -> tuple[int, int]:
+    """The size a browser shows an image at (a PIL image, header read): its EXIF orientation applied, as decoding does."""
+    try:
+        turned = image.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that swap width and height
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block: shown as stored
+        turned = False
+    return (image.height, image.width) if turned else image.size
+
+
 def scale_box(box: Sequence[float], from_size: tuple[int, int], to_size: tuple[int, int]) -> tuple[float, ...]:
     """A box in an image of ``from_size`` in the pixels of the same image at ``to_size``."""
     sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
@@ -342,7 +351,7 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
                 except ValueError:
                     raise fail(f"{safe_name(str(source))} is not one of this model's training sources; choose another hospital or scanner.") from None
                 pending = probe_image(frame, name=name)  # the header only: a bomb is refused before it costs anything
-                upload_size = upload_size or pending.image.size  # a nodule box's pixels: the upload's, as the page showed it
+                upload_size = upload_size or shown_size(pending.image)  # a nodule box's pixels: the upload's, as the page showed it
                 with budget.hold(pending.cost) as held:
                     image = background.run(pending.decode) if pending.factor > 1 else pending.decode()
                     held.resize(image.width * image.height * WORKING_BYTES_PER_PIXEL)

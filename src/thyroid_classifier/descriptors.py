@@ -102,6 +102,8 @@ def read_nodules(model: nn.Module, heads: DescriptorHeads, processor, images: Se
 
     device = next(model.parameters()).device
     out: dict[str, list[np.ndarray]] = {name: [] for name in heads.names}
+    was_training = model.training
+    model.eval()  # BatchNorm's running statistics, as at prediction (a model fresh from training may still be in train mode)
     for start in range(0, len(images), batch_size):
         views = []
         for image, box in zip(images[start:start + batch_size], boxes[start:start + batch_size], strict=True):
@@ -114,6 +116,7 @@ def read_nodules(model: nn.Module, heads: DescriptorHeads, processor, images: Se
             model(pixel_values=view_pixels(processor, views).to(device))
         for name in heads.names:
             out[name].append(captured[0][name].float().cpu().numpy().astype(np.float64))
+    model.train(was_training)
     return {name: np.concatenate(v) if v else np.zeros((0, len(CLASSES[name]))) for name, v in out.items()}
 
 
