@@ -622,3 +622,15 @@ def test_the_hub_pipeline_gives_the_descriptors_as_the_predictor_does_from_the_f
             assert theirs["tirads"]["points"] == pytest.approx(mine["tirads"]["points"], abs=1e-3) and theirs["tirads"]["level"] == mine["tirads"]["level"]
     with pytest.raises(ValueError, match="not inside"):
         remote(frames[0], nodule_box=(500, 500, 600, 600))
+
+
+def test_evaluate_on_a_source_without_case_files_reports_the_route_and_no_agreement(with_heads, sample_dir, tmp_path):
+    """DDTI → LES3BDD: a model with heads scored on a source without descriptors (a regression: the confusion count
+    refused the empty set and the whole evaluation failed)."""
+    from thyroid_classifier.evaluate import main
+
+    assert main([str(with_heads), str(sample_dir), "--out", str(tmp_path), "--bootstrap", "20", "--quiet"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())["descriptors"]
+    assert report["per_descriptor"]["margins"]["kappa"]["n"] == 0 and "from_nodule_box" not in report
+    assert report["route"]["n"] == len(list(sample_dir.glob("*/*.png")))
+    assert "| margins | n/a (no descriptors in this data) | | 0 |" in (tmp_path / "report.md").read_text()

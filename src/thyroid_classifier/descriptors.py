@@ -298,7 +298,9 @@ def descriptor_report(probs: Mapping[str, np.ndarray], targets: np.ndarray, grou
     for j, (name, p) in enumerate(probs.items()):
         known = targets[:, j] != MISSING
         pred = np.asarray(p).argmax(1)
-        confusion = confusion_matrix(targets[known, j], pred[known], labels=list(range(len(CLASSES[name]))))
+        k = len(CLASSES[name])
+        # (sklearn refuses an empty count: a source without case files, LES3BDD, has no descriptor anywhere)
+        confusion = confusion_matrix(targets[known, j], pred[known], labels=list(range(k))) if known.any() else np.zeros((k, k), dtype=int)
         out["per_descriptor"][name] = {
             "kappa": kappa_with_interval(targets[known, j], pred[known], groups_a[known].tolist(), n_resamples, seed) if known.any()
             else {"value": math.nan, "ci": [math.nan, math.nan], "n": 0, "patients": 0},
