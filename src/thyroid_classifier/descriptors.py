@@ -30,7 +30,7 @@ from .answer_rule import tirads_level
 from .folder_files import DESCRIPTOR_CONFIG, DESCRIPTOR_HEADS
 from .inference import view_pixels
 from .known_data import ACR_LEXICON, DESCRIPTORS, case_files, frame_descriptors, frame_outline, outline_box
-from .metrics import group_resamples
+from .metrics import group_resamples, softmax
 from .models import classifier_head
 from .preprocess import nodule_view
 
@@ -86,11 +86,6 @@ def frame_nodule_boxes(paths: Sequence[str], sources: Sequence[str], folders: Ma
         if polygons:
             out[i] = outline_box(polygons)
     return out
-
-
-def has_box(box: Sequence[float] | None) -> bool:
-    """Whether a row of :func:`frame_nodule_boxes` (or a given box) is a box (not NaN, not None)."""
-    return box is not None and not any(math.isnan(float(v)) for v in box)
 
 
 def read_nodules(model: nn.Module, heads: DescriptorHeads, processor, images: Sequence, boxes: Sequence[Sequence[float]],
@@ -324,13 +319,9 @@ def nodule_report(logits: Mapping[str, np.ndarray], targets: np.ndarray, groups:
     boxed = ~np.isnan(first).any(axis=1)
     if not boxed.any():
         return None
-    report = descriptor_report({name: _softmax(np.asarray(v)[boxed]) for name, v in logits.items()}, targets[boxed],
+    report = descriptor_report({name: softmax(np.asarray(v)[boxed]) for name, v in logits.items()}, targets[boxed],
                                list(np.asarray(groups)[boxed]), list(np.asarray(y_true)[boxed]), labels, n_resamples, seed)
     return {**report, "read_from": "nodule", "frames": int(boxed.sum())}
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
 
 
 def one_line(described: Mapping | None) -> str | None:
