@@ -128,6 +128,19 @@ class DescriptorHeads(nn.Module):
         return {name: head(features) for name, head in self.heads.items()}
 
 
+def read_outlined(model: nn.Module, heads: DescriptorHeads, processor, paths: Sequence[str], boxes: np.ndarray) -> dict[str, np.ndarray] | None:
+    """:func:`read_nodules` of the frames that have a box (``boxes``: :func:`frame_nodule_boxes`' rows), as
+    ``{descriptor: (frames, classes)}`` with NaN rows for the others; None when no frame has one."""
+    boxed = np.flatnonzero(~np.isnan(boxes).any(axis=1))
+    if not len(boxed):
+        return None
+    read = read_nodules(model, heads, processor, [paths[i] for i in boxed], boxes[boxed])
+    out = {name: np.full((len(paths), v.shape[1]), np.nan) for name, v in read.items()}
+    for name, v in read.items():
+        out[name][boxed] = v
+    return out
+
+
 def head_name(model: nn.Module) -> str:
     """The name of the module whose input the heads read (the class head), as ``model.get_submodule`` takes it."""
     head = classifier_head(model)

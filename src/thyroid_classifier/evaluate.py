@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .audit import audit_scan, training_overlap
 from .augment import device_shifts, shift_image
-from .descriptors import CLASSES, descriptor_report, frame_labels, frame_nodule_boxes, nodule_report, one_line, read_nodules
+from .descriptors import CLASSES, descriptor_report, frame_labels, frame_nodule_boxes, nodule_report, one_line, read_outlined
 from .data import DataError, as_dirs, resolve_groups, scan_sources, source_name
 from .folder import AUDIT, PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, with_intervals
@@ -117,13 +117,8 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
         targets = frame_labels(paths, sources, folders)
         result["descriptors"] = {**descriptor_report(probs_by_descriptor, targets, kept_groups, y, predictor.labels, bootstrap, seed), "read_from": "frame"}
         # The same heads read from each frame's nodule box where the case files outline it: what a person drawing the box gets.
-        boxes = frame_nodule_boxes(paths, sources, folders)
-        boxed = np.flatnonzero(~np.isnan(boxes).any(axis=1))
-        if len(boxed):
-            read = read_nodules(predictor.model, predictor.descriptors.heads, predictor.processor, [paths[i] for i in boxed], boxes[boxed])
-            logits = {name: np.full((len(paths), v.shape[1]), np.nan) for name, v in read.items()}
-            for name, v in read.items():
-                logits[name][boxed] = v
+        logits = read_outlined(predictor.model, predictor.descriptors.heads, predictor.processor, paths, frame_nodule_boxes(paths, sources, folders))
+        if logits is not None:
             result["descriptors"]["from_nodule_box"] = nodule_report(logits, targets, kept_groups, y, predictor.labels, bootstrap, seed)
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     sets_named = [[label for label, inside in zip(predictor.labels, row, strict=True) if inside] for row in sets]

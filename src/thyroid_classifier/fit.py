@@ -19,7 +19,7 @@ import torch
 from .adaptation import StartingModel
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
 from .descriptors import (MISSING, DescriptorHeads, DescriptorState, describe, descriptor_class_weights, descriptor_logits,
-                          descriptor_report, frame_labels, frame_nodule_boxes, head_name, nodule_report, one_line, pooled_width, read_nodules)
+                          descriptor_report, frame_labels, frame_nodule_boxes, head_name, nodule_report, one_line, pooled_width, read_outlined)
 from .folder import ModelFolder, prediction_rows
 from .known_data import dataset_facts, sources_facts
 from .metrics import (
@@ -381,12 +381,8 @@ def train_one(
         descriptor_metrics["read_from"] = "frame"
         # The same heads read from the radiologist's box of each evaluation frame (what a person drawing the box gets).
         boxes = frame_nodule_boxes(list(raw["path"]), eval_sources, report.sources or {}, str(report.root))
-        boxed = np.flatnonzero(~np.isnan(boxes).any(axis=1))
-        if len(boxed):
-            read = read_nodules(trainer.model, heads, processor, [raw["path"][i] for i in boxed], boxes[boxed])
-            nodule = {name: np.full_like(v, np.nan) for name, v in frame.items()}
-            for name in nodule:
-                nodule[name][boxed] = read[name]
+        nodule = read_outlined(trainer.model, heads, processor, list(raw["path"]), boxes)
+        if nodule is not None:
             from_box = nodule_report(nodule, descriptor_targets[eval_name], list(raw["group"]), y_true, labels, run_args.bootstrap_resamples, run_args.seed)
             if from_box:
                 descriptor_metrics["from_nodule_box"] = {**from_box, "split": descriptor_metrics["split"]}
