@@ -456,6 +456,10 @@ def test_the_heads_learn_from_the_view_the_run_names_in_the_same_pass_as_the_fra
     batch = next(iter(DataLoader(trainer.train_dataset, batch_size=len(rows), shuffle=False, collate_fn=trainer.data_collator)))
     boxed = batch["nodule_mask"]
     assert 0 < int(boxed.sum()) < len(boxed)
+    from thyroid_classifier.descriptors import frame_nodule_boxes  # each frame's own outline, not another's
+
+    source_dir = {s: str(Path(p).parent.parent) for p, s in zip(rows["path"], rows["source"], strict=True)}
+    np.testing.assert_array_equal(np.asarray(rows["nodule_box"], dtype=float), frame_nodule_boxes(rows["path"], rows["source"], source_dir))
     assert batch["nodule_pixel_values"][boxed].abs().sum(dim=(1, 2, 3)).min() > 0  # a square for every outlined frame
     model = trainer.model.eval()
     heads = model.descriptor_heads = DescriptorState.from_pretrained(folder).heads

@@ -293,8 +293,7 @@ def train_one(
             descriptor_weights = descriptor_class_weights(descriptor_targets["train"]) if run_args.class_weighting else None
             splits["train"] = splits["train"].add_column("descriptors", descriptor_targets["train"].tolist())
             if run_args.descriptor_view != "frame":  # the nodule's square, a view of its own (transforms.ImageTransforms)
-                train_rows = splits["train"].with_format(None)
-                boxes = frame_nodule_boxes(train_rows["path"], train_rows["source"], report.sources or {}, str(report.root))
+                boxes = frame_nodule_boxes(train_raw["path"], train_sources, report.sources or {}, str(report.root))
                 splits["train"] = splits["train"].add_column("nodule_box", boxes.tolist())
                 logger.info("descriptor heads learn from %s: %d of %d training frames have an outline", run_args.descriptor_view,
                             int((~np.isnan(boxes).any(axis=1)).sum()), len(boxes))
