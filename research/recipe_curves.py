@@ -80,7 +80,7 @@ class NonSquareTransforms(ImageTransforms):
         super().__init__(preprocessor, processor, hw[0], train, cache)
         h, w = hw
         self.train_size = (w, h)
-        self.augment.transforms[1] = v2.RandomResizedCrop(hw, scale=(0.75, 1.0), ratio=(0.8 * w / h, 1.25 * w / h), antialias=True)
+        self.geometry.transforms[1] = v2.RandomResizedCrop(hw, scale=(0.75, 1.0), ratio=(0.8 * w / h, 1.25 * w / h), antialias=True)
 
 
 class RoiTransforms(ImageTransforms):
@@ -140,13 +140,10 @@ class OutlineTransforms(ImageTransforms):
     crop, flip and rotation as the image: the target of ``--seg_weight``'s auxiliary head."""
 
     def __init__(self, preprocessor, processor, size: int, train: bool, cache: dict, xml_dir: Path, device_augment: bool) -> None:
-        from torchvision.transforms import v2
-
         super().__init__(preprocessor, processor, size, train, cache, device_augment=device_augment)
         self.xml_dir = xml_dir
-        steps = self.augment.transforms
-        self.geometric = v2.Compose(steps[:4])  # ToImage, RandomResizedCrop, flip, rotation: image and mask together
-        self.photometric = v2.Compose(steps[4:])  # gain, dtype, device shifts, normalise: image only
+        self.geometric = self.geometry  # ToImage, RandomResizedCrop, flip, rotation: image and mask together
+        self.photometric = self.appearance  # gain, dtype, device shifts, normalise: image only
 
     def _crop(self, path: str, image) -> list:
         # The outline masks are cut from the same boxes as the views, in the same decode.

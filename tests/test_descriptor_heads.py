@@ -23,7 +23,7 @@ from thyroid_classifier.descriptors import (
     frame_labels,
     tirads_level,
 )
-from thyroid_classifier.folder_files import test_predictions
+from thyroid_classifier.folder_files import test_predictions as _test_predictions
 from thyroid_classifier.known_data import DESCRIPTORS
 
 #: What the synthetic radiologist writes for each class (a benign "normal" case leaves margins and echogenicity out).
@@ -303,7 +303,8 @@ def test_cross_validation_pools_each_descriptors_agreement_over_every_held_out_f
     from thyroid_classifier.training import main
 
     assert main(["--model", str(tiny_models["tiny-resnet"]), "--data_dir", str(ddti_like), "--output_dir", str(tmp_path), "--image_size", "32",
-                 "--num_train_epochs", "1", "--bootstrap_resamples", "10", "--descriptor_loss_weight", "1", "--cv", "2", "--descriptor_view", "both"]) == 0
+                 "--num_train_epochs", "1", "--bootstrap_resamples", "10", "--descriptor_loss_weight", "1", "--cv", "2", "--descriptor_view", "both",
+                 "--outline_loss_weight", "1"]) == 0
     cv = json.loads((tmp_path / "tiny-resnet" / "cv_metrics.json").read_text())
     per = cv["descriptors"]["per_descriptor"]
     frames = sorted(ddti_like.glob("*/*.png"))
@@ -317,6 +318,10 @@ def test_cross_validation_pools_each_descriptors_agreement_over_every_held_out_f
     from_box = cv["descriptors"]["from_nodule_box"]
     assert from_box["frames"] == outlined and from_box["per_descriptor"]["composition"]["kappa"]["n"] == outlined
     assert from_box["split"] == "pooled out-of-fold" and cv["recipe"]["descriptor_view"] == "both"
+    # And as read without a box (the predicted nodule where found, else the frame): every frame, once.
+    predicted = cv["descriptors"]["from_predicted_nodule"]
+    assert predicted["frames"] == len(frames) and predicted["per_descriptor"]["composition"]["kappa"]["n"] == len(frames)
+    assert predicted["localisation"]["outlined"] == outlined and cv["recipe"]["outline_loss_weight"] == 1
 
 
 def test_a_training_frames_nodule_view_is_the_square_around_its_outline_augmented_as_the_frame_is(ddti_like):
@@ -491,7 +496,7 @@ def test_the_heads_agreement_is_measured_read_from_the_frame_and_from_the_radiol
     from_box = described["from_nodule_box"]
     assert described["read_from"] == "frame" and from_box["read_from"] == "nodule"
     # Read from the box: only the evaluation frames with an outline, each with its case's descriptors.
-    with (folder / test_predictions()).open(newline="") as f:
+    with (folder / _test_predictions()).open(newline="") as f:
         paths = [row["path"] for row in csv.DictReader(f)]
     from thyroid_classifier.descriptors import frame_nodule_boxes
 
@@ -638,3 +643,250 @@ def test_evaluate_on_a_source_without_case_files_reports_the_route_and_no_agreem
     assert report["per_descriptor"]["margins"]["kappa"]["n"] == 0 and "from_nodule_box" not in report
     assert report["route"]["n"] == len(list(sample_dir.glob("*/*.png")))
     assert "| margins | n/a (no descriptors in this data) | | 0 |" in (tmp_path / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# The outline head: an auxiliary mask target in training, the predicted nodule at prediction
+
+
+def test_a_training_frames_outline_moves_with_the_augmented_frame():
+    """Bugs: the mask left where it was while the frame is cropped, turned and flipped (or moved by another draw), the
+    mask given the image's brightness changes: on every draw the outlined pixels are the bright nodule's."""
+    from transformers import ViTImageProcessor
+
+    from thyroid_classifier.preprocess import UltrasoundPreprocessor
+    from thyroid_classifier.transforms import ImageTransforms, collate
+
+    frame = np.full((64, 96, 3), 40, dtype=np.uint8)
+    frame[8:30, 10:40] = 220  # the nodule, off-centre: a flip or crop that the mask missed puts it on the dark tissue
+    path = str(Path(__import__("tempfile").mkdtemp()) / "1_1.png")
+    Image.fromarray(frame).save(path)
+    polygon = [10.0, 8.0, 39.0, 8.0, 39.0, 29.0, 10.0, 29.0]
+    transforms = ImageTransforms(UltrasoundPreprocessor(crop=False), ViTImageProcessor(size={"height": 48, "width": 48}), 48, train=True)
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = transforms({"path": [path, path], "label": [0, 0], "outline": [[polygon], []]})
+        batch = collate([{k: v[i] for k, v in out.items()} for i in range(2)])
+        assert batch["outline_mask"].tolist() == [True, False] and batch["outline_target"][1].sum() == 0
+        mask = batch["outline_target"][0, 0] > 0.5
+        grey = batch["pixel_values"][0].mean(0)
+        assert 0.05 < float(mask.float().mean()) < 0.5
+        assert float(grey[mask].mean()) > float(grey[~mask].mean()) + 0.5  # normalised units: the bright square under the mask
+
+
+def test_the_outline_loss_is_the_grid_against_each_cells_share_of_the_outline_on_outlined_frames_only():
+    from torch.nn import functional as F
+
+    from thyroid_classifier.descriptors import outline_loss
+
+    logits = torch.tensor([[[[2.0, -1.0], [0.0, 1.0]]], [[[5.0, 5.0], [5.0, 5.0]]]])
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, 0, :2, :2] = 1  # the top-left cell wholly inside
+    target[0, 0, 2, 2] = 1  # a quarter of the bottom-right cell
+    cover = torch.tensor([[[[1.0, 0.0], [0.0, 0.25]]]])
+    got = outline_loss(logits, target, torch.tensor([True, False]))
+    assert got.item() == pytest.approx(F.binary_cross_entropy_with_logits(logits[:1], cover).item())
+    assert outline_loss(logits, target, torch.tensor([False, False])).item() == 0.0
+
+
+def test_the_predicted_box_is_the_peaks_region_brought_back_onto_the_image():
+    from thyroid_classifier.descriptors import predicted_box
+
+    cells = np.zeros((4, 4))
+    cells[1:3, 0:2] = 0.9  # the nodule
+    cells[0, 3] = 0.7  # a second, weaker region apart from the peak's: not part of the box
+    view = (100, 50, 180, 130)  # the view's box in a 300 x 200 image: 20 pixels a cell
+    box = predicted_box(cells, view, (300, 200))
+    assert box is not None
+    left, top, right, bottom = box
+    assert 100 <= left <= 105 and 65 <= top <= 75 and 135 <= right <= 145 and 105 <= bottom <= 115
+    assert predicted_box(np.full((4, 4), 0.3), view, (300, 200)) is None  # nowhere sure enough: the whole frame is read
+
+
+@pytest.fixture(scope="module")
+def recorded_outline(ddti_like, tiny_models, tmp_path_factory):
+    """Heads with an outline head (``--outline_loss_weight``), learning from both views."""
+    return _train_recorded(ddti_like, tiny_models["tiny-resnet"], tmp_path_factory.mktemp("outline-heads"), "--descriptor_view", "both",
+                           "--outline_loss_weight", "0.5")
+
+
+def test_the_runs_loss_adds_the_weighted_outline_loss_of_its_outlined_frames(recorded_outline):
+    """Bugs: the outline loss over every frame (those without an outline taught "no nodule"), over the nodules' squares,
+    or not weighted: the Trainer's loss is checked against the parts computed by hand."""
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from thyroid_classifier.descriptors import OUTLINE, DescriptorState
+
+    trainer, folder = recorded_outline
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["training"]["outline_loss_weight"] == 0.5
+    config = json.loads((folder / "descriptors.json").read_text())
+    assert config["outline_channels"] > 0
+    batch = next(iter(DataLoader(trainer.train_dataset, batch_size=len(trainer.train_dataset), shuffle=False, collate_fn=trainer.data_collator)))
+    outlined, boxed = batch["outline_mask"], batch["nodule_mask"]
+    assert 0 < int(outlined.sum()) < len(outlined) and outlined.tolist() == boxed.tolist()
+    model = trainer.model.eval()
+    heads = model.descriptor_heads = DescriptorState.from_pretrained(folder).heads
+    assert heads.outline is not None
+    weights = {k: torch.tensor(v) for k, v in metrics["training"]["descriptor_class_weights"].items()}
+    targets = batch["descriptor_labels"]
+    try:
+        with torch.no_grad():
+            with descriptor_logits(model, heads) as frames:
+                logits = model(pixel_values=batch["pixel_values"]).logits
+            with descriptor_logits(model, heads) as nodules:
+                model(pixel_values=batch["nodule_pixel_values"][boxed])
+            class_loss = F.cross_entropy(logits, batch["labels"], weight=torch.tensor(metrics["training"]["class_weights"]),
+                                         label_smoothing=metrics["training"]["label_smoothing"])
+            read = {k: torch.cat([frames[0][k], nodules[0][k]]) for k in DESCRIPTORS}
+            grid = frames[0][OUTLINE]
+            cover = F.adaptive_avg_pool2d(batch["outline_target"][outlined], grid.shape[-2:])
+            expected = (class_loss + 0.7 * descriptor_loss(read, torch.cat([targets, targets[boxed]]), DESCRIPTORS, weights)
+                        + 0.5 * F.binary_cross_entropy_with_logits(grid[outlined], cover))
+            got = trainer.compute_loss(model, dict(batch))
+        assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+    finally:
+        del model.descriptor_heads
+
+
+def test_without_a_box_the_predictor_reads_the_nodule_its_outline_head_predicts_and_says_so(recorded_outline, ddti_like):
+    """Bugs: the predicted box ignored (the whole frame read), given to another image, or winning over a box given; a
+    map sure of nothing falls back to the whole frame."""
+    from thyroid_classifier.descriptors import PREDICTED
+    from thyroid_classifier.predict import Predictor
+
+    _, folder = recorded_outline
+    predictor = Predictor.from_pretrained(str(folder))
+    outline = predictor.descriptors.heads.outline
+    frames = [Image.open(p).convert("RGB") for p in sorted(ddti_like.glob("benign/*.png"))[:2]]
+    given = (20, 30, 70, 64)
+    with torch.no_grad():
+        outline.weight.zero_()
+        outline.bias.fill_(-10.0)  # sure there is no nodule anywhere
+    nowhere = predictor.predict(frames, explain=False)
+    assert [p.descriptors["read_from"] for p in nowhere] == ["frame", "frame"] and nowhere[0].nodule_box is None
+    with torch.no_grad():
+        outline.bias.fill_(10.0)  # sure it fills every view: the predicted box is the ultrasound region
+    found = predictor.predict(frames, explain=True, nodule_boxes=[None, given])
+    assert found[0].descriptors["read_from"] == PREDICTED and found[1].descriptors["read_from"] == "nodule"
+    assert found[1].nodule_box == given
+    region = found[0].box
+    assert found[0].nodule_box == pytest.approx(tuple(float(v) for v in region), abs=1)
+    # The same as reading that box given by hand, and the class still reads the whole frame.
+    by_hand = predictor.predict(frames[:1], explain=False, nodule_boxes=[found[0].nodule_box])[0]
+    assert by_hand.probabilities == pytest.approx(nowhere[0].probabilities)
+    for name in DESCRIPTORS:
+        assert found[0].descriptors[name]["probabilities"] == pytest.approx(by_hand.descriptors[name]["probabilities"], abs=1e-5)
+
+
+def test_the_run_measures_the_heads_as_read_without_a_box_and_how_its_boxes_overlap_the_radiologists(recorded_outline):
+    """The run's own numbers for a frame read without a box (the predicted nodule where found, else the frame) are what
+    the Predictor gives on the same frames: bugs such as another frame's box, or a frame read from a box not found."""
+    from thyroid_classifier.descriptors import PREDICTED, frame_labels, frame_nodule_boxes, predicted_report
+    from thyroid_classifier.predict import Predictor
+
+    _, folder = recorded_outline
+    metrics = json.loads((folder / "metrics.json").read_text())
+    report = metrics["descriptors"]["from_predicted_nodule"]
+    with (folder / _test_predictions()).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    paths = [row["path"] for row in rows]
+    assert report["frames"] == len(paths) and report["read_from"].startswith(PREDICTED)
+    predictor = Predictor.from_pretrained(str(folder))
+    got = predictor.predict([Image.open(p).convert("RGB") for p in paths], explain=False)
+    found = np.array([r.nodule_box if r.nodule_box is not None else (np.nan,) * 4 for r in got], dtype=float)
+    assert report["found"] == int((~np.isnan(found).any(axis=1)).sum())
+    assert all((r.descriptors["read_from"] == PREDICTED) == (r.nodule_box is not None) for r in got)
+    source = {"s": str(Path(paths[0]).parents[1])}
+    logits = {name: np.log([[r.descriptors[name]["probabilities"][t] for t, _ in CLASSES[name]] for r in got]) for name in DESCRIPTORS}
+    expected = predicted_report(logits, found, frame_nodule_boxes(paths, ["s"] * len(paths), source), frame_labels(paths, ["s"] * len(paths), source),
+                                [row["group"] for row in rows], [predictor.labels.index(row["label"]) for row in rows], predictor.labels, 20,
+                                metrics["training"]["seed"])
+    for name in DESCRIPTORS:
+        assert report["per_descriptor"][name]["kappa"]["value"] == pytest.approx(expected["per_descriptor"][name]["kappa"]["value"], nan_ok=True)
+    assert report["localisation"] == pytest.approx(expected["localisation"], nan_ok=True)
+
+
+def _with_outline_bias(folder: Path, out: Path, bias: float) -> Path:
+    """A copy of ``folder`` whose outline head is sure the nodule fills every view (bias > 0) or is nowhere (< 0)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = load_file(str(out / "descriptors.safetensors"))
+    weights["outline.weight"].zero_()
+    weights["outline.bias"].fill_(bias)
+    save_file(weights, str(out / "descriptors.safetensors"))
+    return out
+
+
+def test_the_page_draws_the_nodule_the_model_located_and_says_its_descriptors_were_read_there(recorded_outline, ddti_like, tmp_path):
+    """Bugs: the located box not drawn (or drawn when nothing was located), the frame's agreement shown for a located
+    reading, the page claiming a located nodule when the whole frame was read."""
+    from gradio_client import Client, handle_file
+
+    from thyroid_classifier.app import build_demo, load_predictors
+
+    _, folder = recorded_outline
+    located = _with_outline_bias(folder, tmp_path / "located", 10.0)
+    nowhere = _with_outline_bias(folder, tmp_path / "nowhere", -10.0)
+    predictors = load_predictors([str(located), str(nowhere)])
+    demo = build_demo(predictors)
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    frame = sorted(ddti_like.glob("benign/*.png"))[0]
+    try:
+        client = Client(f"http://127.0.0.1:{demo.server_port}/", verbose=False)
+        _, (shown, _), message, details = client.predict(handle_file(str(frame)), "located", 0.45, api_name="/predict")
+        _, (plain, _), plain_message, plain_details = client.predict(handle_file(str(frame)), "nowhere", 0.45, api_name="/predict")
+    finally:
+        demo.close()
+    region = predictors["located"].predict([frame], explain=False)[0].box
+    assert details["descriptors"]["read_from"] == "predicted nodule" and details["nodule_box"] == pytest.approx(list(region), abs=1)
+    assert plain_details["descriptors"]["read_from"] == "frame" and plain_details["nodule_box"] is None
+    assert "Read from the nodule the model located" in message and "draw a box around the nodule" in message
+    assert "from the nodule the model located where it found one" in message  # the agreement measured read the same way
+    assert "Read from the whole frame" in plain_message and "located" not in plain_message
+    drawn = np.asarray(Image.open(shown).convert("RGB")).astype(int)
+    clean = np.asarray(Image.open(plain).convert("RGB")).astype(int)
+    changed = np.argwhere(np.abs(drawn - clean).sum(axis=2) > 60)
+    assert len(changed) and changed[:, 1].min() == pytest.approx(region[0], abs=3) and changed[:, 0].max() == pytest.approx(region[3] - 1, abs=3)
+
+
+def test_the_card_says_the_heads_read_the_nodule_they_locate_and_how_often_and_well_it_was_found(recorded_outline):
+    _, folder = recorded_outline
+    card = (folder / "README.md").read_text()
+    part = json.loads((folder / "metrics.json").read_text())["descriptors"]["from_predicted_nodule"]
+    assert "Without a box they read the nodule the model locates itself" in card
+    assert f"it located a nodule on {part['found']} of {part['frames']} frames" in card
+    assert f"on {part['localisation']['outlined']} frames the radiologist outlined" in card
+    k = part["per_descriptor"]["composition"]["kappa"]
+    value = f"{k['value']:.3f}" if k["value"] == k["value"] else "n/a"
+    assert f"| Composition | located nodule, else whole frame | {value} | [" in card
+    assert f"read from the located nodule, else whole frame (n = {part['route']['n']})" in card
+
+
+def test_evaluate_reports_a_model_that_locates_nodules_read_from_the_frame_and_as_located(recorded_outline, ddti_like, tmp_path):
+    """Bugs: the located readings reported as the whole frame's (or the reverse), the located count not the Predictor's."""
+    from thyroid_classifier.descriptors import cohen_kappa
+    from thyroid_classifier.evaluate import main
+    from thyroid_classifier.predict import Predictor
+
+    _, folder = recorded_outline
+    located = _with_outline_bias(folder, tmp_path / "located", 10.0)  # sure of a nodule everywhere: every frame read from its box
+    assert main([str(located), str(ddti_like), "--out", str(tmp_path / "eval"), "--bootstrap", "20", "--quiet"]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())["descriptors"]
+    frames = [str(p) for p in sorted(ddti_like.glob("*/*.png"))]
+    predictor = Predictor.from_pretrained(str(located))
+    truth = frame_labels(frames, ["s"] * len(frames), {"s": str(ddti_like)})[:, DESCRIPTORS.index("composition")]
+    for part, outline in ((report, False), (report["from_predicted_nodule"], True)):
+        answers = predictor.predict(frames, explain=False, outline=outline)
+        said = [[t for t, _ in CLASSES["composition"]].index(a.descriptors["composition"]["term"]) for a in answers]
+        k = part["per_descriptor"]["composition"]["kappa"]
+        assert k["n"] == len(frames) and k["value"] == pytest.approx(cohen_kappa(truth, said), nan_ok=True)
+    located_part = report["from_predicted_nodule"]
+    assert located_part["found"] == located_part["frames"] == len(frames) and report["read_from"] == "frame"
+    assert located_part["localisation"]["found_and_outlined"] == located_part["localisation"]["outlined"] > 0
+    text = (tmp_path / "eval" / "report.md").read_text()
+    assert f"Located a nodule on {len(frames)} of {len(frames)} frames; where the radiologist outlined one" in text

@@ -341,7 +341,7 @@ def test_device_augment_trains_only_the_training_split_and_is_recorded(tiny_mode
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
             transform = train_dataloader.dataset._format_kwargs.get("transform")
             assert isinstance(transform, ImageTransforms) and transform.train
-            seen["train"] = any(isinstance(t, DeviceAugment) for t in transform.augment.transforms)
+            seen["train"] = any(isinstance(t, DeviceAugment) for t in transform.appearance.transforms)  # the image's own changes, not the geometry
 
     data_args, model_args, run_args = _args(sample_dir, [tiny_models["tiny-resnet"]], tmp_path, device_augment=True, num_train_epochs=1)
     run(data_args, model_args, run_args, callbacks=[Inspect()])

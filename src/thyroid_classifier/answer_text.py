@@ -122,6 +122,9 @@ def adaptation_lines(info: Mapping) -> list[str]:
     return lines
 
 
+#: ``read_from`` of descriptors read from the box around the nodule the model's outline head located (a box given: "nodule").
+PREDICTED = "predicted nodule"
+
 #: What the page and the card call each descriptor (DDTI's "calcifications" are ACR's echogenic foci).
 DESCRIPTOR_NAMES = {"composition": "Composition", "echogenicity": "Echogenicity", "margins": "Margin", "calcifications": "Echogenic foci"}
 
@@ -143,16 +146,23 @@ def descriptor_lines(described: Mapping, facts: Mapping, flagged: bool = False, 
     level they imply, what they were read from (the whole frame, or the nodule box given), and, per descriptor, the
     agreement with the radiologists measured where the heads were evaluated, read the same way (``facts``: the model
     folder's descriptor report; its ``from_nodule_box`` part for a box)."""
-    from_box = described.get("read_from") == "nodule"
-    if from_box:
-        facts = facts.get("from_nodule_box") or {}  # agreement read from the radiologists' boxes, or not measured
+    read_from = described.get("read_from")
+    # Each reading's agreement as it was measured: from the radiologists' boxes, as read without a box (the located
+    # nodule where found, else the frame), or from the whole frame; "not measured" where the folder has none.
+    part, read, said = {
+        "nodule": ("from_nodule_box", ", read from the radiologists' nodule boxes",
+                   "_Read from the nodule box given (a square around it with some tissue); the class and the heatmap read the whole frame._"),
+        PREDICTED: ("from_predicted_nodule", ", read as here: from the nodule the model located where it found one, else the whole frame",
+                    "_Read from the nodule the model located (the box drawn on the image; no box was given): it may have picked the wrong "
+                    "region; draw a box around the nodule to read that one instead. The class and the heatmap read the whole frame._"),
+    }.get(read_from, (None, "", "_Read from the whole frame: no nodule box was given, so the model is not told where the nodule is, and a frame with "
+                               "several nodules gets one reading._"))
+    if part:
+        facts = facts.get(part) or {}
     where = facts.get("split") or "held-out"
-    read = ", read from the radiologists' nodule boxes" if from_box else ""
     lines = [f"**TI-RADS descriptors, as the model reads them** (agreement with the radiologists' descriptors on {where} frames "
              f"of its training sources, held-out patients{read}; Cohen's κ: 1 is perfect, 0 is chance)"]
-    lines += ["", "_Read from the nodule box given (a square around it with some tissue); the class and the heatmap read the whole frame._" if from_box
-              else "_Read from the whole frame: no nodule box was given, so the model is not told where the nodule is, and a frame with "
-                   "several nodules gets one reading._"]
+    lines += ["", said]
     if regime == UNSEEN:
         lines.append("_Measured only on its training sources' patients: on a frame from another hospital or scanner their agreement is unknown._")
     if flagged:

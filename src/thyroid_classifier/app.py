@@ -274,7 +274,9 @@ def details(result) -> dict:
     """The answer as data (the API's last output): what the page shows, and why."""
     return {"answer": result.headline, "headlined": result.headlined, "reason": result.reason, "prediction_set": result.prediction_set,
             "flagged": result.flagged, "in_domain_score": result.in_domain_score, "regime": result.regime,
-            "scores": dict(result.probabilities), "explained": result.explained, "descriptors": result.descriptors}
+            "scores": dict(result.probabilities), "explained": result.explained, "descriptors": result.descriptors,
+            # where the descriptors were read: the box given, or the one the model located (None: the whole frame)
+            "nodule_box": list(result.nodule_box) if result.nodule_box is not None else None}
 
 
 def source_choices(predictor) -> list[tuple[str, str]]:
@@ -365,8 +367,8 @@ def build_demo(predictors: Mapping, examples: Sequence[str] = (), runner: ModelR
                     result = runner.predict(predictor, image, each={"nodule_boxes": nodule_box} if nodule_box else None, opacity=None, source=source or UNSEEN)
                     # Kept per browser session, at display size (uint8 map): the opacity control, and "Analyse" again once the upload is deleted.
                     state = {**display_state(image, result.heatmap), "upload": path, "reduced": max(image.size) > DISPLAY_SIDE, "size": upload_size}
-                    if (result.descriptors or {}).get("read_from") == "nodule":  # drawn where the descriptors were read
-                        state["nodule"] = scale_box(nodule_box, image.size, state["original"].shape[1::-1])
+                    if result.nodule_box is not None:  # drawn where the descriptors were read: the box given, or the one the model located
+                        state["nodule"] = scale_box(result.nodule_box, image.size, state["original"].shape[1::-1])
         except ImageError as exc:
             raise fail(str(exc)) from None
         except gr.Error:

@@ -100,11 +100,15 @@ class RunArguments(TrainingArguments):
     headline_max_error: float = field(default=0.2, metadata={"help": "A label is headlined only where, on the frames the rule was fitted on (validation for a frame of a training source; leave-one-source-out scores for any other, per true class), the one-sided 95 percent upper bound of the error among headlined answers stays under this."})
     guard_coverage: float = field(default=0.95, metadata={"help": "Share of held-out in-source images (validation) the in-domain guard lets through; the rest, and images unlike the training ones, are flagged."})
     descriptor_loss_weight: float = field(default=0.0, metadata={"help": "Train TI-RADS descriptor heads (composition, echogenicity, margin, echogenic foci) beside the class head, in the same pass, on the frames whose source has a radiologist's descriptors (DDTI's case files), with this weight on their loss; 0: no heads. See docs/descriptors.md."})
+    outline_loss_weight: float = field(default=0.0, metadata={"help": "With --descriptor_loss_weight: also learn where the nodule is, an outline head on the Grad-CAM layer's map trained on the radiologists' outlines (DDTI's case files) with this weight on its loss (an auxiliary mask target). At prediction the box around its outline is the nodule the descriptor heads read when the person gives no box (the answer says so). 0: none. See docs/descriptors.md."})
     descriptor_view: str = field(default="frame", metadata={"choices": list(VIEWS), "help": "What the descriptor heads learn from (with --descriptor_loss_weight): the whole frame (in the class head's own pass), the nodule (a square around the radiologist's outline, DDTI's case files), or both, as two views of each frame. The nodule's squares ride in the same training pass; at prediction a nodule box given by the person is read the same way. See docs/descriptors.md."})
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub repository as private (also --hub_private_repo)."})
 
     def __post_init__(self) -> None:
         import torch
+
+        if self.outline_loss_weight > 0 and self.descriptor_loss_weight <= 0:
+            raise ValueError("--outline_loss_weight trains the outline head of the TI-RADS descriptor heads: give --descriptor_loss_weight too")
 
         # TrainingArguments sets up the (singleton) distributed state here, before the project's own code:
         # on a host without GPUs it must be the CPU one, or `accelerate launch --multi_gpu` on CPUs (gloo)
@@ -123,7 +127,7 @@ class RunArguments(TrainingArguments):
 RECIPE_KEYS = ("num_train_epochs", "learning_rate", "weight_decay", "warmup_ratio", "per_device_train_batch_size", "per_device_eval_batch_size",
                "label_smoothing", "class_weighting", "select_best", "device_augment", "ema_decay", "early_stopping_patience", "seed",
                "bootstrap_resamples", "head_lr_multiplier", "freeze_backbone_epochs", "cv", "cv_final", "loso", "conformal_alpha", "headline_max_error", "guard_coverage",
-               "gradient_accumulation_steps", "bf16", "fp16", "descriptor_loss_weight", "descriptor_view")
+               "gradient_accumulation_steps", "bf16", "fp16", "descriptor_loss_weight", "descriptor_view", "outline_loss_weight")
 #: Never recorded: where files go, secrets, trackers, the Hub.
 _UNRECORDED = ("token", "dir", "hub", "push", "report_to", "logging", "run_name", "resume", "output")
 

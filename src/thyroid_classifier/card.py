@@ -157,6 +157,7 @@ def render_card(folder: str | Path, repo_id: str | None = None, template: str | 
         descriptor_rows=descriptor_rows(descriptors),
         descriptor_route=_descriptor_route(descriptors),
         descriptor_split=(descriptors or {}).get("split"),
+        descriptor_located=_located((descriptors or {}).get("from_predicted_nodule")),
         descriptor_view=VIEW_WORDS.get((metrics.get("training") or {}).get("descriptor_view") or "frame"),
         training_sources=", ".join(state.get("training_sources") or []) or "none recorded",
         source_rows=source_rows if len(source_rows) > 1 else [],
@@ -225,7 +226,18 @@ def descriptor_rows(report: dict | None) -> list[dict]:
 def _readings(report: dict | None) -> list[tuple[dict, str]]:
     """The heads' evaluations: read from the whole frame, and from the radiologists' nodule boxes where measured."""
     report = report or {}
-    return [(report, "whole frame")] + ([(report["from_nodule_box"], "nodule box")] if report.get("from_nodule_box") else [])
+    return ([(report, "whole frame")] + ([(report["from_nodule_box"], "nodule box")] if report.get("from_nodule_box") else [])
+            + ([(report["from_predicted_nodule"], "located nodule, else whole frame")] if report.get("from_predicted_nodule") else []))
+
+
+def _located(part: dict | None) -> str | None:
+    """How often the outline head located a nodule, and how its boxes overlap the radiologists' (None: no outline head)."""
+    if not part:
+        return None
+    loc = part["localisation"]
+    overlap = (f"; on {loc['outlined']} frames the radiologist outlined, its box overlapped theirs by at least half (IoU ≥ 0.5) on "
+               f"{loc['iou_at_least_half']:.0%} (median IoU {_fmt(loc['iou_median'])})") if loc["outlined"] else ""
+    return f"On the same split it located a nodule on {part['found']} of {part['frames']} frames{overlap}."
 
 
 def _descriptor_route(report: dict | None) -> str | None:

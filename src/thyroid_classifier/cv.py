@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
-from .descriptors import descriptor_report, frame_labels, nodule_report
+from .descriptors import descriptor_report, frame_labels, frame_nodule_boxes, nodule_report, predicted_report
 from .fit import distributed_state, train_one
 from .folder import CV_METRICS, CV_PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .known_data import sources_facts
@@ -90,6 +90,8 @@ def cross_validate(
     oof = np.full((len(y), len(labels)), np.nan)
     oof_descriptors: dict[str, np.ndarray] = {}  # descriptor -> out-of-fold logits (a model with descriptor heads)
     oof_nodules: dict[str, np.ndarray] = {}  # the same read from each frame's nodule box (NaN: no outline)
+    oof_predicted: dict[str, np.ndarray] = {}  # the same read as without a box (an outline head's predicted nodule, else the frame)
+    oof_found = np.full((len(y), 4), np.nan)  # the nodule boxes the outline head predicted (NaN: none)
     per_fold = []
     cache: dict = {}
     started = time.time()
@@ -105,6 +107,10 @@ def cross_validate(
             oof_descriptors.setdefault(name, np.full((len(y), logits.shape[1]), np.nan))[held] = logits
         for name, logits in (result.nodule_descriptor_logits or {}).items():
             oof_nodules.setdefault(name, np.full((len(y), logits.shape[1]), np.nan))[held] = logits
+        for name, logits in (result.predicted_descriptor_logits or {}).items():
+            oof_predicted.setdefault(name, np.full((len(y), logits.shape[1]), np.nan))[held] = logits
+        if result.predicted_nodule_boxes is not None:
+            oof_found[held] = result.predicted_nodule_boxes
         m = result.metrics["test"]
         per_fold.append({"fold": k, "n": m["n"], **{key: m[key]["value"] for key in HEADLINE},
                          "recall": {label: v["recall"] for label, v in m["per_class"].items()},
@@ -139,6 +145,10 @@ def cross_validate(
         from_box = nodule_report(oof_nodules, targets, groups, y, labels, run_args.bootstrap_resamples, run_args.seed) if oof_nodules else None
         if from_box:
             cv["descriptors"]["from_nodule_box"] = {**from_box, "split": "pooled out-of-fold"}
+        if oof_predicted and all(not np.isnan(v).any() for v in oof_predicted.values()):
+            true_boxes = frame_nodule_boxes(paths, cv_set.sources, report.sources or {}, str(report.root))
+            cv["descriptors"]["from_predicted_nodule"] = {**predicted_report(oof_predicted, oof_found, true_boxes, targets, groups, y, labels,
+                                                                             run_args.bootstrap_resamples, run_args.seed), "split": "pooled out-of-fold"}
     # Split screens can stand in for the label (on DDTI they do): report how the score follows them.
     split = report.split_screens(paths)
     if split.any() and not split.all():
@@ -155,7 +165,8 @@ def cross_validate(
             print(f"{spec.name}: source {name}: pooled out-of-fold macro ROC AUC {m['roc_auc']['value']:.3f} "
                   f"[{m['roc_auc']['ci'][0]:.3f}, {m['roc_auc']['ci'][1]:.3f}], balanced accuracy {m['balanced_accuracy']['value']:.3f}, n={m['n']} (in-source)")
         described = cv.get("descriptors") or {}
-        for part, where in ((described, "the whole frame"), (described.get("from_nodule_box") or {}, "the radiologist's nodule box")):
+        for part, where in ((described, "the whole frame"), (described.get("from_nodule_box") or {}, "the radiologist's nodule box"),
+                            (described.get("from_predicted_nodule") or {}, "the predicted nodule (else the whole frame)")):
             for name, r in part.get("per_descriptor", {}).items():
                 k = r["kappa"]
                 print(f"{spec.name}: descriptor {name} read from {where}: pooled out-of-fold Cohen's kappa {k['value']:.3f} "
@@ -164,6 +175,10 @@ def cross_validate(
                 a = part["route"]["auc_malignant"]
                 print(f"{spec.name}: descriptor route (expected ACR points) read from {where}: malignant AUC {a['value']:.3f} "
                       f"[{a['ci'][0]:.3f}, {a['ci'][1]:.3f}], n={part['route']['n']}")
+            if "localisation" in part:
+                loc = part["localisation"]
+                print(f"{spec.name}: predicted nodule boxes: found on {part['found']} of {part['frames']} frames; median IoU with the radiologist's "
+                      f"{loc['iou_median']:.2f}; IoU >= 0.5 on {loc['iou_at_least_half']:.0%} of {loc['outlined']} outlined frames")
         if "by_layout" in cv:
             b = cv["by_layout"]
             print(f"{spec.name}: split screens {b['split_screen']['n']} of {len(y)} frames; AUC on single-view frames {b['single_view']['roc_auc']:.3f}, "

@@ -27,14 +27,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from .answer_rule import tirads_level
+from .answer_text import PREDICTED
 from .folder_files import DESCRIPTOR_CONFIG, DESCRIPTOR_HEADS
-from .inference import view_pixels
+from .explain import to_original
+from .inference import frame_views, view_pixels
 from .known_data import ACR_LEXICON, DESCRIPTORS, case_files, frame_descriptors, frame_outline, outline_box
 from .metrics import group_resamples, softmax
-from .models import classifier_head
-from .preprocess import nodule_view
+from .models import classifier_head, target_layer
+from .preprocess import Box, nodule_view
+from .ultrasound_crop import MIN_NODULE_SIDE
 
 MISSING = -1
+#: The key of the outline head's logits (one map per image, the Grad-CAM layer's grid) in :func:`descriptor_logits`' dicts.
+OUTLINE = "outline"
 #: What the heads learn from (``--descriptor_view``): the whole frame (in the class head's own pass), the nodule's square
 #: (cut around the radiologist's outline, :func:`preprocess.nodule_view`), or both as two views of each frame.
 VIEWS = ("frame", "nodule", "both")
@@ -88,6 +93,15 @@ def frame_nodule_boxes(paths: Sequence[str], sources: Sequence[str], folders: Ma
     return out
 
 
+def frame_outlines(paths: Sequence[str], sources: Sequence[str], folders: Mapping[str, str], default_folder: str = "") -> list[list[list[float]]]:
+    """Each frame's radiologist's outline as flat polygons (``[x0, y0, x1, y1, ...]`` each, in its pixels; a dataset column),
+    ``[]`` where its case file has none or its source has no case files."""
+    out: list[list[list[float]]] = [[] for _ in paths]
+    for i, path, xml_dir in _with_case_files(paths, sources, folders, default_folder):
+        out[i] = [[float(c) for point in polygon for c in point] for polygon in frame_outline(path, xml_dir) or []]
+    return out
+
+
 def read_nodules(model: nn.Module, heads: DescriptorHeads, processor, images: Sequence, boxes: Sequence[Sequence[float]],
                  batch_size: int = 16) -> dict[str, np.ndarray]:
     """The heads' logits read from each image's nodule (:func:`preprocess.nodule_view` of its box: the square around
@@ -116,12 +130,15 @@ def read_nodules(model: nn.Module, heads: DescriptorHeads, processor, images: Se
 
 
 class DescriptorHeads(nn.Module):
-    """A linear head per descriptor on the pooled features the class head reads."""
+    """A linear head per descriptor on the pooled features the class head reads, and optionally an outline head: a 1x1
+    convolution on the Grad-CAM layer's map giving, per cell of its grid, the logit that the nodule is there (learnt from
+    the radiologists' outlines, ``--outline_loss_weight``; at prediction the box around it is the *predicted outline*)."""
 
-    def __init__(self, in_features: int, names: Sequence[str] = DESCRIPTORS) -> None:
+    def __init__(self, in_features: int, names: Sequence[str] = DESCRIPTORS, outline_channels: int | None = None) -> None:
         super().__init__()
         self.names = list(names)
         self.heads = nn.ModuleDict({name: nn.Linear(in_features, len(CLASSES[name])) for name in self.names})
+        self.outline = nn.Conv2d(outline_channels, 1, kernel_size=1) if outline_channels else None
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         features = features.flatten(1)
@@ -154,24 +171,138 @@ def pooled_width(model: nn.Module) -> int:
     return int(linear.in_features)
 
 
+def map_channels(model: nn.Module, image_size: int) -> int:
+    """The channels of the Grad-CAM layer's map (what an outline head reads), from one small forward pass."""
+    seen: list[int] = []
+    handle = target_layer(model).register_forward_hook(lambda module, args, output: seen.append(int(output.shape[1])))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(pixel_values=torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return seen[-1]
+
+
 @contextmanager
 def descriptor_logits(model: nn.Module, heads: DescriptorHeads | None) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Inside the block every forward pass of ``model`` also runs ``heads`` on the class head's input,
-    appending ``{descriptor: logits}`` (with gradients while training) to the yielded list. No heads (a model
+    appending ``{descriptor: logits}`` (with gradients while training) to the yielded list; heads with an outline head
+    add ``{OUTLINE: (batch, 1, h, w) logits}`` read from the Grad-CAM layer's map of the same pass. No heads (a model
     without them): the list stays empty and the model runs as it is."""
     captured: list[dict[str, torch.Tensor]] = []
     if heads is None:
         yield captured
         return
+    pending: dict[str, torch.Tensor] = {}
+
+    def read_map(module, args, output):
+        pending[OUTLINE] = heads.outline(output)
 
     def hook(module, args):
-        captured.append(heads(args[0]))
+        captured.append({**heads(args[0]), **pending})
+        pending.clear()
 
-    handle = classifier_head(model).register_forward_pre_hook(hook)
+    handles = [classifier_head(model).register_forward_pre_hook(hook)]
+    if heads.outline is not None:
+        handles.append(target_layer(model).register_forward_hook(read_map))
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def outline_loss(logits: torch.Tensor, target: torch.Tensor, outlined: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the outline head's map (``logits``: (batch, 1, h, w)) against the share of each grid cell
+    the radiologist's outline covers (``target``: (batch, 1, H, W) masks in [0, 1], pooled to the grid), over the
+    ``outlined`` examples; 0 (with a gradient path) when none is."""
+    if not bool(outlined.any()):
+        return logits.sum() * 0.0
+    outlined = outlined.to(logits.device)
+    cover = F.adaptive_avg_pool2d(target.to(device=logits.device, dtype=logits.dtype)[outlined], logits.shape[-2:])
+    return F.binary_cross_entropy_with_logits(logits[outlined], cover)
+
+
+def predicted_box(cells: np.ndarray, box: Box, size: tuple[int, int], threshold: float = 0.5) -> tuple[float, float, float, float] | None:
+    """The nodule box an outline map predicts (``cells``: (h, w) probabilities on a view's grid; ``box``: the view in its
+    image of ``size``): the connected cells above ``threshold`` around the most likely one, brought back onto the
+    image (:func:`explain.to_original`), and the box around where they stay above it. None when no cell reaches
+    ``threshold`` or the box is too small to read (:func:`preprocess.nodule_square` would refuse it)."""
+    cells = np.asarray(cells, dtype=np.float32)
+    if not cells.size or cells.max() < threshold:
+        return None
+    above, region = cells >= threshold, np.zeros(cells.shape, dtype=bool)
+    stack = [np.unravel_index(int(cells.argmax()), cells.shape)]
+    while stack:  # the 4-connected component of the peak (a grid of a few dozen cells)
+        y, x = stack.pop()
+        if 0 <= y < cells.shape[0] and 0 <= x < cells.shape[1] and above[y, x] and not region[y, x]:
+            region[y, x] = True
+            stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+    full = to_original(np.where(region, cells, 0.0), box, size)
+    ys, xs = np.nonzero(full >= threshold)
+    if not len(xs):
+        return None
+    found = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    if min(found[2] - found[0], found[3] - found[1]) < MIN_NODULE_SIDE:
+        return None
+    return found
+
+
+def predicted_boxes(cells: np.ndarray, view_boxes: Sequence[Box], owner: np.ndarray, sizes: Sequence[tuple[int, int]],
+                    threshold: float = 0.5) -> np.ndarray:
+    """Per image, the nodule box its outline head predicts (:func:`predicted_box` of the view whose map is surest;
+    ``cells``: (views, h, w) probabilities, ``owner``: each view's image, ``sizes``: the images'), (images, 4), NaN
+    rows where no view's map reaches ``threshold``."""
+    out = np.full((len(sizes), 4), np.nan)
+    for i, size in enumerate(sizes):
+        for j in sorted(np.flatnonzero(owner == i), key=lambda j: -float(cells[j].max())):
+            box = predicted_box(cells[j], view_boxes[j], size, threshold)
+            if box is not None:
+                out[i] = box
+                break
+    return out
+
+
+def outline_reads(captured: Sequence[Mapping[str, torch.Tensor]], paths: Sequence[str], owner: np.ndarray, preprocessor) -> np.ndarray:
+    """The nodule boxes the outline head predicts for frames already read (``captured``: :func:`descriptor_logits`'
+    batches of their views, in order; ``owner``: each view's frame; ``paths``: the frames), (frames, 4), NaN: none found."""
+    from PIL import Image
+
+    cells = torch.sigmoid(torch.cat([b[OUTLINE].detach().float().cpu() for b in captured]))[:, 0].numpy()
+    view_boxes, sizes = [], []
+    for path in paths:  # each frame's views' boxes, as the evaluation's transforms cut them (inference.frame_views)
+        with Image.open(path) as image:
+            view_boxes += frame_views([image], preprocessor)[1]
+            sizes.append(image.size)
+    return predicted_boxes(cells, view_boxes, owner, sizes)
+
+
+def predicted_report(logits: Mapping[str, np.ndarray], found: np.ndarray, true_boxes: np.ndarray, targets: np.ndarray,
+                     groups: Sequence[str], y_true: Sequence[int], labels: Sequence[str], n_resamples: int = 1000, seed: int = 0) -> dict:
+    """:func:`descriptor_report` of the heads as a frame without a box given is read (``logits``: per descriptor, every
+    frame's: from the nodule the outline head predicted, ``found`` (frames, 4: NaN rows where none), else from the whole
+    frame), and how the predicted boxes overlap the radiologists' (``true_boxes``, NaN rows: not outlined): the median
+    intersection over union where both exist, and the share of outlined frames whose predicted box overlaps theirs by
+    at least half (a frame without one counts as a miss)."""
+    report = descriptor_report({name: softmax(np.asarray(v)) for name, v in logits.items()}, targets, groups, y_true, labels, n_resamples, seed)
+    has_found, outlined = ~np.isnan(found).any(axis=1), ~np.isnan(true_boxes).any(axis=1)
+    ious = [box_iou(found[i], true_boxes[i]) for i in np.flatnonzero(has_found & outlined)]
+    report["read_from"] = f"{PREDICTED} where found, else frame"
+    report["found"], report["frames"] = int(has_found.sum()), int(len(found))
+    report["localisation"] = {"outlined": int(outlined.sum()), "found_and_outlined": len(ious),
+                              "iou_median": float(np.median(ious)) if ious else math.nan,
+                              "iou_at_least_half": float(sum(v >= 0.5 for v in ious) / outlined.sum()) if outlined.any() else math.nan}
+    return report
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes (left, top, right, bottom)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
 
 
 def descriptor_class_weights(targets: np.ndarray, names: Sequence[str] = DESCRIPTORS) -> dict[str, torch.Tensor]:
@@ -251,7 +382,9 @@ class DescriptorState:
 
         folder = Path(folder)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}, str(folder / DESCRIPTOR_HEADS))
+        outline = self.heads.outline
         config = {"names": self.heads.names, "in_features": next(iter(self.heads.heads.values())).in_features, "reads": self.reads,
+                  **({"outline_channels": outline.in_channels} if outline is not None else {}),
                   "classes": {name: [{"term": t, "points": p} for t, p in CLASSES[name]] for name in self.heads.names}, "facts": self.facts}
         (folder / DESCRIPTOR_CONFIG).write_text(json.dumps(config, indent=2, default=float) + "\n")
 
@@ -263,7 +396,7 @@ class DescriptorState:
         if folder is None or not (Path(folder) / DESCRIPTOR_HEADS).is_file() or not (Path(folder) / DESCRIPTOR_CONFIG).is_file():
             return None
         config = json.loads((Path(folder) / DESCRIPTOR_CONFIG).read_text())
-        heads = DescriptorHeads(int(config["in_features"]), config["names"])
+        heads = DescriptorHeads(int(config["in_features"]), config["names"], config.get("outline_channels"))
         heads.load_state_dict(load_file(str(Path(folder) / DESCRIPTOR_HEADS)))
         return cls(heads.eval(), config.get("facts") or {}, config.get("reads"))
 
@@ -271,7 +404,8 @@ class DescriptorState:
 def describe(logits: Mapping[str, torch.Tensor | np.ndarray], read_from: str = "frame") -> list[dict]:
     """Per image: each descriptor's probabilities by ACR term, its most likely term, the expected points and TI-RADS
     level they imply (``"tirads": {"points": .., "level": ..}``), and what they were read from (``"read_from"``: "frame",
-    the whole frame, or "nodule", a nodule box's square)."""
+    the whole frame; "nodule", the square of a nodule box given; :data:`PREDICTED`, the square of the box the outline head
+    predicted)."""
     probs = {name: torch.softmax(torch.as_tensor(v, dtype=torch.float64), dim=1).numpy() for name, v in logits.items()}
     n = len(next(iter(probs.values()))) if probs else 0
     points = expected_points(probs) if probs else np.zeros(n)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .audit import audit_scan, training_overlap
 from .augment import device_shifts, shift_image
-from .descriptors import CLASSES, descriptor_report, frame_labels, frame_nodule_boxes, nodule_report, one_line, read_outlined
+from .descriptors import CLASSES, descriptor_report, frame_labels, frame_nodule_boxes, nodule_report, one_line, predicted_report, read_outlined
 from .data import DataError, as_dirs, resolve_groups, scan_sources, source_name
 from .folder import AUDIT, PREDICTIONS, ModelFolder, prediction_rows, write_predictions
 from .metrics import HEADLINE, bootstrap_intervals, by_source, classification_metrics, with_intervals
@@ -58,7 +58,10 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     rows = [(e, g) for e, g in zip(scan.images, groups, strict=True) if e.label in known and str(e.path) not in unreadable]
     shift_fns = device_shifts(seed) if shifts else {}
     probs, y, kept_groups, paths, failed, sources, scores, flagged, sets, answers = [], [], [], [], [], [], [], [], [], []
-    described: list = []  # the descriptor heads' answers (a model with heads)
+    described: list = []  # the descriptor heads' answers (a model with heads), as a frame without a box is read
+    whole: list = []  # the same read from the whole frame (a model with an outline head reads its predicted nodule above)
+    found: list = []  # the nodule box each frame's descriptors were read from (None: the whole frame)
+    outlining = predictor.descriptors is not None and predictor.descriptors.heads.outline is not None
     shifted: dict[str, list] = {name: [] for name in shift_fns}
     for start in tqdm(range(0, len(rows), batch_size), desc="evaluate", disable=not progress):
         chunk = rows[start : start + batch_size]
@@ -81,6 +84,9 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
             sets.append([label in result.prediction_set for label in predictor.labels])
             answers.append((result.headline, result.headlined))
             described.append(result.descriptors)
+            found.append(result.nodule_box)
+        if outlining:
+            whole += [r.descriptors for r in predictor.predict([im for _, _, im in images], explain=False, outline=False)]
         for name, fn in shift_fns.items():  # the same images as another machine might show them
             # Stage 3 of the one inference path: each cropped view as another machine might show it.
             results = predictor.predict([im for _, _, im in images], explain=False, view_transform=partial(shift_image, shift=fn))
@@ -111,15 +117,23 @@ def evaluate_folder(predictor: Predictor, fingerprints: Sequence[dict], data_dir
     }
     if described and all(d is not None for d in described):
         # Agreement with the radiologist where the data's case files give descriptors (DDTI), and the descriptor route's risk.
-        probs_by_descriptor = {name: np.array([[d[name]["probabilities"][t] for t, _ in CLASSES[name]] for d in described])
-                               for name in described[0] if name in CLASSES}
+        def probabilities(rows: list) -> dict[str, np.ndarray]:
+            return {name: np.array([[d[name]["probabilities"][t] for t, _ in CLASSES[name]] for d in rows]) for name in rows[0] if name in CLASSES}
+
         folders = {name: str(root) for name, root in scan.roots.items()}
         targets = frame_labels(paths, sources, folders)
-        result["descriptors"] = {**descriptor_report(probs_by_descriptor, targets, kept_groups, y, predictor.labels, bootstrap, seed), "read_from": "frame"}
+        outlines = frame_nodule_boxes(paths, sources, folders)
+        result["descriptors"] = {**descriptor_report(probabilities(whole or described), targets, kept_groups, y, predictor.labels, bootstrap, seed),
+                                 "read_from": "frame"}
         # The same heads read from each frame's nodule box where the case files outline it: what a person drawing the box gets.
-        logits = read_outlined(predictor.model, predictor.descriptors.heads, predictor.processor, paths, frame_nodule_boxes(paths, sources, folders))
+        logits = read_outlined(predictor.model, predictor.descriptors.heads, predictor.processor, paths, outlines)
         if logits is not None:
             result["descriptors"]["from_nodule_box"] = nodule_report(logits, targets, kept_groups, y, predictor.labels, bootstrap, seed)
+        if outlining:  # as the frames were read without a box: the nodule the outline head predicted, where it found one
+            boxes = np.array([b if b is not None else (np.nan,) * 4 for b in found], dtype=np.float64)
+            result["descriptors"]["from_predicted_nodule"] = predicted_report(
+                {name: np.log(np.clip(v, 1e-12, None)) for name, v in probabilities(described).items()}, boxes, outlines, targets, kept_groups, y,
+                predictor.labels, bootstrap, seed)
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     sets_named = [[label for label, inside in zip(predictor.labels, row, strict=True) if inside] for row in sets]
     write_predictions(out_dir / PREDICTIONS, predictor.labels, prediction_rows(paths, predictor.labels, y, np.asarray(p), group=kept_groups, source=sources,
@@ -195,7 +209,8 @@ def descriptor_report_lines(report: dict | None, external: dict) -> list[str]:
     if not report:
         return []
     lines = []
-    for part, where in ((report, "read from the whole frame"), (report.get("from_nodule_box"), "read from the radiologist's nodule box (outline)")):
+    for part, where in ((report, "read from the whole frame"), (report.get("from_nodule_box"), "read from the radiologist's nodule box (outline)"),
+                        (report.get("from_predicted_nodule"), "read from the nodule the model located (its outline head), else the whole frame")):
         if not part:
             continue
         lines += [f"TI-RADS descriptors {where} (Cohen's kappa against the radiologist's descriptors, on the frames that have them; "
@@ -208,6 +223,12 @@ def descriptor_report_lines(report: dict | None, external: dict) -> list[str]:
             a = route["auc_malignant"]
             lines += ["", f"Descriptor route (expected ACR points as a malignancy score) {where}: ROC AUC {a['value']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] "
                       f"on {route['n']} frames; the class head's macro ROC AUC on all {external['n']} frames: {external['roc_auc']['value']:.3f}."]
+        loc = part.get("localisation")
+        if loc:
+            checked = (f"; where the radiologist outlined one ({loc['outlined']} frames) the located box overlaps theirs by at least half (IoU >= 0.5) "
+                       f"on {loc['iou_at_least_half']:.0%} (median IoU {loc['iou_median']:.2f} over {loc['found_and_outlined']} frames with both)"
+                       if loc["outlined"] else " (no radiologist's outline here to check them against)")
+            lines += ["", f"Located a nodule on {part['found']} of {part['frames']} frames{checked}."]
         lines.append("")
     return lines
 

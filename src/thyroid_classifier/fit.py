@@ -19,7 +19,8 @@ import torch
 from .adaptation import StartingModel
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
 from .descriptors import (MISSING, DescriptorHeads, DescriptorState, describe, descriptor_class_weights, descriptor_logits,
-                          descriptor_report, frame_labels, frame_nodule_boxes, head_name, nodule_report, one_line, pooled_width, read_outlined)
+                          descriptor_report, frame_labels, frame_nodule_boxes, frame_outlines, head_name, map_channels, nodule_report, one_line, outline_reads,
+                          pooled_width, predicted_report, read_outlined)
 from .folder import ModelFolder, prediction_rows
 from .known_data import dataset_facts, sources_facts
 from .metrics import (
@@ -222,6 +223,10 @@ class TrainResult:
     descriptor_logits: dict | None = None  # descriptor -> (frames, classes) logits of the evaluation split (a model with heads)
     #: the same read from each frame's nodule box (the radiologist's outline's), NaN rows for frames without one
     nodule_descriptor_logits: dict | None = None
+    #: the same as a frame without a box is read (an outline head's predicted nodule where found, else the frame), and
+    #: the boxes it predicted (frames, 4; NaN: none)
+    predicted_descriptor_logits: dict | None = None
+    predicted_nodule_boxes: np.ndarray | None = None
 
 
 def train_one(
@@ -285,9 +290,10 @@ def train_one(
         descriptor_targets = {name: frame_labels(ds.with_format(None)["path"], ds.with_format(None)["source"], report.sources or {},
                                                  str(report.root)) for name, ds in splits.items()}
         if (descriptor_targets["train"] != MISSING).any():
-            heads = DescriptorHeads(pooled_width(model))
+            heads = DescriptorHeads(pooled_width(model), outline_channels=map_channels(model, image_size) if run_args.outline_loss_weight > 0 else None)
             if kept is not None and kept.heads.names == heads.names:
-                heads.load_state_dict(kept.heads.state_dict())  # a starting model's heads go on learning, as its class head does
+                # A starting model's heads go on learning, as its class head does (an outline head it lacks starts new).
+                heads.load_state_dict(kept.heads.state_dict(), strict=False)
             model.descriptor_heads = heads  # a submodule while training: the optimizer, the device and checkpoints include it
             # Each descriptor's classes weighed as the class head's are (--class_weighting).
             descriptor_weights = descriptor_class_weights(descriptor_targets["train"]) if run_args.class_weighting else None
@@ -297,11 +303,15 @@ def train_one(
                 splits["train"] = splits["train"].add_column("nodule_box", boxes.tolist())
                 logger.info("descriptor heads learn from %s: %d of %d training frames have an outline", run_args.descriptor_view,
                             int((~np.isnan(boxes).any(axis=1)).sum()), len(boxes))
+            if heads.outline is not None:  # the outline head's target: the radiologist's outline, moved with each augmented frame
+                outlines = frame_outlines(train_raw["path"], train_sources, report.sources or {}, str(report.root))
+                splits["train"] = splits["train"].add_column("outline", outlines)
+                logger.info("outline head: %d of %d training frames have a radiologist's outline", sum(1 for o in outlines if o), len(outlines))
         else:
             logger.warning("--descriptor_loss_weight: no training frame has a radiologist's descriptors (only DDTI's case files give them): class head only")
 
     splits["train"].set_transform(ImageTransforms(preprocessor, processor, image_size, train=True, cache=cache, device_augment=run_args.device_augment),
-                                  columns=[c for c in ("path", "label", "weight", "descriptors", "nodule_box") if c in splits["train"].column_names])
+                                  columns=[c for c in ("path", "label", "weight", "descriptors", "nodule_box", "outline") if c in splits["train"].column_names])
     if heads is None and kept is not None:
         logger.warning("%s: its TI-RADS descriptor heads are not kept: fine-tuning changes the features they read, and this run has no "
                        "radiologist's descriptors to refit them on (--descriptor_loss_weight and a source with case files would)", start.location)
@@ -318,6 +328,7 @@ def train_one(
         descriptor_weight=run_args.descriptor_loss_weight,
         descriptor_class_weights=descriptor_weights,
         descriptor_view=run_args.descriptor_view,
+        outline_weight=run_args.outline_loss_weight,
         model=model,
         args=training_arguments(run_args, checkpoints, has_validation),
         train_dataset=splits["train"],
@@ -366,7 +377,7 @@ def train_one(
     training_sources = sorted({s for s in train_sources if s}) or [Path(str(report.root)).name or "its training data"]
     reliability, checks = fit_reliability(trainer, splits, preprocessor, processor, image_size, cache, outputs, temperature, run_args,
                                           eval_name, y_true, eval_sources, training_sources, loso, list(raw["group"]), labels)
-    descriptor_metrics, frame, nodule = None, None, None
+    descriptor_metrics, frame, nodule, predicted, found = None, None, None, None, None
     owner = views[eval_name][1] if eval_name in views else np.arange(len(eval_ds))
     if heads is not None and described and sum(len(next(iter(b.values()))) for b in described) != len(owner):
         logger.warning("descriptor heads: the evaluation's logits could not be gathered (several processes): no agreement measured")
@@ -385,6 +396,14 @@ def train_one(
             from_box = nodule_report(nodule, descriptor_targets[eval_name], list(raw["group"]), y_true, labels, run_args.bootstrap_resamples, run_args.seed)
             if from_box:
                 descriptor_metrics["from_nodule_box"] = {**from_box, "split": descriptor_metrics["split"]}
+        if heads.outline is not None:
+            # As a frame without a box is read: the nodule the outline head predicts, where it finds one, else the whole frame.
+            found = outline_reads(described, list(raw["path"]), owner, preprocessor)
+            read = read_outlined(trainer.model, heads, processor, list(raw["path"]), found)
+            predicted = {name: np.where(np.isnan(read[name]), v, read[name]) for name, v in frame.items()} if read is not None else dict(frame)
+            descriptor_metrics["from_predicted_nodule"] = {**predicted_report(predicted, found, boxes, descriptor_targets[eval_name], list(raw["group"]),
+                                                                              y_true, labels, run_args.bootstrap_resamples, run_args.seed),
+                                                           "split": descriptor_metrics["split"]}
     history = epoch_history(trainer.state.log_history)
     result = {
         "model": spec.name,
@@ -445,5 +464,6 @@ def train_one(
                                       descriptors=DescriptorState(heads, descriptor_metrics or {}, head_name(trainer.model)) if heads is not None else None)
     state.wait_for_everyone()
     return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]),
-                       sources=eval_sources, reliability=reliability, outputs=outputs, descriptor_logits=frame, nodule_descriptor_logits=nodule)
+                       sources=eval_sources, reliability=reliability, outputs=outputs, descriptor_logits=frame, nodule_descriptor_logits=nodule,
+                       predicted_descriptor_logits=predicted, predicted_nodule_boxes=found)
 

@@ -28,7 +28,7 @@ from .inference import ViewTransform, frame_probabilities, frame_views, view_pix
 from .metrics import frame_mean
 from .models import get_spec, guard_features, saved_processor, spec_for_model, target_layer
 from .preprocess import Box, ImageError, UltrasoundPreprocessor, looks_like_ultrasound, nodule_square, open_image
-from .descriptors import DescriptorState, describe, descriptor_logits, one_line, read_nodules
+from .descriptors import OUTLINE, PREDICTED, DescriptorState, describe, descriptor_logits, one_line, predicted_boxes, read_nodules
 from .reliability import Reliability
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,9 @@ class Prediction:
     #: the TI-RADS descriptor heads' answer (:func:`descriptors.describe`: each descriptor's probabilities by
     #: ACR term and most likely term, the expected points and level); None when the model has no heads
     descriptors: dict | None = None
+    #: the nodule box (left, top, right, bottom in the image's pixels) the descriptors were read from: the one given, or
+    #: the one the model's outline head predicted (``descriptors["read_from"]`` says which); None: the whole frame
+    nodule_box: tuple[float, float, float, float] | None = None
 
     @property
     def reliable(self) -> bool:
@@ -161,6 +164,7 @@ class Predictor:
         view_transform: ViewTransform | None = None,
         source: str | None = None,
         nodule_boxes: Sequence[Sequence[float] | None] | None = None,
+        outline: bool = True,
     ) -> list[Prediction]:
         """Probabilities (calibrated when the model carries a temperature; a split screen's views
         averaged) and, with ``explain``, Grad-CAM of each view mapped back onto each image as given.
@@ -168,7 +172,8 @@ class Predictor:
         ``source``: where the images come from, when known: one of :attr:`training_sources` (the answer
         is decided by the in-source regime); None, the default, for any other source (the unseen regime).
         ``nodule_boxes``: per image, the nodule's box (left, top, right, bottom in its pixels) or None; the TI-RADS
-        descriptor heads read a boxed image's nodule (one more pass, on the square around it) instead of the whole frame."""
+        descriptor heads read a boxed image's nodule (one more pass, on the square around it) instead of the whole frame.
+        Without a box, a model with an outline head reads the nodule it predicts (``outline=False``: the whole frame)."""
         regime = self.reliability.regime_for(source)  # a wrong name fails before any work
         pil = [image if isinstance(image, Image.Image) else open_image(image) for image in images]
         boxed = self._boxed(pil, nodule_boxes)  # a bad box fails before any work
@@ -185,11 +190,19 @@ class Predictor:
                 view_logits = self.logits(pixels).float().cpu().numpy()
         probs = frame_probabilities(view_logits, owner, len(pil), self.temperature)
         guard_scores = self._guard_scores(captured, owner, len(pil))
-        described = describe({name: frame_mean(v.detach().double().cpu().numpy(), owner, len(pil)) for name, v in described[0].items()}) if described else None
-        if described is not None and boxed:
-            from_box = describe(read_nodules(self.model, heads, self.processor, [pil[i] for i in boxed], [nodule_boxes[i] for i in boxed]), read_from="nodule")
-            for i, d in zip(boxed, from_box, strict=True):
-                described[i] = d
+        read_boxes: list = [None] * len(pil)
+        if described:
+            outlined = self._predicted_boxes(described[0], boxes, owner, pil) if outline else [None] * len(pil)
+            described = describe({name: frame_mean(described[0][name].detach().double().cpu().numpy(), owner, len(pil)) for name in heads.names})
+            # A box given wins; else the outline head's (a model with one); else the whole frame (already read).
+            read_boxes = [(tuple(nodule_boxes[i]), "nodule") if i in boxed else (outlined[i], PREDICTED) if outlined[i] else None for i in range(len(pil))]
+            todo = [i for i, r in enumerate(read_boxes) if r is not None]
+            if todo:
+                logits = read_nodules(self.model, heads, self.processor, [pil[i] for i in todo], [read_boxes[i][0] for i in todo])
+                for k, i in enumerate(todo):
+                    described[i] = describe({name: v[k:k + 1] for name, v in logits.items()}, read_from=read_boxes[i][1])[0]
+        else:
+            described = None
         chosen = [fixed if fixed is not None else int(np.argmax(probs[i])) for i in range(len(pil))]
         if explain and maps is None:
             # Every view of a split screen explains the image's class (alone, its views may disagree).
@@ -212,6 +225,7 @@ class Predictor:
                 prediction.flagged = bool(guard_scores[i] > self.reliability.guard.threshold)
             if described is not None:
                 prediction.descriptors = described[i]
+                prediction.nodule_box = read_boxes[i][0] if read_boxes[i] else None
             answer = self.reliability.answer(probs[i], self.labels, prediction.flagged, regime)
             prediction.prediction_set, prediction.headline, prediction.headlined = answer.prediction_set, answer.headline, answer.headlined
             prediction.reason, prediction.regime = answer.reason, answer.regime
@@ -232,6 +246,14 @@ class Predictor:
         for i in boxed:
             nodule_square(nodule_boxes[i], images[i].size)
         return boxed if self.descriptors is not None else []  # only the descriptor heads read a box
+
+    def _predicted_boxes(self, captured: dict, boxes: list[Box], owner: np.ndarray, images: Sequence[Image.Image]) -> list:
+        """Per image, the nodule box its outline head predicts, or None (no outline head, or nothing found)."""
+        if OUTLINE not in captured:
+            return [None] * len(images)
+        cells = torch.sigmoid(captured[OUTLINE].detach().float())[:, 0].cpu().numpy()
+        found = predicted_boxes(cells, boxes, owner, [image.size for image in images])
+        return [None if np.isnan(row).any() else tuple(float(v) for v in row) for row in found]
 
     def _guard_scores(self, captured: list[torch.Tensor], owner: np.ndarray, n: int) -> np.ndarray | None:
         """Each image's guard score from its views' pooled features (their mean, as in training)."""

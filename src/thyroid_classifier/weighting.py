@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .descriptors import descriptor_logits, descriptor_loss
+from .descriptors import OUTLINE, descriptor_logits, descriptor_loss, outline_loss
 
 
 def stratum_weights(labels: Sequence[int], sources: Sequence[str]) -> np.ndarray:
@@ -63,17 +63,19 @@ def _weighted_trainer_class():
 
     class _SampleWeightedTrainer(Trainer):
         def __init__(self, *args, label_smoothing: float = 0.0, descriptor_weight: float = 0.0, descriptor_class_weights: dict | None = None,
-                     descriptor_view: str = "frame", **kwargs) -> None:
+                     descriptor_view: str = "frame", outline_weight: float = 0.0, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.label_smoothing = label_smoothing
             self.descriptor_weight = descriptor_weight
             self.descriptor_class_weights = descriptor_class_weights
             self.descriptor_view = descriptor_view  # what the heads learn from: "frame", "nodule" or "both" (descriptors.VIEWS)
+            self.outline_weight = outline_weight  # the outline head's loss weight (an auxiliary mask target; 0: none)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             weight = inputs.pop("sample_weight", None)
             targets = inputs.pop("descriptor_labels", None)
             nodules, boxed = inputs.pop("nodule_pixel_values", None), inputs.pop("nodule_mask", None)
+            outline_target, outlined = inputs.pop("outline_target", None), inputs.pop("outline_mask", None)
             unwrapped = self.accelerator.unwrap_model(model)
             heads = getattr(unwrapped, "descriptor_heads", None) if targets is not None else None
             n = len(inputs["labels"])
@@ -98,8 +100,11 @@ def _weighted_trainer_class():
                         loss = F.cross_entropy(outputs.logits, labels, label_smoothing=self.label_smoothing)
             if captured:
                 rows = {"frame": slice(0, n), "nodule": slice(n, None)}.get(self.descriptor_view, slice(None))
-                read = {name: v[rows] for name, v in captured[0].items()}
+                read = {name: captured[0][name][rows] for name in heads.names}
                 loss = loss + self.descriptor_weight * descriptor_loss(read, targets[rows].to(loss.device), heads.names, self.descriptor_class_weights)
+                if OUTLINE in captured[0] and outline_target is not None:
+                    # The frames' outline maps (never the nodules' squares') against the radiologist's outlines.
+                    loss = loss + self.outline_weight * outline_loss(captured[0][OUTLINE][:n], outline_target, outlined)
             return (loss, outputs) if return_outputs else loss
 
     return _SampleWeightedTrainer
