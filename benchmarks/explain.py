@@ -4,9 +4,10 @@
 
 Full-size ResNet50 and VGG19 (random weights: speed does not depend on their values), prepared as
 the Predictor serves them, measured side by side in one run, interleaved, median of the repeats. Ends with one line per model and batch:
-`resnet50 batch 1: 1.04x, with the guard 1.05x, with the descriptor heads 1.00x of that, read from a nodule box 1.40x` (goals: at
-most 1.15x; predict + explain + guard at most 1.10x; the TI-RADS descriptor heads, read from the same pass, at most 1.10x of
-predict + explain + guard; read from a nodule box they cost one more plain pass on its square, no goal). The guard's
+`resnet50 batch 1: 1.04x, with the guard 1.05x, with the descriptor heads 1.00x of that (with an outline head 1.00x), read from a
+nodule box 1.40x` (goals: at most 1.15x; predict + explain + guard at most 1.10x; the TI-RADS descriptor heads, read from the same
+pass, at most 1.10x of predict + explain + guard; read from a nodule box, given or located by the outline head, they cost one
+more plain pass on its square, no goal). The guard's
 features are an early stage's per-channel mean and std, captured by a hook in the same pass (``models.guard_features``);
 its score is a projection on up to 64 principal directions (``reliability.DomainGuard``, fitted here on random features
 of the right width).
@@ -26,7 +27,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from thyroid_classifier.descriptors import DescriptorHeads, describe, descriptor_logits, pooled_width, read_nodules  # noqa: E402
+from thyroid_classifier.descriptors import OUTLINE, DescriptorHeads, describe, descriptor_logits, map_channels, pooled_width, read_nodules  # noqa: E402
 from thyroid_classifier.explain import freeze, gradcam, linearize_full_kernel_convs, standard_gradcam  # noqa: E402
 from thyroid_classifier.models import REGISTRY, build_model, guard_features, target_layer  # noqa: E402
 from thyroid_classifier.reliability import DomainGuard  # noqa: E402
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         width = probe[0].shape[1]
         guard = DomainGuard.fit(torch.randn(200, width).numpy()).calibrate(torch.randn(50, width).numpy())
         heads = DescriptorHeads(pooled_width(model)).eval()
+        outlining = DescriptorHeads(pooled_width(model), outline_channels=map_channels(model, args.image_size)).eval()
         for batch in args.batches:
             x = torch.randn(batch, 3, args.image_size, args.image_size)
 
@@ -83,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                 guard.flags(torch.cat(captured).numpy())
                 describe({k: v.detach() for k, v in logits[0].items()})
 
+            def outlined():  # with an outline head too: its map from the same pass (reading the nodule it locates is a box's pass)
+                with guard_features(model) as captured, descriptor_logits(model, outlining) as logits:
+                    gradcam(model, layer, x)
+                guard.flags(torch.cat(captured).numpy())
+                describe({k: logits[0][k].detach() for k in outlining.names})
+                torch.sigmoid(logits[0][OUTLINE].detach())
+
             def boxed():  # a nodule box given for every frame: the heads read its square in one more (plain) pass
                 with guard_features(model) as captured:
                     gradcam(model, layer, x)
@@ -94,20 +103,22 @@ def main(argv: list[str] | None = None) -> int:
 
             frames = [Image.fromarray(rng.integers(0, 255, (360, 560), dtype=np.uint8)).convert("RGB") for _ in range(batch)]  # DDTI's size
             box = (200, 100, 330, 220)
-            plain(), ours(), guarded(), described(), boxed(), standard()  # warm-up
-            samples = {"plain": [], "one-pass": [], "guarded": [], "described": [], "boxed": [], "grad-cam plain use": []}
+            plain(), ours(), guarded(), described(), outlined(), boxed(), standard()  # warm-up
+            samples = {"plain": [], "one-pass": [], "guarded": [], "described": [], "outlined": [], "boxed": [], "grad-cam plain use": []}
             for _ in range(args.repeats):  # interleaved, so load changes hit all alike
                 samples["plain"] += timed(plain, 1)
                 samples["one-pass"] += timed(ours, 1)
                 samples["guarded"] += timed(guarded, 1)
                 samples["described"] += timed(described, 1)
+                samples["outlined"] += timed(outlined, 1)
                 samples["boxed"] += timed(boxed, 1)
                 samples["grad-cam plain use"] += timed(standard, 1)
             med = {k: statistics.median(v) for k, v in samples.items()}
             print(f"  {name} batch {batch}: plain {med['plain'] * 1000:.0f} ms, one-pass predict+explain {med['one-pass'] * 1000:.0f} ms, "
                   f"grad-cam plain use {med['grad-cam plain use'] * 1000:.0f} ms ({med['grad-cam plain use'] / med['plain']:.2f}x)")
             lines.append(f"{name} batch {batch}: {med['one-pass'] / med['plain']:.2f}x, with the guard {med['guarded'] / med['plain']:.2f}x, "
-                         f"with the descriptor heads {med['described'] / med['guarded']:.2f}x of that, "
+                         f"with the descriptor heads {med['described'] / med['guarded']:.2f}x of that (with an outline head "
+                         f"{med['outlined'] / med['guarded']:.2f}x), "
                          f"read from a nodule box {med['boxed'] / med['guarded']:.2f}x")
         del model
     print("\n".join(lines))

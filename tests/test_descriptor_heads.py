@@ -690,17 +690,17 @@ def test_the_outline_loss_is_the_grid_against_each_cells_share_of_the_outline_on
 
 
 def test_the_predicted_box_is_the_peaks_region_brought_back_onto_the_image():
-    from thyroid_classifier.descriptors import predicted_box
+    from thyroid_classifier.ultrasound_crop import located_box
 
     cells = np.zeros((4, 4))
     cells[1:3, 0:2] = 0.9  # the nodule
     cells[0, 3] = 0.7  # a second, weaker region apart from the peak's: not part of the box
     view = (100, 50, 180, 130)  # the view's box in a 300 x 200 image: 20 pixels a cell
-    box = predicted_box(cells, view, (300, 200))
+    box = located_box(cells, view, (300, 200))
     assert box is not None
     left, top, right, bottom = box
     assert 100 <= left <= 105 and 65 <= top <= 75 and 135 <= right <= 145 and 105 <= bottom <= 115
-    assert predicted_box(np.full((4, 4), 0.3), view, (300, 200)) is None  # nowhere sure enough: the whole frame is read
+    assert located_box(np.full((4, 4), 0.3), view, (300, 200)) is None  # nowhere sure enough: the whole frame is read
 
 
 @pytest.fixture(scope="module")
@@ -768,11 +768,13 @@ def test_without_a_box_the_predictor_reads_the_nodule_its_outline_head_predicts_
     assert [p.descriptors["read_from"] for p in nowhere] == ["frame", "frame"] and nowhere[0].nodule_box is None
     with torch.no_grad():
         outline.bias.fill_(10.0)  # sure it fills every view: the predicted box is the ultrasound region
-    found = predictor.predict(frames, explain=True, nodule_boxes=[None, given])
-    assert found[0].descriptors["read_from"] == PREDICTED and found[1].descriptors["read_from"] == "nodule"
+    smaller = frames[0].crop((10, 6, 110, 86))  # another size: its own region, its own located box
+    found = predictor.predict([*frames, smaller], explain=True, nodule_boxes=[None, given, None])
+    assert found[0].descriptors["read_from"] == PREDICTED == found[2].descriptors["read_from"] and found[1].descriptors["read_from"] == "nodule"
     assert found[1].nodule_box == given
     region = found[0].box
     assert found[0].nodule_box == pytest.approx(tuple(float(v) for v in region), abs=1)
+    assert found[2].nodule_box == pytest.approx(tuple(float(v) for v in found[2].box), abs=1) and found[2].box != region
     # The same as reading that box given by hand, and the class still reads the whole frame.
     by_hand = predictor.predict(frames[:1], explain=False, nodule_boxes=[found[0].nodule_box])[0]
     assert by_hand.probabilities == pytest.approx(nowhere[0].probabilities)
@@ -806,6 +808,13 @@ def test_the_run_measures_the_heads_as_read_without_a_box_and_how_its_boxes_over
     for name in DESCRIPTORS:
         assert report["per_descriptor"][name]["kappa"]["value"] == pytest.approx(expected["per_descriptor"][name]["kappa"]["value"], nan_ok=True)
     assert report["localisation"] == pytest.approx(expected["localisation"], nan_ok=True)
+    # Frame by frame, the run's predictions file says what the Predictor answers (the reading, where it was made).
+    for row, answer in zip(rows, got, strict=True):
+        cells = dict(part.split("=", 1) for part in row["tirads_descriptors"].split("; "))
+        assert cells["read_from"] == answer.descriptors["read_from"]
+        for name in DESCRIPTORS:
+            term, p = cells[name][:-1].split(" (")
+            assert term == answer.descriptors[name]["term"] and float(p) == pytest.approx(answer.descriptors[name]["probabilities"][term], abs=0.006)
 
 
 def _with_outline_bias(folder: Path, out: Path, bias: float) -> Path:
@@ -832,6 +841,10 @@ def test_the_page_draws_the_nodule_the_model_located_and_says_its_descriptors_we
     _, folder = recorded_outline
     located = _with_outline_bias(folder, tmp_path / "located", 10.0)
     nowhere = _with_outline_bias(folder, tmp_path / "nowhere", -10.0)
+    # Agreement numbers of its own for the located reading: the page must show those for a located reading, from the folder.
+    metrics = json.loads((located / "metrics.json").read_text())
+    metrics["descriptors"]["from_predicted_nodule"]["per_descriptor"]["calcifications"]["kappa"].update(value=0.77, ci=[0.51, 0.9])
+    (located / "metrics.json").write_text(json.dumps(metrics))
     predictors = load_predictors([str(located), str(nowhere)])
     demo = build_demo(predictors)
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
@@ -847,6 +860,7 @@ def test_the_page_draws_the_nodule_the_model_located_and_says_its_descriptors_we
     assert plain_details["descriptors"]["read_from"] == "frame" and plain_details["nodule_box"] is None
     assert "Read from the nodule the model located" in message and "draw a box around the nodule" in message
     assert "from the nodule the model located where it found one" in message  # the agreement measured read the same way
+    assert "κ 0.77 [0.51, 0.90]" in message and "κ 0.77" not in plain_message
     assert "Read from the whole frame" in plain_message and "located" not in plain_message
     drawn = np.asarray(Image.open(shown).convert("RGB")).astype(int)
     clean = np.asarray(Image.open(plain).convert("RGB")).astype(int)
@@ -869,6 +883,8 @@ def test_the_card_says_the_heads_read_the_nodule_they_locate_and_how_often_and_w
 
 def test_evaluate_reports_a_model_that_locates_nodules_read_from_the_frame_and_as_located(recorded_outline, ddti_like, tmp_path):
     """Bugs: the located readings reported as the whole frame's (or the reverse), the located count not the Predictor's."""
+    from sklearn.metrics import roc_auc_score
+
     from thyroid_classifier.descriptors import cohen_kappa
     from thyroid_classifier.evaluate import main
     from thyroid_classifier.predict import Predictor
@@ -885,8 +901,40 @@ def test_evaluate_reports_a_model_that_locates_nodules_read_from_the_frame_and_a
         said = [[t for t, _ in CLASSES["composition"]].index(a.descriptors["composition"]["term"]) for a in answers]
         k = part["per_descriptor"]["composition"]["kappa"]
         assert k["n"] == len(frames) and k["value"] == pytest.approx(cohen_kappa(truth, said), nan_ok=True)
+        malignant = [int(Path(p).parent.name == "malignant") for p in frames]
+        points = [a.descriptors["tirads"]["points"] for a in answers]  # the route, a score: each reading ranks the frames its own way
+        assert part["route"]["auc_malignant"]["value"] == pytest.approx(roc_auc_score(malignant, points))
     located_part = report["from_predicted_nodule"]
     assert located_part["found"] == located_part["frames"] == len(frames) and report["read_from"] == "frame"
     assert located_part["localisation"]["found_and_outlined"] == located_part["localisation"]["outlined"] > 0
     text = (tmp_path / "eval" / "report.md").read_text()
     assert f"Located a nodule on {len(frames)} of {len(frames)} frames; where the radiologist outlined one" in text
+
+
+def test_the_hub_pipeline_reads_the_nodule_the_model_locates_as_the_predictor_does(recorded_outline, ddti_like, tmp_path, monkeypatch):
+    """The shipped code alone (no package) locates the nodule with the folder's outline head and reads its square, as the
+    Predictor does; a box given still wins. Bugs: the pipeline reading the whole frame, or another region."""
+    from transformers import pipeline
+
+    from thyroid_classifier.predict import Predictor
+
+    _, folder = recorded_outline
+    monkeypatch.setattr("builtins.input", lambda *a, **k: (_ for _ in ()).throw(AssertionError("asked to run remote code")))
+    frames = [Image.open(p).convert("RGB") for p in sorted(ddti_like.glob("*/*.png"))[::5]]
+    seen = set()
+    for model in (folder, _with_outline_bias(folder, tmp_path / "located", 10.0)):
+        assert json.loads((Path(model) / "descriptors.json").read_text())["outline_reads"]
+        predictor = Predictor.from_pretrained(str(model))
+        remote = pipeline("image-classification", model=str(model), trust_remote_code=True)
+        for frame in frames:
+            for given in (None, (20, 30, 70, 64)):
+                mine = predictor.predict([frame], explain=False, nodule_boxes=[given])[0]
+                theirs = remote(frame, **({"nodule_box": given} if given else {}))
+                assert theirs["descriptors"]["read_from"] == mine.descriptors["read_from"]
+                seen.add(mine.descriptors["read_from"])
+                assert (theirs["nodule_box"] is None) == (mine.nodule_box is None)
+                if mine.nodule_box is not None:
+                    assert theirs["nodule_box"] == pytest.approx(list(mine.nodule_box), abs=1)
+                for name in DESCRIPTORS:
+                    assert theirs["descriptors"][name]["probabilities"] == pytest.approx(mine.descriptors[name]["probabilities"], abs=1e-4)
+    assert {"predicted nodule", "nodule"} <= seen

@@ -29,13 +29,12 @@ from torch.nn import functional as F
 from .answer_rule import tirads_level
 from .answer_text import PREDICTED
 from .folder_files import DESCRIPTOR_CONFIG, DESCRIPTOR_HEADS
-from .explain import to_original
 from .inference import frame_views, view_pixels
 from .known_data import ACR_LEXICON, DESCRIPTORS, case_files, frame_descriptors, frame_outline, outline_box
 from .metrics import group_resamples, softmax
 from .models import classifier_head, target_layer
 from .preprocess import Box, nodule_view
-from .ultrasound_crop import MIN_NODULE_SIDE
+from .ultrasound_crop import located_box
 
 MISSING = -1
 #: The key of the outline head's logits (one map per image, the Grad-CAM layer's grid) in :func:`descriptor_logits`' dicts.
@@ -160,8 +159,16 @@ def read_outlined(model: nn.Module, heads: DescriptorHeads, processor, paths: Se
 
 def head_name(model: nn.Module) -> str:
     """The name of the module whose input the heads read (the class head), as ``model.get_submodule`` takes it."""
-    head = classifier_head(model)
-    return next(name for name, module in model.named_modules() if module is head)
+    return _module_name(model, classifier_head(model))
+
+
+def outline_layer_name(model: nn.Module) -> str:
+    """The name of the module whose output an outline head reads (the Grad-CAM layer), as ``model.get_submodule`` takes it."""
+    return _module_name(model, target_layer(model))
+
+
+def _module_name(model: nn.Module, wanted: nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is wanted)
 
 
 def pooled_width(model: nn.Module) -> int:
@@ -225,40 +232,15 @@ def outline_loss(logits: torch.Tensor, target: torch.Tensor, outlined: torch.Ten
     return F.binary_cross_entropy_with_logits(logits[outlined], cover)
 
 
-def predicted_box(cells: np.ndarray, box: Box, size: tuple[int, int], threshold: float = 0.5) -> tuple[float, float, float, float] | None:
-    """The nodule box an outline map predicts (``cells``: (h, w) probabilities on a view's grid; ``box``: the view in its
-    image of ``size``): the connected cells above ``threshold`` around the most likely one, brought back onto the
-    image (:func:`explain.to_original`), and the box around where they stay above it. None when no cell reaches
-    ``threshold`` or the box is too small to read (:func:`preprocess.nodule_square` would refuse it)."""
-    cells = np.asarray(cells, dtype=np.float32)
-    if not cells.size or cells.max() < threshold:
-        return None
-    above, region = cells >= threshold, np.zeros(cells.shape, dtype=bool)
-    stack = [np.unravel_index(int(cells.argmax()), cells.shape)]
-    while stack:  # the 4-connected component of the peak (a grid of a few dozen cells)
-        y, x = stack.pop()
-        if 0 <= y < cells.shape[0] and 0 <= x < cells.shape[1] and above[y, x] and not region[y, x]:
-            region[y, x] = True
-            stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
-    full = to_original(np.where(region, cells, 0.0), box, size)
-    ys, xs = np.nonzero(full >= threshold)
-    if not len(xs):
-        return None
-    found = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-    if min(found[2] - found[0], found[3] - found[1]) < MIN_NODULE_SIDE:
-        return None
-    return found
-
-
 def predicted_boxes(cells: np.ndarray, view_boxes: Sequence[Box], owner: np.ndarray, sizes: Sequence[tuple[int, int]],
                     threshold: float = 0.5) -> np.ndarray:
-    """Per image, the nodule box its outline head predicts (:func:`predicted_box` of the view whose map is surest;
+    """Per image, the nodule box its outline head predicts (:func:`ultrasound_crop.located_box` of the view whose map is surest;
     ``cells``: (views, h, w) probabilities, ``owner``: each view's image, ``sizes``: the images'), (images, 4), NaN
     rows where no view's map reaches ``threshold``."""
     out = np.full((len(sizes), 4), np.nan)
     for i, size in enumerate(sizes):
         for j in sorted(np.flatnonzero(owner == i), key=lambda j: -float(cells[j].max())):
-            box = predicted_box(cells[j], view_boxes[j], size, threshold)
+            box = located_box(cells[j], view_boxes[j], size, threshold)
             if box is not None:
                 out[i] = box
                 break
@@ -376,6 +358,8 @@ class DescriptorState:
     facts: dict
     #: the model's module whose input the heads read (its class head): how the Hub pipeline, without the package, finds it
     reads: str | None = None
+    #: the model's module whose output the outline head reads (its Grad-CAM layer; None: no outline head), for the pipeline too
+    outline_reads: str | None = None
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
@@ -384,7 +368,7 @@ class DescriptorState:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}, str(folder / DESCRIPTOR_HEADS))
         outline = self.heads.outline
         config = {"names": self.heads.names, "in_features": next(iter(self.heads.heads.values())).in_features, "reads": self.reads,
-                  **({"outline_channels": outline.in_channels} if outline is not None else {}),
+                  **({"outline_channels": outline.in_channels, "outline_reads": self.outline_reads} if outline is not None else {}),
                   "classes": {name: [{"term": t, "points": p} for t, p in CLASSES[name]] for name in self.heads.names}, "facts": self.facts}
         (folder / DESCRIPTOR_CONFIG).write_text(json.dumps(config, indent=2, default=float) + "\n")
 
@@ -398,7 +382,7 @@ class DescriptorState:
         config = json.loads((Path(folder) / DESCRIPTOR_CONFIG).read_text())
         heads = DescriptorHeads(int(config["in_features"]), config["names"], config.get("outline_channels"))
         heads.load_state_dict(load_file(str(Path(folder) / DESCRIPTOR_HEADS)))
-        return cls(heads.eval(), config.get("facts") or {}, config.get("reads"))
+        return cls(heads.eval(), config.get("facts") or {}, config.get("reads"), config.get("outline_reads"))
 
 
 def describe(logits: Mapping[str, torch.Tensor | np.ndarray], read_from: str = "frame") -> list[dict]:
@@ -418,6 +402,17 @@ def describe(logits: Mapping[str, torch.Tensor | np.ndarray], read_from: str = "
         row["tirads"] = {"points": float(points[i]), "level": tirads_level(points[i])}
         row["read_from"] = read_from
         out.append(row)
+    return out
+
+
+def answered_descriptors(frame: Mapping[str, np.ndarray], predicted: Mapping[str, np.ndarray] | None, found: np.ndarray | None) -> list[dict]:
+    """Each frame's descriptors as the model answers without a box (:func:`describe`): read from the nodule its outline head
+    located where it found one (``predicted``: every frame's logits so read, ``found``: the boxes, NaN rows: none), else
+    from the whole frame (``frame``)."""
+    out = describe(frame)
+    if predicted is not None and found is not None:
+        for i in np.flatnonzero(~np.isnan(found).any(axis=1)):
+            out[i] = describe({name: np.asarray(v)[i:i + 1] for name, v in predicted.items()}, read_from=PREDICTED)[0]
     return out
 
 

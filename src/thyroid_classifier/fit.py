@@ -18,8 +18,8 @@ import torch
 
 from .adaptation import StartingModel
 from .arguments import DataArguments, ModelArguments, RunArguments, recipe
-from .descriptors import (MISSING, DescriptorHeads, DescriptorState, describe, descriptor_class_weights, descriptor_logits,
-                          descriptor_report, frame_labels, frame_nodule_boxes, frame_outlines, head_name, map_channels, nodule_report, one_line, outline_reads,
+from .descriptors import (MISSING, DescriptorHeads, answered_descriptors, DescriptorState, describe, descriptor_class_weights, descriptor_logits,
+                          descriptor_report, frame_labels, frame_nodule_boxes, frame_outlines, head_name, map_channels, nodule_report, one_line, outline_layer_name, outline_reads,
                           pooled_width, predicted_report, read_outlined)
 from .folder import ModelFolder, prediction_rows
 from .known_data import dataset_facts, sources_facts
@@ -457,11 +457,13 @@ def train_one(
     if state.is_main_process and write:
         rows = prediction_rows(list(raw["path"]), labels, y_true, probs, group=list(raw["group"]), source=eval_sources,
                                **answer_columns(reliability, outputs[eval_name], softmax(logits, temperature), labels, IN_SOURCE),
-                               tirads_descriptors=[one_line(d) for d in describe(frame)] if frame else None)
+                               tirads_descriptors=[one_line(d) for d in answered_descriptors(frame, predicted, found)] if frame else None)
         if heads is not None:
             del trainer.model.descriptor_heads  # saved in a file of their own: model.safetensors stays the plain classifier pipeline() loads
         ModelFolder(out).save_trained(trainer, preprocessor, report, result, labels, rows, temperature, reliability,
-                                      descriptors=DescriptorState(heads, descriptor_metrics or {}, head_name(trainer.model)) if heads is not None else None)
+                                      descriptors=DescriptorState(heads, descriptor_metrics or {}, head_name(trainer.model),
+                                                                                outline_layer_name(trainer.model) if heads.outline is not None else None)
+                                      if heads is not None else None)
     state.wait_for_everyone()
     return TrainResult(metrics=result, probs=probs, y_true=y_true, groups=list(raw["group"]), paths=list(raw["path"]),
                        sources=eval_sources, reliability=reliability, outputs=outputs, descriptor_logits=frame, nodule_descriptor_logits=nodule,

@@ -11,8 +11,9 @@ returns, per image, ``{"answer", "headlined", "reason", "prediction_set", "flagg
 "regime", "scores": [{"label", "score"}, ...]}``. The scores are the calibrated probabilities; they are
 not an answer unless ``headlined``. A model with TI-RADS descriptor heads adds ``"descriptors"`` (each
 descriptor's probabilities by ACR term, its most likely term, the expected ACR points and level, and
-``read_from``): read from the whole frame, or, with ``nodule_box=(left, top, right, bottom)`` in the
-image's pixels, from the square around that nodule (one more pass), as the project's Predictor reads them.
+``read_from``) and ``"nodule_box"``: read from the square around ``nodule_box=(left, top, right, bottom)`` (the
+image's pixels) when given; else, for a model with an outline head, around the nodule it locates ("predicted
+nodule"; one more pass either way); else from the whole frame (``nodule_box`` None), as the project's Predictor reads them.
 
 Self-contained on purpose (transformers, torch, numpy, safetensors): it runs as remote code without the
 package. With the package installed: ``pipeline(..., pipeline_class=ThyroidImageClassificationPipeline)``.
@@ -28,7 +29,7 @@ import torch
 from transformers import ImageClassificationPipeline
 
 from .answer_rule import REGIMES, UNSEEN, Regime, decide, guard_score, regime_of, tirads_level
-from .ultrasound_crop import nodule_view
+from .ultrasound_crop import crop_region, located_box, nodule_view
 
 #: How ``config.json``'s ``custom_pipelines`` names this class inside a model folder.
 CUSTOM_PIPELINES = {"image-classification": {"impl": "thyroid_pipeline.ThyroidImageClassificationPipeline",
@@ -74,6 +75,8 @@ class ThyroidImageClassificationPipeline(ImageClassificationPipeline):
             weights = load_file(weights_path)
             self.descriptors = {"reads": self.model.get_submodule(config["reads"]), "classes": config["classes"],
                                 "heads": {d: (weights[f"heads.{d}.weight"].double(), weights[f"heads.{d}.bias"].double()) for d in config["names"]}}
+            if config.get("outline_reads") and "outline.weight" in weights:  # the outline head: where the nodule is, on the Grad-CAM layer's map
+                self.descriptors["outline"] = (self.model.get_submodule(config["outline_reads"]), weights["outline.weight"], weights["outline.bias"])
 
     def _sanitize_parameters(self, source: str | None = None, nodule_box=None, **kwargs: Any):
         preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
@@ -84,21 +87,36 @@ class ThyroidImageClassificationPipeline(ImageClassificationPipeline):
         return preprocess, forward, postprocess
 
     def preprocess(self, image, timeout=None, nodule_box=None):
-        from transformers import ViTImageProcessor
         from transformers.image_utils import load_image
 
         image = load_image(image, timeout=timeout)
         model_inputs = super().preprocess(image)
         if nodule_box is not None and self.descriptors is not None:
-            # The nodule's square, resized and normalised as training did (the plain processor: no ultrasound crop of it).
-            square = nodule_view(image, nodule_box)  # a box outside the image raises, naming the problem
-            model_inputs["nodule_pixel_values"] = ViTImageProcessor.preprocess(self.image_processor, square, return_tensors="pt")["pixel_values"].to(self.dtype)
+            model_inputs["nodule_pixel_values"] = self._square_pixels(image, nodule_box)  # a box outside the image raises, naming the problem
+            model_inputs["nodule_box"] = tuple(float(v) for v in nodule_box)
+        elif self.descriptors is not None and "outline" in self.descriptors:
+            model_inputs["frame"] = image  # where the outline head's map is brought back to, to read the nodule it locates
         return model_inputs
+
+    def _square_pixels(self, image, box) -> torch.Tensor:
+        """The nodule's square, resized and normalised as training did (the plain processor: no ultrasound crop of it)."""
+        from transformers import ViTImageProcessor
+
+        return ViTImageProcessor.preprocess(self.image_processor, nodule_view(image, box), return_tensors="pt")["pixel_values"].to(self.dtype)
+
+    def _region(self, image) -> tuple[int, int, int, int]:
+        """The ultrasound region the processor cropped (the whole image for the plain processor)."""
+        p = self.image_processor
+        if getattr(p, "ultrasound_crop", False):
+            return crop_region(image, True, p.ultrasound_mask_text, p.ultrasound_threshold)[1]
+        return (0, 0, *image.size)
 
     def _forward(self, model_inputs):
         captured: list[torch.Tensor] = []
         features: list[torch.Tensor] = []  # the class head's input: what the descriptor heads read
         nodule = model_inputs.pop("nodule_pixel_values", None)
+        box, frame = model_inputs.pop("nodule_box", None), model_inputs.pop("frame", None)
+        maps: list[torch.Tensor] = []  # the outline head's input: the Grad-CAM layer's map
         handles = []
         if self.guard is not None:
             def hook(module, args, output):  # the guard's features: per-channel mean and std of an early stage
@@ -108,15 +126,25 @@ class ThyroidImageClassificationPipeline(ImageClassificationPipeline):
             handles.append(self.guard["layer"].register_forward_hook(hook))
         if self.descriptors is not None:
             handles.append(self.descriptors["reads"].register_forward_pre_hook(lambda module, args: features.append(args[0].detach().flatten(1))))
+        if frame is not None:
+            handles.append(self.descriptors["outline"][0].register_forward_hook(lambda module, args, output: maps.append(output.detach())))
+        read_from = "nodule" if nodule is not None else "frame"
         try:
             logits = self.model(**model_inputs).logits
+            if frame is not None and maps:
+                # Without a box: the nodule the outline head locates (as the project's Predictor), else the whole frame.
+                _, weight, bias = self.descriptors["outline"]
+                cells = torch.sigmoid(torch.nn.functional.conv2d(maps[0].float(), weight.float(), bias.float()))[0, 0].numpy()
+                box = located_box(cells, self._region(frame), frame.size)
+                if box is not None:
+                    nodule, read_from = self._square_pixels(frame, box), "predicted nodule"
             if nodule is not None:
                 self.model(pixel_values=nodule)
         finally:
             for handle in handles:
                 handle.remove()
         return {"logits": logits, "guard_features": captured[0] if captured else None,
-                "descriptor_features": features[-1] if features else None, "read_from": "nodule" if nodule is not None else "frame"}
+                "descriptor_features": features[-1] if features else None, "read_from": read_from, "nodule_box": box}
 
     def _describe(self, features: torch.Tensor, read_from: str) -> dict:
         """Each descriptor's probabilities by ACR term, its most likely term, the expected points and the level (as
@@ -149,4 +177,5 @@ class ThyroidImageClassificationPipeline(ImageClassificationPipeline):
                "flagged": bool(flagged), "in_domain_score": score, "regime": answer.regime, "scores": ranked[: top_k or len(ranked)]}
         if self.descriptors is not None and model_outputs.get("descriptor_features") is not None:
             out["descriptors"] = self._describe(model_outputs["descriptor_features"], model_outputs["read_from"])
+            out["nodule_box"] = list(model_outputs["nodule_box"]) if model_outputs.get("nodule_box") is not None else None
         return out

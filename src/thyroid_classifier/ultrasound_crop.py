@@ -132,3 +132,29 @@ def nodule_square(box: Sequence[float], size: tuple[int, int], context: float = 
 def nodule_view(image: Image.Image, box: Sequence[float], context: float = NODULE_CONTEXT) -> Image.Image:
     """What the TI-RADS descriptor heads read of a nodule: the RGB square :func:`nodule_square` cuts around its box."""
     return to_rgb(image, upright=False).crop(nodule_square(box, image.size, context))
+
+
+def located_box(cells: np.ndarray, view: Sequence[int], size: tuple[int, int], threshold: float = 0.5) -> tuple[float, float, float, float] | None:
+    """The nodule box an outline map locates (``cells``: (h, w) probabilities on a view's grid; ``view``: that view's
+    box, left, top, right, bottom, in its image of ``size``): the 4-connected cells above ``threshold`` around the most
+    likely one, resized onto the view (bilinear, as the heatmap is), and the box around where they stay above it.
+    None when no cell reaches ``threshold`` or the box is under :data:`MIN_NODULE_SIDE` a side."""
+    cells = np.asarray(cells, dtype=np.float32)
+    if not cells.size or cells.max() < threshold:
+        return None
+    above, region = cells >= threshold, np.zeros(cells.shape, dtype=bool)
+    stack = [np.unravel_index(int(cells.argmax()), cells.shape)]
+    while stack:  # the peak's region (a grid of a few dozen cells)
+        y, x = stack.pop()
+        if 0 <= y < cells.shape[0] and 0 <= x < cells.shape[1] and above[y, x] and not region[y, x]:
+            region[y, x] = True
+            stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+    left, top, right, bottom = (int(v) for v in view)
+    on_view = cv2.resize(np.where(region, cells, 0.0).astype(np.float32), (right - left, bottom - top), interpolation=cv2.INTER_LINEAR)
+    ys, xs = np.nonzero(on_view >= threshold)
+    if not len(xs):
+        return None
+    found = (float(left + xs.min()), float(top + ys.min()), float(left + xs.max() + 1), float(top + ys.max() + 1))
+    if min(found[2] - found[0], found[3] - found[1]) < MIN_NODULE_SIDE:
+        return None
+    return found
