@@ -48,7 +48,7 @@ def compare(folder: Path, resamples: int, seed: int = 0) -> dict:
     groups = np.array([rows[i]["group"] for i in keep])
     predictor = Predictor.from_pretrained(str(folder))
     images = [open_image(paths[i]) for i in keep]
-    from_frame = [p.descriptors for p in predictor.predict(images, explain=False)]
+    from_frame = [p.descriptors for p in predictor.predict(images, explain=False, outline=False)]  # the whole frame, even with an outline head
     from_box = [p.descriptors for p in predictor.predict(images, explain=False, nodule_boxes=[boxes[i] for i in keep])]
     out = {"model": str(folder), "trained_on": (metrics.get("training") or {}).get("descriptor_view", "frame"), "frames": len(keep), "per_descriptor": {}}
     located = None
