@@ -3,6 +3,7 @@ radiologist's descriptors, saved beside the plain classifier, read by the Predic
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -15,8 +16,8 @@ from PIL import Image
 from thyroid_classifier.descriptors import (
     CLASSES,
     MISSING,
-    descriptor_class_weights,
     class_index,
+    descriptor_class_weights,
     descriptor_logits,
     descriptor_loss,
     expected_points,
@@ -445,14 +446,38 @@ def recorded_nodule(ddti_like, tiny_models, tmp_path_factory):
     return _train_recorded(ddti_like, tiny_models["tiny-resnet"], tmp_path_factory.mktemp("nodule-heads"), "--descriptor_view", "nodule")
 
 
+@contextlib.contextmanager
+def _by_hand(trainer, folder: Path, metrics: dict, batch: dict):
+    """The trained model with its saved heads on, under no_grad: its frame and nodule passes over ``batch`` (the heads'
+    logits of each), its class loss computed by hand, and the weights and targets the Trainer's loss uses."""
+    from types import SimpleNamespace
+
+    from torch.nn import functional as F
+
+    from thyroid_classifier.descriptors import DescriptorState
+
+    model = trainer.model.eval()
+    heads = model.descriptor_heads = DescriptorState.from_pretrained(folder).heads
+    try:
+        with torch.no_grad():
+            with descriptor_logits(model, heads) as frames:
+                logits = model(pixel_values=batch["pixel_values"]).logits
+            with descriptor_logits(model, heads) as nodules:
+                model(pixel_values=batch["nodule_pixel_values"][batch["nodule_mask"]])
+            class_loss = F.cross_entropy(logits, batch["labels"], weight=torch.tensor(metrics["training"]["class_weights"]),
+                                         label_smoothing=metrics["training"]["label_smoothing"])
+            yield SimpleNamespace(model=model, heads=heads, frames=frames[0], nodules=nodules[0], class_loss=class_loss, targets=batch["descriptor_labels"],
+                                  weights={k: torch.tensor(v) for k, v in metrics["training"]["descriptor_class_weights"].items()})
+    finally:
+        del model.descriptor_heads
+
+
 @pytest.mark.parametrize("view", ["nodule", "both", "frame"])
 def test_the_heads_learn_from_the_view_the_run_names_in_the_same_pass_as_the_frames(recorded_nodule, view):
     """Bugs: the nodules' class logits counted in the class loss, the heads fed the frames when they should read the
     nodules (or the reverse), a nodule given another frame's descriptors: the Trainer's loss is checked per view."""
-    from torch.nn import functional as F
     from torch.utils.data import DataLoader
 
-    from thyroid_classifier.descriptors import DescriptorState
 
     trainer, folder = recorded_nodule
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -461,32 +486,24 @@ def test_the_heads_learn_from_the_view_the_run_names_in_the_same_pass_as_the_fra
     batch = next(iter(DataLoader(trainer.train_dataset, batch_size=len(rows), shuffle=False, collate_fn=trainer.data_collator)))
     boxed = batch["nodule_mask"]
     assert 0 < int(boxed.sum()) < len(boxed)
-    from thyroid_classifier.descriptors import frame_nodule_boxes  # each frame's own outline, not another's
+    from thyroid_classifier.descriptors import (
+        frame_nodule_boxes,  # each frame's own outline, not another's
+    )
 
     source_dir = {s: str(Path(p).parent.parent) for p, s in zip(rows["path"], rows["source"], strict=True)}
     np.testing.assert_array_equal(np.asarray(rows["nodule_box"], dtype=float), frame_nodule_boxes(rows["path"], rows["source"], source_dir))
     assert batch["nodule_pixel_values"][boxed].abs().sum(dim=(1, 2, 3)).min() > 0  # a square for every outlined frame
-    model = trainer.model.eval()
-    heads = model.descriptor_heads = DescriptorState.from_pretrained(folder).heads
-    weights = {k: torch.tensor(v) for k, v in metrics["training"]["descriptor_class_weights"].items()}
-    targets = batch["descriptor_labels"]
     try:
-        with torch.no_grad():
-            with descriptor_logits(model, heads) as frames:
-                logits = model(pixel_values=batch["pixel_values"]).logits
-            with descriptor_logits(model, heads) as nodules:
-                model(pixel_values=batch["nodule_pixel_values"][boxed])
-            class_loss = F.cross_entropy(logits, batch["labels"], weight=torch.tensor(metrics["training"]["class_weights"]),
-                                         label_smoothing=metrics["training"]["label_smoothing"])
-            read = {"frame": (frames[0], targets), "nodule": (nodules[0], targets[boxed]),
-                    "both": ({k: torch.cat([frames[0][k], nodules[0][k]]) for k in frames[0]}, torch.cat([targets, targets[boxed]]))}[view]
-            expected = class_loss + 0.7 * descriptor_loss(read[0], read[1], DESCRIPTORS, weights)
+        with _by_hand(trainer, folder, metrics, batch) as h:
+            targets = h.targets
+            read = {"frame": (h.frames, targets), "nodule": (h.nodules, targets[boxed]),
+                    "both": ({k: torch.cat([h.frames[k], h.nodules[k]]) for k in h.frames}, torch.cat([targets, targets[boxed]]))}[view]
+            expected = h.class_loss + 0.7 * descriptor_loss(read[0], read[1], DESCRIPTORS, h.weights)
             trainer.descriptor_view = view
-            got = trainer.compute_loss(model, dict(batch))
+            got = trainer.compute_loss(h.model, dict(batch))
         assert got.item() == pytest.approx(expected.item(), rel=1e-4)
     finally:
         trainer.descriptor_view = "nodule"
-        del model.descriptor_heads
 
 
 def test_the_heads_agreement_is_measured_read_from_the_frame_and_from_the_radiologists_box(recorded_nodule):
@@ -716,7 +733,7 @@ def test_the_runs_loss_adds_the_weighted_outline_loss_of_its_outlined_frames(rec
     from torch.nn import functional as F
     from torch.utils.data import DataLoader
 
-    from thyroid_classifier.descriptors import OUTLINE, DescriptorState
+    from thyroid_classifier.descriptors import OUTLINE
 
     trainer, folder = recorded_outline
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -726,28 +743,16 @@ def test_the_runs_loss_adds_the_weighted_outline_loss_of_its_outlined_frames(rec
     batch = next(iter(DataLoader(trainer.train_dataset, batch_size=len(trainer.train_dataset), shuffle=False, collate_fn=trainer.data_collator)))
     outlined, boxed = batch["outline_mask"], batch["nodule_mask"]
     assert 0 < int(outlined.sum()) < len(outlined) and outlined.tolist() == boxed.tolist()
-    model = trainer.model.eval()
-    heads = model.descriptor_heads = DescriptorState.from_pretrained(folder).heads
-    assert heads.outline is not None
-    weights = {k: torch.tensor(v) for k, v in metrics["training"]["descriptor_class_weights"].items()}
-    targets = batch["descriptor_labels"]
-    try:
-        with torch.no_grad():
-            with descriptor_logits(model, heads) as frames:
-                logits = model(pixel_values=batch["pixel_values"]).logits
-            with descriptor_logits(model, heads) as nodules:
-                model(pixel_values=batch["nodule_pixel_values"][boxed])
-            class_loss = F.cross_entropy(logits, batch["labels"], weight=torch.tensor(metrics["training"]["class_weights"]),
-                                         label_smoothing=metrics["training"]["label_smoothing"])
-            read = {k: torch.cat([frames[0][k], nodules[0][k]]) for k in DESCRIPTORS}
-            grid = frames[0][OUTLINE]
-            cover = F.adaptive_avg_pool2d(batch["outline_target"][outlined], grid.shape[-2:])
-            expected = (class_loss + 0.7 * descriptor_loss(read, torch.cat([targets, targets[boxed]]), DESCRIPTORS, weights)
-                        + 0.5 * F.binary_cross_entropy_with_logits(grid[outlined], cover))
-            got = trainer.compute_loss(model, dict(batch))
-        assert got.item() == pytest.approx(expected.item(), rel=1e-4)
-    finally:
-        del model.descriptor_heads
+    with _by_hand(trainer, folder, metrics, batch) as h:
+        assert h.heads.outline is not None
+        targets = h.targets
+        read = {k: torch.cat([h.frames[k], h.nodules[k]]) for k in DESCRIPTORS}
+        grid = h.frames[OUTLINE]
+        cover = F.adaptive_avg_pool2d(batch["outline_target"][outlined], grid.shape[-2:])
+        expected = (h.class_loss + 0.7 * descriptor_loss(read, torch.cat([targets, targets[boxed]]), DESCRIPTORS, h.weights)
+                    + 0.5 * F.binary_cross_entropy_with_logits(grid[outlined], cover))
+        got = trainer.compute_loss(h.model, dict(batch))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_without_a_box_the_predictor_reads_the_nodule_its_outline_head_predicts_and_says_so(recorded_outline, ddti_like):
@@ -785,7 +790,12 @@ def test_without_a_box_the_predictor_reads_the_nodule_its_outline_head_predicts_
 def test_the_run_measures_the_heads_as_read_without_a_box_and_how_its_boxes_overlap_the_radiologists(recorded_outline):
     """The run's own numbers for a frame read without a box (the predicted nodule where found, else the frame) are what
     the Predictor gives on the same frames: bugs such as another frame's box, or a frame read from a box not found."""
-    from thyroid_classifier.descriptors import PREDICTED, frame_labels, frame_nodule_boxes, predicted_report
+    from thyroid_classifier.descriptors import (
+        PREDICTED,
+        frame_labels,
+        frame_nodule_boxes,
+        predicted_report,
+    )
     from thyroid_classifier.predict import Predictor
 
     _, folder = recorded_outline
