@@ -948,3 +948,35 @@ def test_the_hub_pipeline_reads_the_nodule_the_model_locates_as_the_predictor_do
                 for name in DESCRIPTORS:
                     assert theirs["descriptors"][name]["probabilities"] == pytest.approx(mine.descriptors[name]["probabilities"], abs=1e-4)
     assert {"predicted nodule", "nodule"} <= seen
+
+
+def test_the_batch_command_reads_the_boxes_of_a_box_file_and_a_box_that_does_not_fit_is_that_images_error(recorded_nodule, ddti_like, tmp_path, capsys):
+    """Bugs: a box given to another image, a bad box failing the whole batch, a malformed file read silently."""
+    from thyroid_classifier.predict import Predictor, main
+
+    _, folder = recorded_nodule
+    frames = tmp_path / "frames"
+    (frames / "sub").mkdir(parents=True)
+    sources = sorted(ddti_like.glob("malignant/*.png"))[:3]
+    names = ["a.png", "b.png", "sub/c.png"]
+    for p, name in zip(sources, names, strict=True):
+        (frames / name).write_bytes(p.read_bytes())
+    box = (20, 30, 70, 64)
+    (tmp_path / "boxes.csv").write_text("path,left,top,right,bottom\nb.png,20,30,70,64\nsub/c.png,500,500,600,600\nnot-there.png,1,2,30,40\n")
+    assert main([str(folder), str(frames), "--out", str(tmp_path / "out"), "--no_heatmaps", "--nodule_boxes", str(tmp_path / "boxes.csv")]) == 0
+    with (tmp_path / "out" / "predictions.csv").open(newline="") as f:
+        rows = {row["path"]: row for row in csv.DictReader(f)}
+    predictor = Predictor.from_pretrained(str(folder))
+    boxed = predictor.predict([frames / "b.png"], explain=False, nodule_boxes=[box])[0]
+    cell = dict(part.split("=", 1) for part in rows["b.png"]["tirads_descriptors"].split("; "))
+    assert cell["read_from"] == "nodule" and cell["nodule_box"] == "20 30 70 64"
+    for name in DESCRIPTORS:
+        assert cell[name].startswith(boxed.descriptors[name]["term"] + " (")
+    assert rows["a.png"]["tirads_descriptors"].endswith("read_from=frame") and not rows["a.png"]["error"]
+    assert "sub/c.png" in rows["sub/c.png"]["error"] and "not inside" in rows["sub/c.png"]["error"] and not rows["sub/c.png"]["predicted"]
+    (tmp_path / "bad.csv").write_text("path,left,top,right,bottom\na.png,20,thirty,70,64\n")
+    assert main([str(folder), str(frames), "--out", str(tmp_path / "out2"), "--nodule_boxes", str(tmp_path / "bad.csv")]) == 2
+    assert f"{tmp_path / 'bad.csv'}, line 2: left, top, right and bottom are numbers" in capsys.readouterr().err
+    (tmp_path / "cols.csv").write_text("file,x0,y0,x1,y1\n")
+    assert main([str(folder), str(frames), "--out", str(tmp_path / "out3"), "--nodule_boxes", str(tmp_path / "cols.csv")]) == 2
+    assert "needs the columns path, left, top, right, bottom" in capsys.readouterr().err

@@ -466,12 +466,13 @@ def nodule_report(logits: Mapping[str, np.ndarray], targets: np.ndarray, groups:
     return {**report, "read_from": "nodule", "frames": int(boxed.sum())}
 
 
-def one_line(described: Mapping | None) -> str | None:
+def one_line(described: Mapping | None, box: Sequence[float] | None = None) -> str | None:
     """A frame's descriptors in one prediction-file cell: ``composition=solid or almost completely solid (0.78); ...;
-    points=6.1; level=TR4`` (None when the model has no heads)."""
+    points=6.1; level=TR4; read_from=nodule; nodule_box=20 30 70 64`` (the box read, when one was; None when the
+    model has no heads)."""
     if not described:
         return None
     parts = [f"{name}={d['term']} ({d['probabilities'][d['term']]:.2f})" for name, d in described.items() if name in CLASSES]
     tirads = described.get("tirads") or {}
     return "; ".join(parts + ([f"points={tirads['points']:.1f}", f"level={tirads['level']}"] if tirads else [])
-                     + [f"read_from={described.get('read_from', 'frame')}"])
+                     + [f"read_from={described.get('read_from', 'frame')}"] + ([f"nodule_box={' '.join(f'{v:g}' for v in box)}"] if box is not None else []))

@@ -284,31 +284,74 @@ def list_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+#: The columns of a nodule box file (``--nodule_boxes``): an image's path below the folder, and its box in its pixels.
+BOX_COLUMNS = ("path", "left", "top", "right", "bottom")
+
+
+def read_box_file(path: Path) -> dict[str, tuple[float, float, float, float]]:
+    """A nodule box file: CSV with the header ``path,left,top,right,bottom`` (``path`` relative to the image folder).
+    Raises ValueError naming the file and line for a missing column, a number that is not one, or a path given twice."""
+    import csv
+
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: a nodule box file needs the columns {', '.join(BOX_COLUMNS)} (missing: {', '.join(missing)})")
+        boxes: dict[str, tuple[float, float, float, float]] = {}
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            try:
+                box = tuple(float(row[c]) for c in BOX_COLUMNS[1:])
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: left, top, right and bottom are numbers (the box in the image's pixels)") from None
+            key = Path(row["path"]).as_posix()
+            if key in boxes:
+                raise ValueError(f"{where}: {key} has a box already (one box per image)")
+            boxes[key] = box
+    return boxes
+
+
 def predict_folder(predictor: Predictor, images_dir: Path, out_dir: Path, batch_size: int = 8, heatmaps: bool = True, progress: bool = True,
-                   source: str | None = None) -> Path:
+                   source: str | None = None, nodule_boxes: dict[str, Sequence[float]] | None = None) -> Path:
     """Predict every file of ``images_dir`` (from ``source``, when known: see :meth:`Predictor.predict`);
-    write ``predictions.csv`` and overlays to ``out_dir``."""
+    write ``predictions.csv`` and overlays to ``out_dir``. ``nodule_boxes``: an image's path below ``images_dir`` →
+    its nodule box (:func:`read_box_file`); the descriptor heads read those images' nodules, and a box that does not
+    fit its image is that image's error (the others go on)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     overlays = out_dir / "overlays"
     if heatmaps:
         overlays.mkdir(exist_ok=True)
     files = list_files(images_dir)
+    nodule_boxes = nodule_boxes or {}
+    unknown = set(nodule_boxes) - {f.relative_to(images_dir).as_posix() for f in files}
+    if unknown:
+        logger.warning("%d nodule box(es) name no file of %s, e.g. %s", len(unknown), images_dir, sorted(unknown)[0])
     rows: list[dict] = []
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         good: list[tuple[Path, Image.Image]] = []
         for path in chunk:
+            rel = path.relative_to(images_dir).as_posix()
             try:
-                good.append((path, open_image(path, name=str(path.relative_to(images_dir)))))
+                image = open_image(path, name=rel)
+                if rel in nodule_boxes:
+                    nodule_square(nodule_boxes[rel], image.size)  # a box that does not fit is this image's error
+                good.append((path, image))
             except ImageError as exc:
-                rows.append({"path": path.relative_to(images_dir).as_posix(), "error": str(exc)})
+                rows.append({"path": rel, "error": str(exc)})
+            except ValueError as exc:
+                rows.append({"path": rel, "error": f"{rel}: {exc}"})
         if good:
-            for (path, _), result in zip(good, predictor.predict([img for _, img in good], explain=heatmaps, source=source), strict=True):
+            given = [nodule_boxes.get(path.relative_to(images_dir).as_posix()) for path, _ in good]
+            results = predictor.predict([img for _, img in good], explain=heatmaps, source=source, nodule_boxes=given if any(given) else None)
+            for (path, _), result in zip(good, results, strict=True):
                 rel = path.relative_to(images_dir)
                 rows.append({"path": rel.as_posix(), "predicted": result.label, "probs": [result.probabilities[label] for label in predictor.labels],
                              "in_domain_score": result.in_domain_score, "flagged": result.flagged, "prediction_set": result.prediction_set,
-                             "answer": result.headline, "headlined": result.headlined, "tirads_descriptors": one_line(result.descriptors)})
+                             "answer": result.headline, "headlined": result.headlined,
+                             "tirads_descriptors": one_line(result.descriptors, result.nodule_box)})
                 if heatmaps:
                     target = overlays / rel.with_suffix(".png")
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--no_heatmaps", action="store_true", help="probabilities only (faster)")
     parser.add_argument("--uncalibrated", action="store_true", help="ignore the temperature fitted on validation (and so the prediction sets and headlines)")
+    parser.add_argument("--nodule_boxes", type=Path, default=None, help="a CSV of nodule boxes (columns path,left,top,right,bottom; path below "
+                        "IMAGES_DIR, the box in the image's pixels): a model with TI-RADS descriptor heads reads those images' descriptors from "
+                        "the nodule (the class and the heatmap always read the whole frame)")
     parser.add_argument("--source", default=None, help="the images come from this training source of the model (its in-source answers); "
                         "leave out for any other source")
     args = parser.parse_args(argv)
@@ -348,7 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    path = predict_folder(predictor, args.images_dir, args.out, args.batch_size, heatmaps=not args.no_heatmaps, source=args.source)
+    try:
+        boxes = read_box_file(args.nodule_boxes) if args.nodule_boxes else None
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if boxes and predictor.descriptors is None:
+        print(f"warning: {args.model} has no TI-RADS descriptor heads: the nodule boxes are not used", file=sys.stderr)
+    path = predict_folder(predictor, args.images_dir, args.out, args.batch_size, heatmaps=not args.no_heatmaps, source=args.source, nodule_boxes=boxes)
     print(f"wrote {path}")
     return 0
 
